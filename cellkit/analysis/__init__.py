@@ -1,0 +1,1 @@
+"""Dataset statistics, metrics beside COCO AP, and error analysis."""

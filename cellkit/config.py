@@ -1,0 +1,439 @@
+"""One configuration object for every cellkit job.
+
+A :class:`Config` is a tree of typed dataclasses (``data``, ``model``, ``train``, ``eval``,
+``predict``). It is built from the defaults below, then a YAML file (which may name a ``_base_``
+file it extends), then overrides given as dotted keys: ``--set train.lr=0.001`` on the command
+line, ``{"train.lr": 1e-3}`` from Python, or ``train__lr=0.001`` as a papermill parameter.
+
+Every key and value is checked against the dataclass type hints. An unknown or misspelled key is
+an error that suggests the nearest valid key; it is never silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Union
+
+import yaml
+
+from .errors import ConfigError
+
+# --------------------------------------------------------------------------------------------
+# sections
+
+
+@dataclass
+class AugmentConfig:
+    """Joint image/mask augmentation applied to training images (see ``cellkit.data.transforms``)."""
+
+    hflip: float = 0.5
+    """Probability of a horizontal flip."""
+    vflip: float = 0.5
+    """Probability of a vertical flip."""
+    rot90: bool = True
+    """Rotate by a random multiple of 90 degrees."""
+    scale_range: tuple[float, float] | None = (0.8, 1.25)
+    """Relative rescale factor drawn uniformly from this range (None: no scale jitter)."""
+    crop_size: int | None = 512
+    """Random crop of at most this many pixels per side, taken after rescaling (None: no crop)."""
+    brightness: float = 0.1
+    contrast: float = 0.1
+    saturation: float = 0.1
+    hue: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are split and augmented."""
+
+    root: str | None = None
+    """Dataset folder in the hw3 layout (``train/``, ``test_release/``); None: the built-in synthetic dataset."""
+    synth_train: int = 40
+    """Synthetic dataset: number of training images (used when ``root`` is None)."""
+    synth_test: int = 8
+    """Synthetic dataset: number of test images."""
+    synth_seed: int = 0
+    """Synthetic dataset: random seed."""
+    synth_max_size: int | None = None
+    """Synthetic dataset: cap on the image side (None: realistic sizes up to about 1200 px)."""
+    val_fraction: float = 0.1
+    """Fraction of the training images held out for validation."""
+    split_seed: int = 0
+    """Seed of the train/validation split."""
+    cache: bool = True
+    """Keep decoded images and label maps in memory so an epoch does not decode the tifs again."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ModelConfig:
+    """Mask R-CNN: backbone, weights and the detection knobs (all verified to reach the model)."""
+
+    backbone: str = "resnet50"
+    """Backbone name from the registry (``cellkit models`` lists them)."""
+    weights: str = "none"
+    """``none``, ``imagenet`` (backbone), ``coco`` (whole Mask R-CNN where available) or a path to a .pth file."""
+    num_classes: int = 4
+    """Cell classes, without background."""
+    trainable_layers: int = 3
+    """Backbone stages that train (0-5), counted from the output end, as in torchvision."""
+    norm: Literal["frozen_bn", "bn", "gn"] = "frozen_bn"
+    """Backbone normalisation: frozen BatchNorm (pretrained statistics), BatchNorm, or GroupNorm."""
+    min_size: int = 800
+    """The shorter image side is resized to this before the network (torchvision's GeneralizedRCNNTransform)."""
+    max_size: int = 1333
+    """Cap on the longer image side after resizing."""
+    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    anchor_sizes: tuple[int, ...] = (8, 16, 32, 64, 128)
+    """One anchor size per FPN level (cells are small)."""
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    rpn_pre_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_test: int = 1000
+    rpn_batch_size_per_image: int = 256
+    box_batch_size_per_image: int = 512
+    """RoIs sampled per image for the box and mask heads during training."""
+    box_detections_per_img: int = 1000
+    box_score_thresh: float = 0.0
+    box_nms_thresh: float = 0.5
+    mask_roi_size: Literal[14, 28] = 14
+    """RoIAlign output of the mask head: 14 gives 28x28 masks, 28 gives 56x56 masks."""
+    mask_loss: Literal["bce", "bce+dice"] = "bce"
+    dice_weight: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """Optimiser, schedule and the training loop."""
+
+    epochs: int = 12
+    batch_size: int = 2
+    iters_per_epoch: int | None = None
+    """Cap on optimiser steps per epoch (None: one pass over the training split)."""
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-4
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    scheduler: Literal["constant", "multistep", "cosine", "plateau"] = "constant"
+    milestones: tuple[float, ...] = (0.8, 0.9)
+    """MultiStepLR milestones as fractions of the total epochs."""
+    gamma: float = 0.1
+    """MultiStepLR decay factor."""
+    plateau_factor: float = 0.2
+    plateau_patience: int = 30
+    """ReduceLROnPlateau on validation AP50: epochs without improvement before a decay."""
+    min_lr: float = 0.0
+    warmup_epochs: int = 0
+    """Epochs at ``warmup_factor * lr`` before the schedule starts."""
+    warmup_iters: int = 0
+    """Iterations of linear warm-up from ``warmup_factor * lr`` (an alternative to warmup_epochs)."""
+    warmup_factor: float = 0.1
+    early_stop_decays: int | None = None
+    """Stop after this many learning-rate decays without a new best validation AP50."""
+    early_stop_patience: int | None = None
+    """Stop after this many epochs without a new best validation AP50."""
+    amp: Literal["auto", "off", "fp16", "bf16"] = "auto"
+    """Mixed precision on CUDA (auto: fp16 with GradScaler); always off on CPU."""
+    channels_last: bool = False
+    grad_clip: float | None = None
+    """Clip the global gradient norm to this value."""
+    accumulate: int = 1
+    """Gradient accumulation: batches per optimiser step."""
+    max_nonfinite: int = 5
+    """Stop the run after this many non-finite losses in a row."""
+    sampler: Literal["random", "repeat_factor"] = "random"
+    repeat_threshold: float = 0.3
+    """Repeat-factor sampling (LVIS): images with a class seen in fewer than this fraction of images are repeated."""
+    eval_every: int = 1
+    seed: int = 0
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1`` ..."""
+
+
+@dataclass
+class EvalConfig:
+    """COCO evaluation of segmentation masks."""
+
+    max_dets: int = 1000
+    """Detections kept per image by COCOeval (pycocotools' default of 100 lowers AP on crowded images)."""
+    backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools"
+    iou_threshold: float = 0.5
+    """IoU of the cell-tool metrics (precision, recall, F1, TP/(TP+FP+FN))."""
+
+
+@dataclass
+class PredictConfig:
+    """Inference, post-processing and submission."""
+
+    score_thresh: float = 0.0
+    mask_thresh: float = 0.5
+    nms_thresh: float | None = None
+    """Extra class-wise mask NMS after the model's own box NMS (None: off)."""
+    tta: bool = False
+    tta_flips: tuple[str, ...] = ("h", "v")
+    tta_scales: tuple[float, ...] = (1.0,)
+    tta_merge: Literal["nms", "wbf"] = "wbf"
+    tta_iou: float = 0.5
+    tile_size: int | None = 1024
+    """Images whose longer side exceeds ``tile_above`` are predicted in tiles of this size (None: never tile)."""
+    tile_overlap: int = 128
+    tile_above: int = 1400
+    batch_size: int = 1
+
+
+@dataclass
+class Config:
+    """Everything a cellkit job needs; see the module docstring for how it is built."""
+
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+
+    # -- conversions ------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists) that YAML and JSON can hold."""
+        return _plain(dataclasses.asdict(self))
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the resolved config as YAML (every key, defaults included)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return path
+
+    def flat(self) -> dict[str, Any]:
+        """``{"train.lr": 0.0001, ...}``: every leaf under its dotted key."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, d: Mapping[str, Any]) -> None:
+            for k, v in d.items():
+                key = f"{prefix}{k}"
+                if isinstance(v, dict):
+                    walk(key + ".", v)
+                else:
+                    out[key] = v
+
+        walk("", self.to_dict())
+        return out
+
+    def replace(self, overrides: Mapping[str, Any]) -> "Config":
+        """A copy with dotted-key overrides applied (validated like every other source)."""
+        return _build(self.to_dict(), [overrides])
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the configuration: defaults, then the YAML file at ``path``, then ``overrides``.
+
+    Args:
+        path: a YAML file (may hold ``_base_: other.yaml``, relative to itself), or None for the defaults.
+        overrides: dotted keys to values, e.g. ``{"train.lr": 1e-3}``; ``train__lr`` works too
+            (papermill parameter names). String values are parsed as YAML (``"1e-3"`` -> 0.001).
+
+    Raises:
+        ConfigError: unknown key (with a suggestion), wrong type, invalid choice, unreadable file.
+    """
+    data = _read_yaml_tree(Path(path)) if path is not None else {}
+    return _build(data, [overrides or {}])
+
+
+def parse_set_args(items: list[str] | None) -> dict[str, Any]:
+    """Turn CLI ``--set a.b=c`` items into an overrides dict (values stay strings, parsed later)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=0.001")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value
+    return out
+
+
+def _read_yaml_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: _base_ chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    base = data.pop("_base_", None)
+    if base is None:
+        return data
+    base_data = _read_yaml_tree((path.parent / str(base)), seen + (path.resolve(),))
+    return _deep_merge(base_data, data)
+
+
+def _deep_merge(a: dict[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _deep_merge(dict(out[k]), v)
+        else:
+            out[k] = v
+    return out
+
+
+def _build(tree: Mapping[str, Any], override_sets: list[Mapping[str, Any]]) -> Config:
+    tree = dict(tree)
+    for overrides in override_sets:
+        for raw_key, value in overrides.items():
+            key = str(raw_key).replace("__", ".")
+            if isinstance(value, str):
+                value = _parse_scalar(value)
+            tree = _deep_merge(tree, _nest(key.split("."), value))
+    return _construct(Config, tree, "")
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else text
+    except yaml.YAMLError:
+        return text
+
+
+def _nest(parts: list[str], value: Any) -> dict[str, Any]:
+    d: Any = value
+    for p in reversed(parts):
+        d = {p: d}
+    return d
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every valid dotted key (leaves and sections) of a config class."""
+    keys: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        keys.append(key)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(all_keys(hints[f.name], key + "."))
+    return keys
+
+
+def _unknown_key_error(cls: type, prefix: str, name: str) -> ConfigError:
+    here = [f.name for f in dataclasses.fields(cls)]
+    full = prefix + name
+    close = difflib.get_close_matches(name, here, n=1, cutoff=0.5)
+    suggestion = prefix + close[0] if close else None
+    if suggestion is None:
+        # the key may belong to another section (e.g. "lr" given under model)
+        candidates = all_keys()
+        leaf = difflib.get_close_matches(name, [k.rsplit(".", 1)[-1] for k in candidates], n=1, cutoff=0.8)
+        if leaf:
+            suggestion = next(k for k in candidates if k.rsplit(".", 1)[-1] == leaf[0])
+        else:
+            close = difflib.get_close_matches(full, candidates, n=1, cutoff=0.6)
+            suggestion = close[0] if close else None
+    hint = f"; did you mean '{suggestion}'?" if suggestion else f"; valid keys here: {', '.join(here)}"
+    return ConfigError(f"unknown config key '{full}'{hint}")
+
+
+def _construct(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            raise _unknown_key_error(cls, prefix, str(k))
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, prefix + name)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _construct(tp, value, key + ".")
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} does not fit {_type_name(tp)}")
+    if origin is Literal:
+        if value in args:
+            return value
+        close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}{hint}")
+    if origin in (tuple, list):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)} ({value!r})")
+            return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        items = [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - a bug in this module
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")

@@ -1,0 +1,34 @@
+"""Reading the dataset, the synthetic dataset, COCO conversion and the torch Datasets."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import DataConfig
+from .coco import build_coco, convert, encode_mask, RegionEncoder
+from .dataset import CellDataset, TestImageDataset, collate, image_to_tensor
+from .instances import LabelMaps, instances_from_label_maps, load_sample
+from .io import read_image, read_label_map
+from .layout import TestImage, TrainSample, read_test_index, scan_train, split_samples
+from .synth import ensure_synthetic, write_synthetic
+from .transforms import build_train_transforms
+
+
+def resolve_root(cfg: DataConfig, progress: bool = True) -> Path:
+    """The dataset folder of ``cfg``: ``cfg.root``, or the cached synthetic dataset when it is None."""
+    if cfg.root is not None:
+        return Path(cfg.root).expanduser()
+    return ensure_synthetic(cfg.synth_train, cfg.synth_test, cfg.synth_seed, cfg.synth_max_size, progress)
+
+
+def train_val_samples(cfg: DataConfig, num_classes: int = 4, progress: bool = True) -> tuple[list[TrainSample], list[TrainSample]]:
+    """The training and validation image folders of ``cfg`` (the split ``cellkit convert`` writes)."""
+    samples = scan_train(resolve_root(cfg, progress), num_classes)
+    return split_samples(samples, cfg.val_fraction, cfg.split_seed)
+
+
+__all__ = [
+    "CellDataset", "TestImageDataset", "collate", "image_to_tensor", "LabelMaps", "instances_from_label_maps",
+    "load_sample", "read_image", "read_label_map", "TestImage", "TrainSample", "read_test_index", "scan_train",
+    "split_samples", "ensure_synthetic", "write_synthetic", "build_train_transforms", "build_coco", "convert",
+    "encode_mask", "RegionEncoder", "resolve_root", "train_val_samples",
+]

@@ -1,0 +1,124 @@
+"""Reading the dataset's TIFF files, with errors that name the file and the problem."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+from ..errors import DataError
+
+PathLike = str | os.PathLike[str]
+
+# tifffile logs its own complaint about broken files before returning nothing; we raise instead
+logging.getLogger("tifffile").setLevel(logging.ERROR)
+
+
+def _read_tiff(path: PathLike) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if len(tif.pages) == 0:
+                raise DataError(path, "TIFF has no image pages (truncated or incompletely written file?)")
+            arr = tif.asarray()
+    except DataError:
+        raise
+    except Exception as e:  # tifffile/imagecodecs raise many types for broken files
+        raise DataError(path, f"cannot read TIFF ({type(e).__name__}: {e}); the file may be truncated or not a TIFF") from None
+    if arr.size == 0:
+        raise DataError(path, "TIFF decoded to an empty array (truncated file?)")
+    return arr
+
+
+def tiff_shape(path: PathLike) -> tuple[int, int]:
+    """(height, width) of a TIFF's first page, read from its header without decoding the pixels."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if len(tif.pages) == 0:
+                raise DataError(path, "TIFF has no image pages (truncated file?)")
+            page = tif.pages[0]
+            return int(page.imagelength), int(page.imagewidth)
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(path, f"cannot read TIFF header ({type(e).__name__}: {e})") from None
+
+
+def read_image(path: PathLike) -> np.ndarray:
+    """Read an image TIFF as RGB.
+
+    Accepts RGBA, RGB and grey, uint8 or uint16 (or float in [0, 1], stored as uint16), in
+    contiguous or planar layout. Alpha is dropped; grey is repeated to 3 channels.
+
+    Returns:
+        ``(H, W, 3)`` array of dtype uint8 or uint16.
+
+    Raises:
+        DataError: missing, unreadable or truncated file; unsupported shape or dtype.
+    """
+    arr = _read_tiff(path)
+    if arr.ndim == 3 and arr.shape[0] in (1, 2, 3, 4) and arr.shape[-1] not in (1, 2, 3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # planar (samples, H, W)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 2, 3, 4):
+        raise DataError(path, f"expected a grey, RGB or RGBA image, got an array of shape {arr.shape}")
+    channels = arr.shape[-1]
+    if channels in (1, 2):  # grey, grey + alpha
+        arr = np.repeat(arr[..., :1], 3, axis=-1)
+    else:  # RGB, RGBA
+        arr = arr[..., :3]
+    if arr.dtype in (np.uint8, np.uint16):
+        return np.ascontiguousarray(arr)
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise DataError(path, "image contains NaN or infinite values")
+        if arr.min() < 0 or arr.max() > 1:
+            raise DataError(path, f"float image values must lie in [0, 1], found {arr.min():g}..{arr.max():g}")
+        return np.round(arr * 65535).astype(np.uint16)
+    raise DataError(path, f"unsupported image dtype {arr.dtype} (expected uint8, uint16 or float in [0, 1])")
+
+
+def read_label_map(path: PathLike, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a ``classK.tif`` label map: 0 is background, each distinct non-zero value one instance.
+
+    Args:
+        path: the label map (float64 or integer TIFF).
+        shape: the (H, W) of its image; a different shape is an error.
+
+    Returns:
+        ``(H, W)`` int64 array of the original (non-contiguous) instance ids.
+
+    Raises:
+        DataError: unreadable file, shape mismatch, NaN/infinite, negative or non-integer ids.
+    """
+    arr = _read_tiff(path)
+    if arr.ndim == 3 and 1 in (arr.shape[0], arr.shape[-1]):
+        arr = arr.reshape(arr.shape[:2] if arr.shape[-1] == 1 else arr.shape[1:])
+    if arr.ndim != 2:
+        raise DataError(path, f"label map must be a 2-D array, got shape {arr.shape}")
+    if shape is not None and tuple(arr.shape) != tuple(shape):
+        raise DataError(
+            path, f"label map is {arr.shape[0]} x {arr.shape[1]} (H x W) but its image is {shape[0]} x {shape[1]}"
+        )
+    if np.issubdtype(arr.dtype, np.floating):
+        finite = np.isfinite(arr)
+        if not finite.all():
+            raise DataError(path, f"label map contains {int((~finite).sum())} NaN or infinite values")
+        frac = arr != np.round(arr)
+        if frac.any():
+            raise DataError(path, f"label map has non-integer ids (e.g. {arr[frac][0]!r}); ids must be whole numbers")
+        if arr.max() > np.iinfo(np.int64).max:
+            raise DataError(path, "label map ids are too large for integers")
+    elif not np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_:
+        raise DataError(path, f"unsupported label map dtype {arr.dtype}")
+    if arr.min() < 0:
+        raise DataError(path, f"label map has negative ids (min {arr.min():g}); ids must be >= 0")
+    return arr.astype(np.int64, copy=False)

@@ -1,0 +1,152 @@
+"""The dataset layout (``train/<id>/image.tif``, ``classK.tif``, ``test_release/``) and its index."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+from .io import PathLike, tiff_shape
+
+CLASS_FILE = re.compile(r"^class(\d+)\.tiff?$", re.IGNORECASE)
+TEST_INDEX = "test_image_name_to_ids.json"
+
+
+@dataclass(frozen=True)
+class TrainSample:
+    """One annotated image folder.
+
+    Attributes:
+        image_id: COCO image id, 1-based, in sorted folder-name order (stable across runs).
+        name: the folder name.
+        image_path: ``train/<name>/image.tif``.
+        class_paths: class index (1-based) -> ``classK.tif``; absent classes have no entry.
+    """
+
+    image_id: int
+    name: str
+    image_path: Path
+    class_paths: dict[int, Path] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TestImage:
+    """One entry of ``test_image_name_to_ids.json`` with its file."""
+
+    image_id: int
+    file_name: str
+    path: Path
+    height: int
+    width: int
+
+
+def scan_train(root: PathLike, num_classes: int = 4) -> list[TrainSample]:
+    """List the annotated images under ``root/train`` (or ``root`` itself if it holds image folders).
+
+    Raises:
+        DataError: no train folder, no image folders, a folder without image.tif, a class file
+            outside 1..num_classes.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(root, "dataset folder not found")
+    train = root / "train" if (root / "train").is_dir() else root
+    folders = sorted(p for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise DataError(train, "no image folders found (expected train/<id>/image.tif with classK.tif label maps)")
+    samples = []
+    for i, folder in enumerate(folders, start=1):
+        image = folder / "image.tif"
+        if not image.is_file():
+            raise DataError(folder, "image folder has no image.tif")
+        classes: dict[int, Path] = {}
+        for f in sorted(folder.iterdir()):
+            m = CLASS_FILE.match(f.name)
+            if not m:
+                continue
+            k = int(m.group(1))
+            if not 1 <= k <= num_classes:
+                raise DataError(f, f"class {k} is outside 1..{num_classes}")
+            if k in classes:
+                raise DataError(f, f"two label maps for class {k} ({classes[k].name} and {f.name})")
+            classes[k] = f
+        samples.append(TrainSample(i, folder.name, image, classes))
+    return samples
+
+
+def read_test_index(root: PathLike, check_files: bool = True) -> list[TestImage]:
+    """Read ``test_image_name_to_ids.json`` and match it against ``test_release/``.
+
+    Args:
+        root: the dataset folder holding the json and ``test_release/``.
+        check_files: verify every entry's file exists with the stated height and width, and that
+            no tif in ``test_release/`` is missing from the json.
+
+    Raises:
+        DataError: unreadable json, malformed entries, duplicate ids or file names, entries that
+            do not match the files.
+    """
+    root = Path(root).expanduser()
+    index = root / TEST_INDEX
+    if not index.is_file():
+        raise DataError(index, "test index not found")
+    try:
+        entries = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(index, f"not valid JSON ({e})") from None
+    if not isinstance(entries, list):
+        raise DataError(index, "expected a list of {file_name, id, height, width} entries")
+    folder = root / "test_release"
+    out: list[TestImage] = []
+    seen_ids: dict[int, int] = {}
+    seen_names: dict[str, int] = {}
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or not {"file_name", "id", "height", "width"} <= set(e):
+            raise DataError(index, f"entry {i} must have file_name, id, height and width, got {e!r}")
+        if not all(isinstance(e[k], int) and not isinstance(e[k], bool) for k in ("id", "height", "width")):
+            raise DataError(index, f"entry {i}: id, height and width must be integers, got {e!r}")
+        if e["id"] in seen_ids:
+            raise DataError(index, f"duplicate id {e['id']} (entries {seen_ids[e['id']]} and {i})")
+        if e["file_name"] in seen_names:
+            raise DataError(index, f"duplicate file_name {e['file_name']!r} (entries {seen_names[e['file_name']]} and {i})")
+        seen_ids[e["id"]] = i
+        seen_names[e["file_name"]] = i
+        out.append(TestImage(e["id"], e["file_name"], folder / e["file_name"], e["height"], e["width"]))
+    if check_files:
+        if not folder.is_dir():
+            raise DataError(folder, "test image folder not found")
+        for i, t in enumerate(out):
+            if not t.path.is_file():
+                raise DataError(index, f"entry {i} names {t.file_name}, which is not in {folder}")
+            h, w = tiff_shape(t.path)
+            if (h, w) != (t.height, t.width):
+                raise DataError(t.path, f"image is {h} x {w} but {TEST_INDEX} entry {i} says {t.height} x {t.width}")
+        listed = set(seen_names)
+        extra = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in (".tif", ".tiff") and p.name not in listed)
+        if extra:
+            raise DataError(folder, f"{len(extra)} test image(s) missing from {TEST_INDEX}: {', '.join(extra[:5])}")
+    return out
+
+
+def split_samples(
+    samples: list[TrainSample], val_fraction: float, seed: int = 0
+) -> tuple[list[TrainSample], list[TrainSample]]:
+    """Deterministic train/validation split: the same seed always gives the same split.
+
+    At least one image goes to validation when ``val_fraction > 0`` and there are two or more
+    images; no image is ever in both parts. Order within each part follows ``image_id``.
+    """
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    n = len(samples)
+    n_val = int(round(n * val_fraction))
+    if val_fraction > 0 and n >= 2:
+        n_val = min(max(n_val, 1), n - 1)
+    order = np.random.default_rng(seed).permutation(n)
+    val_idx = set(order[:n_val].tolist())
+    train = [s for i, s in enumerate(samples) if i not in val_idx]
+    val = [s for i, s in enumerate(samples) if i in val_idx]
+    return train, val
