@@ -120,11 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# modules that each define ``add_commands(subparsers)`` for their own subcommands
+ENGINE_COMMAND_MODULES = (
+    "cellkit.engine.train_cli",  # train
+    "cellkit.engine.eval_cli",  # evaluate, check-submission
+    "cellkit.engine.predict_cli",  # predict, tune-thresholds
+    "cellkit.models.cli",  # models
+    "cellkit.ablation_cli",  # ablate
+)
+
+
 def _add_engine_commands(sub: Any) -> None:
     """Subcommands of the engine, analysis and ablation modules (each adds its own arguments)."""
     import importlib
 
-    for module in ("cellkit.engine.cli", "cellkit.models.cli", "cellkit.ablation_cli"):
+    for module in ENGINE_COMMAND_MODULES:
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:

@@ -81,34 +81,53 @@ class ModelConfig:
     weights: str = "none"
     """``none``, ``imagenet`` (backbone), ``coco`` (whole Mask R-CNN where available) or a path to a .pth file."""
     num_classes: int = 4
-    """Cell classes, without background."""
-    trainable_layers: int = 3
-    """Backbone stages that train (0-5), counted from the output end, as in torchvision."""
-    norm: Literal["frozen_bn", "bn", "gn"] = "frozen_bn"
-    """Backbone normalisation: frozen BatchNorm (pretrained statistics), BatchNorm, or GroupNorm."""
+    """Cell classes, without background (the predictors get num_classes + 1 outputs)."""
+    trainable_layers: int | None = None
+    """Backbone stages that train, counted from the output end as in torchvision (0-5; 0-6 for mobilenet); None: 3 with pretrained weights, all from scratch."""
+    norm: Literal["auto", "frozen_bn", "bn", "gn"] = "auto"
+    """Backbone normalisation; auto: frozen BatchNorm with pretrained weights (BatchNorm for the v2 design and from scratch)."""
+    resize_mode: Literal["min_size", "fixed_scale"] = "min_size"
+    """min_size: shorter side to ``min_size`` (torchvision); fixed_scale: every image scaled by ``scale``; both capped by ``max_size``."""
+    scale: float = 1.0
+    """Resize factor of ``resize_mode: fixed_scale`` (1.0: native resolution, 2.0: cells twice as large)."""
     min_size: int = 800
-    """The shorter image side is resized to this before the network (torchvision's GeneralizedRCNNTransform)."""
+    """Shorter image side after resizing in ``resize_mode: min_size`` (torchvision's GeneralizedRCNNTransform)."""
     max_size: int = 1333
-    """Cap on the longer image side after resizing."""
+    """Cap on the longer image side after resizing (both resize modes)."""
     image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    """Per-channel mean the model subtracts from [0, 1] RGB input (do not normalise again outside)."""
     image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    """Per-channel standard deviation the model divides by."""
     anchor_sizes: tuple[int, ...] = (8, 16, 32, 64, 128)
-    """One anchor size per FPN level (cells are small)."""
+    """One anchor size in input pixels per FPN level, finest first (5 levels for every registered backbone)."""
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    """Anchor height/width ratios, the same at every level (3 keeps the COCO RPN head loadable)."""
     rpn_pre_nms_top_n_train: int = 2000
+    """RPN proposals kept per FPN level before NMS, training."""
     rpn_pre_nms_top_n_test: int = 1000
+    """RPN proposals kept per FPN level before NMS, inference."""
     rpn_post_nms_top_n_train: int = 2000
+    """RPN proposals kept per image after NMS, training."""
     rpn_post_nms_top_n_test: int = 1000
+    """RPN proposals kept per image after NMS, inference (an upper bound on detections)."""
+    rpn_nms_thresh: float = 0.7
+    """IoU threshold of the RPN's NMS."""
     rpn_batch_size_per_image: int = 256
+    """Anchors sampled per image for the RPN losses."""
     box_batch_size_per_image: int = 512
     """RoIs sampled per image for the box and mask heads during training."""
     box_detections_per_img: int = 1000
+    """Detections returned per image (images hold up to about 660 cells)."""
     box_score_thresh: float = 0.0
+    """Detections scoring below this are dropped by the model (0.0 for evaluation: AP needs the low scores)."""
     box_nms_thresh: float = 0.5
+    """IoU threshold of the class-wise box NMS on detections."""
     mask_roi_size: Literal[14, 28] = 14
     """RoIAlign output of the mask head: 14 gives 28x28 masks, 28 gives 56x56 masks."""
     mask_loss: Literal["bce", "bce+dice"] = "bce"
+    """Mask loss: torchvision's per-pixel BCE, or BCE plus a soft Dice term (``loss_mask_dice``)."""
     dice_weight: float = 1.0
+    """Weight of the Dice term when ``mask_loss`` is ``bce+dice``."""
 
 
 @dataclass
@@ -165,7 +184,8 @@ class EvalConfig:
 
     max_dets: int = 1000
     """Detections kept per image by COCOeval (pycocotools' default of 100 lowers AP on crowded images)."""
-    backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools"
+    backend: Literal["auto", "pycocotools", "faster_coco_eval"] = "auto"
+    """COCOeval implementation; auto: faster-coco-eval when installed (same numbers, ~15x faster), else pycocotools."""
     iou_threshold: float = 0.5
     """IoU of the cell-tool metrics (precision, recall, F1, TP/(TP+FP+FN))."""
 
@@ -227,6 +247,11 @@ class Config:
 
         walk("", self.to_dict())
         return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Config":
+        """Rebuild from :meth:`to_dict` output (e.g. the config stored in a checkpoint), validated."""
+        return _build(dict(data), [])
 
     def replace(self, overrides: Mapping[str, Any]) -> "Config":
         """A copy with dotted-key overrides applied (validated like every other source)."""

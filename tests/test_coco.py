@@ -10,7 +10,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from cellkit.data import convert, load_sample, read_label_map, scan_train, split_samples
-from cellkit.data.coco import RegionEncoder, encode_mask
+from cellkit.data.coco import encode_mask, encode_region
 
 
 def _check_round_trip(root: Path, gt_path: Path) -> int:
@@ -77,13 +77,12 @@ def test_split_is_deterministic_and_disjoint(synth_root: Path) -> None:
         split_samples(samples, 1.0)
 
 
-def test_region_encoder_equals_full_encode() -> None:
+def test_encode_region_equals_full_encode() -> None:
     rng = np.random.default_rng(0)
-    enc = RegionEncoder(40, 50)
     for top, left, h, w in [(0, 0, 5, 7), (35, 45, 10, 10), (-3, -4, 8, 9), (10, 20, 1, 1)]:
         region = rng.random((h, w)) > 0.4
         full = np.zeros((40, 50), bool)
         y0, x0 = max(top, 0), max(left, 0)
         full[y0:top + h, x0:left + w] = region[y0 - top:, x0 - left:][: 40 - y0, : 50 - x0]
-        assert enc.encode(region, top, left) == encode_mask(full)
-        assert np.array_equal(mask_utils.decode(enc.encode(region, top, left)).astype(bool), full)
+        assert encode_region(region, top, left, 40, 50) == encode_mask(full)
+        assert np.array_equal(mask_utils.decode(encode_region(region, top, left, 40, 50)).astype(bool), full)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import DataConfig
-from .coco import build_coco, convert, encode_mask, RegionEncoder
+from .coco import build_coco, convert, encode_mask, encode_region
 from .dataset import CellDataset, TestImageDataset, collate, image_to_tensor
 from .instances import LabelMaps, instances_from_label_maps, load_sample
 from .io import read_image, read_label_map
@@ -30,5 +30,5 @@ __all__ = [
     "CellDataset", "TestImageDataset", "collate", "image_to_tensor", "LabelMaps", "instances_from_label_maps",
     "load_sample", "read_image", "read_label_map", "TestImage", "TrainSample", "read_test_index", "scan_train",
     "split_samples", "ensure_synthetic", "write_synthetic", "build_train_transforms", "build_coco", "convert",
-    "encode_mask", "RegionEncoder", "resolve_root", "train_val_samples",
+    "encode_mask", "encode_region", "resolve_root", "train_val_samples",
 ]

@@ -30,41 +30,48 @@ def encode_mask(mask: np.ndarray) -> dict[str, Any]:
     return rle
 
 
-class RegionEncoder:
-    """RLE-encode masks that are known only inside a box of a ``height x width`` image.
+def encode_region(region: np.ndarray, top: int, left: int, height: int, width: int) -> dict[str, Any]:
+    """RLE (str counts) of the ``height x width`` mask that equals ``region`` at ``(top, left)``
+    and 0 elsewhere, computed from the region alone (no full-size buffer).
 
-    One full-size Fortran-ordered buffer is reused: each region is written into it, encoded by
-    pycocotools and cleared again, so memory stays at one full-size uint8 mask however many
-    instances there are.
+    The same RLE as pycocotools' ``encode`` of the full mask, without allocating it: memory and
+    time follow the region's size, not the image's (1000 cells of a 2000 x 2000 image encode in
+    0.05 s instead of 1.5 s through a full-size buffer; benchmarks/paste_memory.py). Runs follow
+    the column-major order of COCO RLE; each region column is framed by a 0 above and below (the
+    pixels outside the region), and a change at the bottom of one column that the top of the next
+    undoes (full-height regions) cancels out. pycocotools turns the run lengths into its string.
+
+    Args:
+        region: ``(h, w)`` bool/uint8; parts outside the image are clipped.
+        top, left: position of ``region[0, 0]`` in the image (may be negative).
     """
-
-    def __init__(self, height: int, width: int) -> None:
-        self.height, self.width = int(height), int(width)
-        self._buf = np.zeros((self.height, self.width), dtype=np.uint8, order="F")
-
-    def encode(self, region: np.ndarray, top: int, left: int) -> dict[str, Any]:
-        """RLE (str counts) of the image-size mask that equals ``region`` at (top, left), 0 elsewhere.
-
-        Args:
-            region: ``(h, w)`` bool/uint8 mask; parts falling outside the image are clipped.
-            top, left: position of ``region[0, 0]`` in the image (may be negative).
-        """
-        h, w = region.shape
-        y0, x0 = max(top, 0), max(left, 0)
-        y1, x1 = min(top + h, self.height), min(left + w, self.width)
-        if y1 > y0 and x1 > x0:
-            self._buf[y0:y1, x0:x1] = region[y0 - top : y1 - top, x0 - left : x1 - left]
-        rle = mask_utils.encode(self._buf)
-        if y1 > y0 and x1 > x0:
-            self._buf[y0:y1, x0:x1] = 0
-        rle["counts"] = rle["counts"].decode("ascii")
-        return rle
+    h, w = region.shape
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + h, height), min(left + w, width)
+    total = height * width
+    counts: list[int] = [total]
+    if y1 > y0 and x1 > x0:
+        r = region[y0 - top : y1 - top, x0 - left : x1 - left]
+        rh = r.shape[0]
+        framed = np.zeros((r.shape[1], rh + 2), dtype=np.int8)
+        framed[:, 1:-1] = r.T
+        col, row = np.divmod(np.flatnonzero(np.diff(framed.ravel())) + 1, rh + 2)
+        pos = (x0 + col) * height + y0 + row - 1  # image index of the first pixel after each change
+        twin = np.flatnonzero(pos[1:] == pos[:-1])
+        keep = np.ones(len(pos), dtype=bool)
+        keep[twin] = False
+        keep[twin + 1] = False
+        pos = pos[keep]
+        if len(pos):
+            counts = np.diff(np.concatenate([[0], pos[pos < total], [total]])).tolist()
+    rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
 
 
 def label_map_annotations(maps: LabelMaps, image_id: int, first_ann_id: int = 1) -> list[dict[str, Any]]:
     """COCO annotations (RLE, bbox xywh, area, iscrowd 0) of every instance of one image."""
     _, h, w = maps.layers.shape
-    enc = RegionEncoder(h, w)
     anns = []
     found: dict[int, dict[str, Any]] = {}
     for layer in maps.layers:
@@ -73,7 +80,7 @@ def label_map_annotations(maps: LabelMaps, image_id: int, first_ann_id: int = 1)
                 continue
             inst = idx + 1
             local = layer[sl] == inst
-            rle = enc.encode(local, sl[0].start, sl[1].start)
+            rle = encode_region(local, sl[0].start, sl[1].start, h, w)
             found[inst] = {
                 "segmentation": rle,
                 "area": float(local.sum()),

@@ -1,0 +1,452 @@
+"""Reading and checking what COCO evaluation consumes: ground truth and prediction lists.
+
+Ground truth is validated (and, where safe, completed) before pycocotools sees it; predictions are
+*sanitised* before ``COCO.loadRes``: entries that would crash or silently corrupt the evaluation
+(NaN/Inf boxes or scores, zero-size boxes, empty masks, unknown image or category ids, masks of the
+wrong size) are dropped and counted by reason. Used by :mod:`cellkit.engine.evaluate` and
+:mod:`cellkit.analysis.cellmetrics`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from ..errors import DataError
+
+PathLike = str | os.PathLike[str]
+
+DROP_REASONS: tuple[str, ...] = (
+    "malformed",  # not a dict, or a required key missing / of the wrong type
+    "unknown_image",  # image_id not among the ground-truth images
+    "unknown_category",  # category_id not an integer among the ground-truth categories
+    "nonfinite_score",  # score NaN, Inf or not a number
+    "nonfinite_box",  # bbox not 4 finite numbers
+    "degenerate_box",  # bbox width or height <= 0
+    "bad_mask",  # segmentation not an RLE/polygon pycocotools can read, or of the wrong size
+    "empty_mask",  # RLE area 0
+)
+"""Why :func:`sanitize_predictions` drops an entry (the first reason that applies is counted)."""
+
+AREA_RANGES: dict[str, tuple[float, float]] = {
+    "all": (0.0, 1e5**2),
+    "small": (0.0, 32.0**2),
+    "medium": (32.0**2, 96.0**2),
+    "large": (96.0**2, 1e5**2),
+}
+"""pycocotools' default area ranges (px^2) for the AP breakdown by object size."""
+
+# characters of pycocotools' compressed RLE string: chr(48) .. chr(48 + 63)
+_RLE_CHARS = re.compile(r"^[0-o]*$")
+
+
+def read_json(path: PathLike, what: str = "JSON file") -> Any:
+    """Parse a JSON file; a missing or unparsable file is a :class:`DataError` naming it."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(path, f"{what} not found")
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(path, f"not valid JSON ({e})") from None
+    except OSError as e:
+        raise DataError(path, f"cannot read {what} ({e.strerror})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# ground truth
+
+
+@dataclass
+class GroundTruth:
+    """A validated COCO ground-truth dataset, safe to hand to pycocotools or faster-coco-eval.
+
+    Attributes:
+        dataset: ``{"images", "annotations", "categories"}``; annotation dicts are private copies
+            (COCOeval writes ``ignore`` and RLE fields into them).
+        source: the file it came from, or a description (used in error messages).
+        notes: what was filled in (``iscrowd``, ``area``, image sizes) for ground truth from elsewhere.
+        coco: the pycocotools ``COCO`` index when one was given or built (see :meth:`pycoco`).
+    """
+
+    dataset: dict[str, Any]
+    source: str = "<ground truth>"
+    notes: list[str] = field(default_factory=list)
+    coco: Any = None
+
+    @property
+    def images(self) -> dict[int, dict[str, Any]]:
+        """Image id -> image entry (``id``, ``height``, ``width`` ...)."""
+        return {int(im["id"]): im for im in self.dataset["images"]}
+
+    @property
+    def category_ids(self) -> list[int]:
+        """Sorted category ids (COCOeval's order of the K axis)."""
+        return sorted(int(c["id"]) for c in self.dataset["categories"])
+
+    @property
+    def category_names(self) -> dict[int, str]:
+        """Category id -> name (``class1`` ... for cellkit ground truth)."""
+        return {int(c["id"]): str(c.get("name", f"class{c['id']}")) for c in self.dataset["categories"]}
+
+    def pycoco(self) -> Any:
+        """The pycocotools ``COCO`` index of :attr:`dataset` (built once, quietly)."""
+        if self.coco is None:
+            import contextlib
+            import io
+
+            from pycocotools.coco import COCO
+
+            # not cellkit.data.coco.coco_from_dict: importing cellkit.data pulls in torch
+            coco = COCO()
+            coco.dataset = self.dataset
+            with contextlib.redirect_stdout(io.StringIO()):
+                coco.createIndex()
+            self.coco = coco
+        return self.coco
+
+
+def load_ground_truth(gt: Any, num_classes: int = 4, need_masks: bool = True) -> GroundTruth:
+    """Read and validate COCO ground truth.
+
+    Args:
+        gt: a path to a COCO json, a COCO dict, a pycocotools ``COCO`` or a :class:`GroundTruth`.
+        num_classes: categories must have ids in ``1..num_classes``.
+        need_masks: every annotation must have a ``segmentation`` (segm evaluation, cell metrics).
+
+    Returns:
+        A :class:`GroundTruth`. Annotations without ``iscrowd`` get 0 and those without ``area``
+        get the area of their mask (or box), each with a note; images without ``height``/``width``
+        take them from an RLE of theirs.
+
+    Raises:
+        DataError: missing/invalid file, no ``images``/``annotations``/``categories``, category ids
+            outside ``1..num_classes``, annotations of unknown images or categories, missing masks.
+    """
+    if isinstance(gt, GroundTruth):
+        return gt
+    coco = None
+    if isinstance(gt, (str, os.PathLike)):
+        source = str(gt)
+        data = read_json(gt, "ground-truth file")
+    elif isinstance(gt, Mapping):
+        source, data = "<ground-truth dict>", gt
+    elif hasattr(gt, "dataset") and hasattr(gt, "getImgIds"):  # pycocotools (or compatible) COCO
+        source, data, coco = "<COCO object>", gt.dataset, gt
+    else:
+        raise DataError("<ground truth>", f"expected a COCO json path, dict or COCO object, got {type(gt).__name__}")
+    if not isinstance(data, Mapping):
+        raise DataError(source, f"expected a COCO dict with images, annotations and categories, got {type(data).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DataError(source, f"not COCO ground truth: no '{key}' list")
+    if not data["categories"]:
+        raise DataError(source, "'categories' is empty (cellkit ground truth has categories 1..4)")
+    notes: list[str] = []
+    cat_ids = set()
+    for i, c in enumerate(data["categories"]):
+        if not isinstance(c, Mapping) or not _is_int(c.get("id")):
+            raise DataError(source, f"category {i} has no integer id: {c!r}")
+        if not 1 <= int(c["id"]) <= num_classes:
+            raise DataError(source, f"category id {c['id']} is outside 1..{num_classes}")
+        cat_ids.add(int(c["id"]))
+    images: dict[int, dict[str, Any]] = {}
+    for i, im in enumerate(data["images"]):
+        if not isinstance(im, Mapping) or not _is_int(im.get("id")):
+            raise DataError(source, f"image entry {i} has no integer id: {_short(im)}")
+        if int(im["id"]) in images:
+            raise DataError(source, f"duplicate image id {im['id']}")
+        images[int(im["id"])] = dict(im)
+
+    anns: list[dict[str, Any]] = []
+    missing = Counter()
+    for i, a in enumerate(data["annotations"]):
+        if not isinstance(a, Mapping):
+            raise DataError(source, f"annotation {i} is not an object")
+        for key in ("image_id", "category_id"):
+            if not _is_int(a.get(key)):
+                raise DataError(source, f"annotation {i} has no integer {key}")
+        if int(a["image_id"]) not in images:
+            raise DataError(source, f"annotation {i} refers to image id {a['image_id']}, which is not in 'images'")
+        if int(a["category_id"]) not in cat_ids:
+            raise DataError(source, f"annotation {i} has category_id {a['category_id']}, which is not in 'categories'")
+        seg = a.get("segmentation")
+        if need_masks and not seg:
+            raise DataError(source, f"annotation {i} has no segmentation (segm evaluation needs masks)")
+        if "bbox" not in a and not seg:
+            raise DataError(source, f"annotation {i} has neither bbox nor segmentation")
+        a = dict(a)
+        im = images[int(a["image_id"])]
+        if not (_is_int(im.get("height")) and _is_int(im.get("width"))):
+            if isinstance(seg, Mapping) and isinstance(seg.get("size"), (list, tuple)) and len(seg["size"]) == 2:
+                im["height"], im["width"] = (int(v) for v in seg["size"])
+                missing["size"] += 1
+            else:
+                raise DataError(source, f"image id {im['id']} has no height/width")
+        if "iscrowd" not in a:
+            a["iscrowd"] = 0
+            missing["iscrowd"] += 1
+        if "area" not in a:
+            if seg:
+                try:
+                    a["area"] = float(mask_utils.area(to_rle(seg, int(im["height"]), int(im["width"]))))
+                except (TypeError, ValueError, KeyError) as e:
+                    raise DataError(source, f"annotation {i}: unreadable segmentation ({e})") from None
+            else:
+                a["area"] = float(a["bbox"][2] * a["bbox"][3])
+            missing["area"] += 1
+        if "bbox" not in a:
+            a["bbox"] = [float(v) for v in mask_utils.toBbox(to_rle(seg, int(im["height"]), int(im["width"])))]
+            missing["bbox"] += 1
+        if "id" not in a:
+            missing["id"] += 1
+        anns.append(a)
+    if missing["id"]:
+        for k, a in enumerate(anns, start=1):
+            a["id"] = k
+    for im in images.values():
+        if not (_is_int(im.get("height")) and _is_int(im.get("width"))):
+            raise DataError(source, f"image id {im['id']} has no height/width")
+    labels = {"iscrowd": "iscrowd set to 0", "area": "area computed from the mask", "bbox": "bbox computed from the mask",
+              "id": "annotation ids assigned 1..N", "size": "image height/width taken from an RLE"}
+    for key, n in missing.items():
+        notes.append(f"ground truth: {labels[key]} for {n} annotation(s) that lacked it")
+    dataset = {"images": list(images.values()), "annotations": anns, "categories": [dict(c) for c in data["categories"]]}
+    if "info" in data:
+        dataset["info"] = data["info"]
+    if coco is not None and not missing:
+        # the caller's own COCO object stays in use (pycocotools' usual behaviour): no re-indexing
+        return GroundTruth(dict(coco.dataset), source, notes, coco)
+    return GroundTruth(dataset, source, notes)
+
+
+def to_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]:
+    """A compressed RLE (pycocotools form) of a COCO segmentation: RLE (str/bytes or list counts)
+    or polygons, for an image of ``height x width``."""
+    if isinstance(segmentation, list):  # polygons
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation, Mapping) and isinstance(segmentation.get("counts"), list):  # uncompressed RLE
+        return mask_utils.frPyObjects(dict(segmentation), height, width)
+    return dict(segmentation)
+
+
+# --------------------------------------------------------------------------------------------
+# predictions
+
+
+def load_predictions(predictions: Any) -> list[Any]:
+    """A prediction list from a path to a COCO results json or a list (returned as is).
+
+    Raises:
+        DataError: missing or invalid file, or a top level that is not a list.
+    """
+    if isinstance(predictions, (str, os.PathLike)):
+        data = read_json(predictions, "prediction file")
+        if not isinstance(data, list):
+            raise DataError(predictions, f"expected a list of COCO results, got {type(data).__name__}")
+        return data
+    if isinstance(predictions, list):
+        return predictions
+    if isinstance(predictions, tuple):
+        return list(predictions)
+    raise DataError("<predictions>", f"expected a list of COCO results or a json path, got {type(predictions).__name__}")
+
+
+def sanitize_predictions(
+    preds: Iterable[Any],
+    gt_images: Mapping[int, Mapping[str, Any]] | Sequence[Mapping[str, Any]],
+    num_classes: int = 4,
+    iou_type: str = "segm",
+    category_ids: Iterable[int] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Drop predictions that would crash or corrupt COCO evaluation; run it *before* ``loadRes``.
+
+    Each entry is checked in the order of :data:`DROP_REASONS` and dropped for the first reason
+    that applies: malformed entry, unknown image id, category id not in ``category_ids`` (default
+    ``1..num_classes``), non-finite score, bbox that is not 4 finite numbers, bbox with width or
+    height <= 0, a segmentation pycocotools cannot read or whose size differs from the image,
+    an empty mask (RLE area 0).
+
+    Kept entries are fresh dicts (the caller's are never modified, since ``loadRes`` writes into
+    them) with ``image_id``/``category_id`` as int, ``score`` as float, ``bbox`` as 4 floats and
+    the segmentation as a compressed RLE with str counts. When some entries carry a ``bbox`` and
+    others do not, the missing ones get the mask's box (``loadRes`` decides from the first entry
+    alone whether boxes are present).
+
+    Args:
+        preds: COCO result dicts ``{image_id, category_id, score, bbox?, segmentation?}``.
+        gt_images: image id -> image entry with ``height`` and ``width``, or the list of entries.
+        num_classes: valid category ids are ``1..num_classes`` unless ``category_ids`` is given.
+        iou_type: ``"segm"`` requires a segmentation; ``"bbox"`` requires a bbox or a segmentation.
+        category_ids: the valid category ids (e.g. those of the ground truth).
+
+    Returns:
+        ``(kept, dropped)`` where ``dropped`` maps every reason of :data:`DROP_REASONS` to a count.
+    """
+    if isinstance(gt_images, Mapping):
+        sizes = {int(k): (int(v["height"]), int(v["width"])) for k, v in gt_images.items()}
+    else:
+        sizes = {int(im["id"]): (int(im["height"]), int(im["width"])) for im in gt_images}
+    valid_cats = set(int(c) for c in category_ids) if category_ids is not None else set(range(1, num_classes + 1))
+    dropped = dict.fromkeys(DROP_REASONS, 0)
+    kept: list[dict[str, Any]] = []
+    for p in preds:
+        reason, entry = _check_prediction(p, sizes, valid_cats, iou_type)
+        if reason is None:
+            kept.append(entry)  # type: ignore[arg-type]
+        else:
+            dropped[reason] += 1
+    if any("bbox" in e for e in kept):
+        for e in kept:
+            if "bbox" not in e:
+                e["bbox"] = [float(v) for v in mask_utils.toBbox(e["segmentation"])]
+    return kept, dropped
+
+
+def _check_prediction(
+    p: Any, sizes: Mapping[int, tuple[int, int]], valid_cats: set[int], iou_type: str
+) -> tuple[str | None, dict[str, Any] | None]:
+    if type(p) is not dict and not isinstance(p, Mapping):
+        return "malformed", None
+    if "image_id" not in p or "category_id" not in p or "score" not in p:
+        return "malformed", None
+    seg = p.get("segmentation")
+    if iou_type == "segm" and seg is None:
+        return "malformed", None
+    if iou_type == "bbox" and seg is None and p.get("bbox") is None:
+        return "malformed", None
+    if not _is_int(p["image_id"]):
+        return "unknown_image" if _is_real(p["image_id"]) else "malformed", None
+    image_id = int(p["image_id"])
+    if image_id not in sizes:
+        return "unknown_image", None
+    if not _is_int(p["category_id"]) or int(p["category_id"]) not in valid_cats:
+        return "unknown_category", None
+    score = p["score"]
+    if not _is_finite_real(score):
+        return "nonfinite_score", None
+    out: dict[str, Any] = {"image_id": image_id, "category_id": int(p["category_id"]), "score": float(score)}
+    if p.get("bbox") is not None:
+        bb = _finite_box(p["bbox"])
+        if bb is None:
+            return "nonfinite_box", None
+        if bb[2] <= 0 or bb[3] <= 0:
+            return "degenerate_box", None
+        out["bbox"] = bb
+    if seg is not None:
+        h, w = sizes[image_id]
+        rle = _readable_rle(seg, h, w)
+        if rle is None:
+            return "bad_mask", None
+        if int(mask_utils.area(rle)) == 0:
+            return "empty_mask", None
+        out["segmentation"] = rle
+    return None, out
+
+
+def _finite_box(bb: Any) -> list[float] | None:
+    """``[x, y, w, h]`` as floats when ``bb`` is 4 finite numbers, else None."""
+    if not isinstance(bb, (list, tuple, np.ndarray)) or len(bb) != 4:
+        return None
+    x, y, w, h = bb
+    if _is_finite_real(x) and _is_finite_real(y) and _is_finite_real(w) and _is_finite_real(h):
+        return [float(x), float(y), float(w), float(h)]
+    return None
+
+
+def _readable_rle(seg: Any, h: int, w: int) -> dict[str, Any] | None:
+    """A compressed RLE with str counts of size ``[h, w]``, or None when ``seg`` is not one
+    pycocotools can read for that image."""
+    try:
+        if isinstance(seg, list):
+            if not seg or not all(isinstance(poly, list) and len(poly) >= 6 for poly in seg):
+                return None
+            rle = to_rle(seg, h, w)
+        elif isinstance(seg, Mapping):
+            size = seg.get("size")
+            if (
+                not isinstance(size, (list, tuple)) or len(size) != 2
+                or size[0] != h or size[1] != w or not _is_int(size[0]) or not _is_int(size[1])
+            ):
+                return None
+            counts = seg.get("counts")
+            if isinstance(counts, list):
+                rle = to_rle(seg, h, w)
+            elif isinstance(counts, (str, bytes)):
+                text = counts.decode("ascii") if isinstance(counts, bytes) else counts
+                if not rle_string_ok(text):
+                    return None
+                rle = {"size": [h, w], "counts": text}
+            else:
+                return None
+        else:
+            return None
+    except (TypeError, ValueError, UnicodeDecodeError):
+        return None
+    if isinstance(rle.get("counts"), bytes):
+        rle["counts"] = rle["counts"].decode("ascii")
+    rle["size"] = [h, w]
+    return rle
+
+
+def rle_string_ok(counts: str) -> bool:
+    """Whether ``counts`` is lexically a pycocotools compressed RLE string: characters ``'0'..'o'``
+    and a final character that does not announce a continuation. (pycocotools' ``area`` and
+    ``toBbox`` read any string without complaint; ``decode`` checks the run lengths.)"""
+    if not _RLE_CHARS.match(counts):
+        return False
+    return not counts or not (ord(counts[-1]) - 48) & 0x20
+
+
+def rle_decodes(rle: Mapping[str, Any]) -> bool:
+    """Whether pycocotools decodes ``rle`` (run lengths summing to exactly ``H * W``)."""
+    counts = rle.get("counts")
+    if isinstance(counts, str):
+        if not rle_string_ok(counts):
+            return False
+    elif not isinstance(counts, bytes):
+        return False
+    try:
+        mask_utils.decode(dict(rle))
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def count_beyond_cap(preds: Sequence[Mapping[str, Any]], cap: int) -> int:
+    """How many predictions COCOeval ignores with at most ``cap`` detections per image and class."""
+    per = Counter((p["image_id"], p["category_id"]) for p in preds)
+    return int(sum(max(0, n - cap) for n in per.values()))
+
+
+def _is_int(v: Any) -> bool:
+    t = type(v)
+    return t is int or (t is not bool and isinstance(v, numbers.Integral))
+
+
+def _is_real(v: Any) -> bool:
+    t = type(v)
+    return t is float or t is int or (t is not bool and isinstance(v, numbers.Real))
+
+
+def _is_finite_real(v: Any) -> bool:
+    t = type(v)
+    if t is float or t is int:
+        return math.isfinite(v)
+    return t is not bool and isinstance(v, numbers.Real) and math.isfinite(float(v))
+
+
+def _short(x: Any, n: int = 120) -> str:
+    s = repr(x)
+    return s if len(s) <= n else s[: n - 3] + "..."
+

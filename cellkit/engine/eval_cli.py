@@ -1,0 +1,120 @@
+"""``cellkit evaluate`` and ``cellkit check-submission`` (heavy imports stay inside the commands)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Add ``evaluate`` and ``check-submission`` to the ``cellkit`` subcommands."""
+    p = sub.add_parser(
+        "evaluate", help="COCO segm AP50 (the scored metric), AP, per-class AP, bbox AP and cell metrics",
+        description="Evaluate COCO results against COCO ground truth (--gt and --pred), or predict a run's "
+        "validation split with its best checkpoint and evaluate that (--run). Prints segm AP50 (the scored "
+        "metric), AP, AP75, AP by size, per-class AP, bbox AP, what pycocotools' standard cap of 100 "
+        "detections gives, predictions dropped before evaluation, and precision/recall/F1/TP/(TP+FP+FN) at one IoU.",
+    )
+    src = p.add_argument_group("what to evaluate (either --gt and --pred, or --run)")
+    src.add_argument("--gt", metavar="GT.json", help="COCO ground truth (e.g. val_gt.json from cellkit convert)")
+    src.add_argument("--pred", metavar="PRED.json", help="COCO results: a list of {image_id, category_id, score, bbox, segmentation}")
+    src.add_argument("--run", metavar="RUN_DIR", help="a training run: predict its validation split, then evaluate")
+    src.add_argument("--checkpoint", default="best", help="with --run: best, last or a .pth path (default: best)")
+    p.add_argument("--max-dets", type=_positive_int, default=None, metavar="N",
+                   help="detections kept per image and class (default 1000, eval.max_dets); pycocotools' default is 100")
+    p.add_argument("--iou-type", choices=("segm", "bbox", "both"), default="both",
+                   help="mask AP, box AP or both (default: both; segm AP50 is the headline)")
+    p.add_argument("--backend", choices=("auto", "pycocotools", "faster_coco_eval"), default=None,
+                   help="COCOeval implementation (default auto: faster_coco_eval when installed, which gives the same numbers faster, "
+                   "else pycocotools)")
+    p.add_argument("--iou-threshold", type=float, default=None, metavar="T",
+                   help="IoU of the cell-tool metrics (default 0.5, eval.iou_threshold)")
+    p.add_argument("--score-threshold", type=float, default=0.5, metavar="S",
+                   help="cell-tool metrics count only predictions scoring at least this (default 0.5); COCO AP uses all")
+    p.add_argument("--no-cell-metrics", action="store_true", help="skip precision/recall/F1 at one IoU")
+    p.add_argument("--num-classes", type=_positive_int, default=4, help="categories 1..N (default 4)")
+    p.add_argument("--json", action="store_true", help="print the same as machine-readable JSON (only JSON on stdout)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (with --run)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "check-submission", help="validate a submission file (schema, ids, categories, sizes, RLE)",
+        description="Validate a submission (test-results.json or its zip) against the test index. Prints each "
+        "problem with its entry index. Exit status: 0 valid (warnings allowed), 1 problems found, 2 unreadable input.",
+    )
+    p.add_argument("file", metavar="FILE", help="test-results.json (or a zip holding it)")
+    p.add_argument("--ids", required=True, metavar="JSON",
+                   help="test_image_name_to_ids.json, or the dataset folder that holds it")
+    p.add_argument("--num-classes", type=_positive_int, default=4, help="categories 1..N (default 4)")
+    p.add_argument("--limit", type=int, default=100, metavar="N", help="print at most N problems (0: all; default 100)")
+    p.add_argument("--json", action="store_true", help="print the problems as JSON")
+    p.set_defaults(func=cmd_check_submission)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``cellkit evaluate``: print the report (or JSON); exit 0."""
+    from ..config import EvalConfig
+    from ..errors import CellkitError
+
+    defaults = EvalConfig()
+    iou_types = ("segm", "bbox") if args.iou_type == "both" else (args.iou_type,)
+    if args.run:
+        if args.gt or args.pred:
+            raise CellkitError("give either --run or --gt and --pred, not both")
+        from .run_eval import evaluate_run
+
+        report = evaluate_run(
+            args.run, checkpoint=args.checkpoint, max_dets=args.max_dets, backend=args.backend, iou_types=iou_types,
+            score_threshold=args.score_threshold, progress=not args.no_progress and not args.json,
+        )
+    else:
+        if not (args.gt and args.pred):
+            raise CellkitError("give --gt GT.json and --pred PRED.json (or --run RUN_DIR)")
+        from .evaluate import evaluate_predictions
+
+        report = evaluate_predictions(
+            args.gt, args.pred, iou_types=iou_types,  # type: ignore[arg-type]
+            max_dets=args.max_dets or defaults.max_dets, backend=args.backend or defaults.backend,  # type: ignore[arg-type]
+            num_classes=args.num_classes, cell_metrics=not args.no_cell_metrics,
+            iou_threshold=args.iou_threshold if args.iou_threshold is not None else defaults.iou_threshold,
+            score_threshold=args.score_threshold,
+        )
+    if args.json:
+        out = report.to_dict()
+        out["gt"], out["pred"], out["run"] = args.gt, args.pred, args.run
+        print(json.dumps(out, indent=1))
+    else:
+        print(report.format())
+    return 0
+
+
+def cmd_check_submission(args: argparse.Namespace) -> int:
+    """``cellkit check-submission``: exit 0 valid, 1 problems found (CellkitError -> 2 in cli.main)."""
+    from .submission import check_submission, summarize_problems
+
+    problems = check_submission(args.file, args.ids, num_classes=args.num_classes)
+    errors = [p for p in problems if p.severity == "error"]
+    if args.json:
+        print(json.dumps({
+            "file": args.file, "valid": not errors,
+            "problems": [{"index": p.index, "severity": p.severity, "message": p.message} for p in problems],
+        }, indent=1))
+    else:
+        shown = problems if args.limit <= 0 else problems[: args.limit]
+        for p in shown:
+            print(p)
+        if len(shown) < len(problems):
+            print(f"... and {len(problems) - len(shown)} more (--limit 0 shows all)")
+        verdict = "INVALID" if errors else "valid"
+        print(f"{args.file}: {verdict} ({summarize_problems(problems)})", file=sys.stdout)
+    return 1 if errors else 0

@@ -1,0 +1,153 @@
+"""Learning-rate schedules of the original reports, built from torch's schedulers, and early stopping.
+
+========== =====================================================================================
+scheduler  what happens after the warm-up
+========== =====================================================================================
+constant   the base lr throughout (report 004 found no scheduler best)
+multistep  ``MultiStepLR`` decaying by ``gamma`` at ``milestones`` (fractions of ``epochs``)
+cosine     ``CosineAnnealingLR`` from the base lr to ``min_lr`` over the remaining epochs
+plateau    ``ReduceLROnPlateau`` on validation AP50 (mode max, ``plateau_factor``,
+           ``plateau_patience``); its decays hold (nothing else writes the lr after the warm-up,
+           unlike the original code, whose LambdaLR overwrote them every epoch)
+========== =====================================================================================
+
+Warm-up: ``warmup_epochs`` epochs at ``warmup_factor * lr`` (report 000: 3 epochs at 10 %), or
+``warmup_iters`` optimiser steps rising linearly from ``warmup_factor * lr`` (torchvision's
+references). Epoch ``e`` (0-based) trains at the lr the schedule gives after ``e`` epoch steps.
+
+Early stopping (needs validation every epoch): ``early_stop_decays`` stops at the epoch in which
+the K-th learning-rate decay since the last new best AP50 happens; ``early_stop_patience`` stops
+after that many epochs without a new best.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+from torch.optim import lr_scheduler as lrs
+
+from ..config import TrainConfig
+
+
+class Schedule:
+    """Owns every scheduler of a run and the early-stopping state.
+
+    Call :meth:`step_iter` after each optimiser step and :meth:`step_epoch` after each epoch
+    (with the validation metric when there was a validation); ``step_epoch`` returns True when
+    training should stop early.
+    """
+
+    def __init__(self, optimizer: Optimizer, cfg: TrainConfig) -> None:
+        self.optimizer = optimizer
+        self.cfg = cfg
+        w = cfg.warmup_epochs
+        self.iter_scheduler: lrs.LRScheduler | None = None
+        if cfg.warmup_iters > 0:
+            self.iter_scheduler = lrs.LinearLR(optimizer, start_factor=cfg.warmup_factor, total_iters=cfg.warmup_iters)
+        main: lrs.LRScheduler | None = None
+        if cfg.scheduler == "multistep":
+            marks = sorted({max(1, round(f * cfg.epochs)) - w for f in cfg.milestones})
+            main = lrs.MultiStepLR(optimizer, milestones=[m for m in marks if m > 0], gamma=cfg.gamma)
+        elif cfg.scheduler == "cosine":
+            main = lrs.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs - w), eta_min=cfg.min_lr)
+        warmup = lrs.ConstantLR(optimizer, factor=cfg.warmup_factor, total_iters=w) if w > 0 else None
+        if warmup is not None and main is not None:
+            self.epoch_scheduler: lrs.LRScheduler | None = lrs.SequentialLR(optimizer, [warmup, main], milestones=[w])
+        else:
+            self.epoch_scheduler = warmup or main
+        self.plateau: lrs.ReduceLROnPlateau | None = None
+        if cfg.scheduler == "plateau":
+            self.plateau = lrs.ReduceLROnPlateau(
+                optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr
+            )
+        self.warmup_epochs = w
+        self.epochs_done = 0
+        self.best: float | None = None
+        self.epochs_since_best = 0
+        self.decays_since_best = 0
+        self.decays = 0
+        self.stop_reason: str | None = None
+
+    @property
+    def lr(self) -> float:
+        """Learning rate of the first parameter group now."""
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def step_iter(self) -> None:
+        """After every optimiser step (iteration warm-up)."""
+        if self.iter_scheduler is not None and self.iter_scheduler.last_epoch < self.cfg.warmup_iters:
+            self.iter_scheduler.step()
+
+    def step_epoch(self, metric: float | None = None) -> bool:
+        """After every epoch, with the validation AP50 when there was a validation.
+
+        Returns:
+            True when an early-stopping rule fires (``stop_reason`` says which).
+        """
+        before = self.lr
+        if self.epoch_scheduler is not None and (self.plateau is None or self.epochs_done < self.warmup_epochs):
+            self.epoch_scheduler.step()
+        self.epochs_done += 1
+        if metric is None:
+            return False
+        improved = self.best is None or metric > self.best
+        if improved:
+            self.best = metric
+            self.epochs_since_best = 0
+            self.decays_since_best = 0
+        else:
+            self.epochs_since_best += 1
+        if self.plateau is not None and self.epochs_done > self.warmup_epochs:
+            self.plateau.step(metric)
+            if self.lr < before * (1 - 1e-9):
+                self.decays += 1
+                if not improved:
+                    self.decays_since_best += 1
+        k, p = self.cfg.early_stop_decays, self.cfg.early_stop_patience
+        if k is not None and self.decays_since_best >= k:
+            self.stop_reason = f"{self.decays_since_best} learning-rate decays without a new best val AP50"
+        elif p is not None and self.epochs_since_best >= p:
+            self.stop_reason = f"{self.epochs_since_best} epochs without a new best val AP50"
+        return self.stop_reason is not None
+
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "epochs_done": self.epochs_done, "best": self.best, "epochs_since_best": self.epochs_since_best,
+            "decays_since_best": self.decays_since_best, "decays": self.decays, "stop_reason": self.stop_reason,
+        }
+        for name in ("iter_scheduler", "epoch_scheduler", "plateau"):
+            sched = getattr(self, name)
+            out[name] = sched.state_dict() if sched is not None else None
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in ("iter_scheduler", "epoch_scheduler", "plateau"):
+            sched = getattr(self, name)
+            if sched is not None and state.get(name) is not None:
+                sched.load_state_dict(state[name])
+        for key in ("epochs_done", "best", "epochs_since_best", "decays_since_best", "decays", "stop_reason"):
+            setattr(self, key, state[key])
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> Optimizer:
+    """AdamW or SGD (with momentum and weight decay) over the trainable parameters."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_trajectory(cfg: TrainConfig, metrics: list[float | None] | None = None, iters_per_epoch: int = 1) -> list[float]:
+    """The lr each epoch starts with under ``cfg`` for a given sequence of validation metrics,
+    computed on a dummy parameter (what an unbroken run does; used by tests and plots)."""
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)
+    sched = Schedule(opt, cfg)
+    out = []
+    for e in range(cfg.epochs):
+        out.append(sched.lr)
+        for _ in range(iters_per_epoch):
+            opt.step()  # no gradients: changes nothing, keeps torch's call-order check quiet
+            sched.step_iter()
+        if sched.step_epoch(metrics[e] if metrics is not None else None):
+            break
+    return out

@@ -1,0 +1,136 @@
+"""Sliding-window inference: overlapping tiles, and merging their detections without seams.
+
+An image whose longer side exceeds ``tile_above`` is cut into ``tile_size`` tiles that overlap by
+at least ``tile_overlap`` pixels. The tiles' *cores* partition the image: along each axis the
+boundary between two neighbouring cores is the middle of their overlap. A detection is kept only
+from the tile whose core holds its box centre. A cell no larger than the overlap therefore
+survives exactly once, from a tile that holds it whole (its centre is at most half the overlap
+from the core boundary, so it ends inside the tile), while the cut-off part of it that a
+neighbouring tile sees has its box centre on that tile's far side of the boundary. What remains
+(boxes that model noise pushes over the boundary, cells somewhat larger than the overlap) is
+caught by a cross-tile duplicate removal on the masks (intersection over the smaller mask), which
+prefers detections that do not touch an inner tile border. The overlap should exceed the largest
+cell (the default of 128 px does, for cells of 10-60 px): a cell much larger than the overlap is
+seen only in parts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError
+from .postprocess import RLE, Detections, finite, mask_nms
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One window of an image, in image pixels (``y1``/``x1`` exclusive).
+
+    Attributes:
+        core: ``(cy0, cx0, cy1, cx1)``, the part of the image this tile is responsible for.
+        inner: which of its borders (top, left, bottom, right) lie inside the image.
+    """
+
+    y0: int
+    x0: int
+    y1: int
+    x1: int
+    core: tuple[float, float, float, float]
+    inner: tuple[bool, bool, bool, bool]
+
+    @property
+    def height(self) -> int:
+        return self.y1 - self.y0
+
+    @property
+    def width(self) -> int:
+        return self.x1 - self.x0
+
+
+def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets of tiles of side ``tile`` covering ``[0, size)``, evenly spaced, neighbours
+    overlapping by at least ``overlap`` (one tile when ``size <= tile``)."""
+    if tile <= overlap or overlap < 0:
+        raise ConfigError(f"predict.tile_overlap ({overlap}) must lie in [0, predict.tile_size) (tile_size {tile})")
+    if size <= tile:
+        return [0]
+    n = math.ceil((size - tile) / (tile - overlap)) + 1
+    return [round(i * (size - tile) / (n - 1)) for i in range(n)]
+
+
+def _cores(starts: list[int], tile: int, size: int) -> list[tuple[float, float]]:
+    bounds = [0.0] + [(starts[i] + starts[i - 1] + tile) / 2 for i in range(1, len(starts))] + [float(size)]
+    return [(bounds[i], bounds[i + 1]) for i in range(len(starts))]
+
+
+def tile_grid(height: int, width: int, tile: int, overlap: int) -> list[Tile]:
+    """The tiles of a ``height x width`` image, row by row."""
+    ys, xs = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
+    cy, cx = _cores(ys, tile, height), _cores(xs, tile, width)
+    tiles = []
+    for y, (cy0, cy1) in zip(ys, cy):
+        for x, (cx0, cx1) in zip(xs, cx):
+            y1, x1 = min(y + tile, height), min(x + tile, width)
+            tiles.append(Tile(y, x, y1, x1, (cy0, cx0, cy1, cx1), (y > 0, x > 0, y1 < height, x1 < width)))
+    return tiles
+
+
+def needs_tiling(height: int, width: int, tile_size: int | None, tile_above: int) -> bool:
+    return tile_size is not None and max(height, width) > tile_above
+
+
+def place_tile(det: Detections, tile: Tile, index: int, margin: float = 2.0) -> Detections:
+    """Map one tile's detections into image coordinates and keep those whose box centre lies in
+    the tile's core (non-finite ones pass, to be counted later); marks each with its tile ``index`` and whether it touches an inner border.
+
+    Args:
+        det: detections in tile pixels (boxes ``(N, 4)`` xyxy).
+        margin: a box edge within this many pixels of an inner tile border "touches" it.
+    """
+    b = det.boxes
+    top, left, bottom, right = tile.inner
+    edge = torch.zeros(len(det), dtype=torch.bool)
+    edge |= torch.as_tensor(top) & (b[:, 1] <= margin)
+    edge |= torch.as_tensor(left) & (b[:, 0] <= margin)
+    edge |= torch.as_tensor(bottom) & (b[:, 3] >= tile.height - margin)
+    edge |= torch.as_tensor(right) & (b[:, 2] >= tile.width - margin)
+    boxes = b + torch.tensor([tile.x0, tile.y0, tile.x0, tile.y0], dtype=b.dtype)
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    cy0, cx0, cy1, cx1 = tile.core
+    keep = (cx >= cx0) & (cx < cx1) & (cy >= cy0) & (cy < cy1)
+    keep |= ~finite(boxes, det.scores)  # passed on, to be dropped and counted with the others
+    placed = Detections(boxes, det.labels, det.scores, det.masks,
+                        torch.full((len(det),), index, dtype=torch.int64), edge)
+    return placed.select(keep)
+
+
+def merge_tiles(parts: Sequence[Detections]) -> Detections:
+    """Concatenate :func:`place_tile` outputs of one image."""
+    return Detections.cat(parts)
+
+
+def dedupe_tiles(det: Detections, rles: Sequence[RLE], overlap_thresh: float = 0.5) -> Tensor:
+    """Indices of the detections to keep after cross-tile duplicate removal.
+
+    Between detections of *different* tiles (class-agnostic: a cell cut by a border may be
+    classified differently in each tile), the one ranked lower is dropped when the two masks
+    overlap by more than ``overlap_thresh`` of the smaller one. Rank: detections that do not touch
+    an inner tile border first, then by score.
+
+    Args:
+        det: placed detections with ``tile`` and ``edge`` set, N of them.
+        rles: their N masks in image coordinates.
+
+    Returns:
+        int64 indices into ``det``, in their original order.
+    """
+    if det.tile is None or len(det) == 0 or int(det.tile.unique().numel()) < 2:
+        return torch.arange(len(det))
+    priority = det.edge.long() if det.edge is not None else None
+    keep = mask_nms(rles, det.scores, overlap_thresh, labels=None, groups=det.tile, overlap="iomin",
+                    priority=priority)
+    return keep.sort().values

@@ -1,0 +1,191 @@
+"""Choose the score, mask and NMS thresholds that maximise validation AP50 (as StarDist tunes its
+probability and NMS thresholds).
+
+The model runs once over the validation images; the grid search works on those cached merged
+detections (``M x M`` masks, no full-size images): per mask threshold every detection is pasted
+and RLE-encoded once, per (NMS, score) point only a selection and the COCO evaluation run.
+The result is stored as ``RUN_DIR/thresholds.json``, which ``cellkit predict`` picks up for a
+checkpoint inside that run.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..config import PredictConfig
+from ..data.coco import write_json
+from ..errors import DataError
+from ..progress import bar
+from .postprocess import RLE, Detections, detections_to_coco, finite
+from .predict import encode_detections, suppress
+
+THRESHOLDS_FILE = "thresholds.json"
+DEFAULT_SCORE_GRID: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
+DEFAULT_MASK_GRID: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)
+DEFAULT_NMS_GRID: tuple[float | None, ...] = (None, 0.3, 0.5, 0.7)
+TUNED_KEYS = ("score_thresh", "mask_thresh", "nms_thresh")
+
+Cached = Sequence[tuple[int, int, int, Detections]]
+"""``(image_id, height, width, merged detections)`` per validation image (see ``iter_detections``)."""
+
+
+@dataclass
+class TuneResult:
+    """The grid, its scores and the chosen point.
+
+    Attributes:
+        table: one row per grid point: ``score_thresh, mask_thresh, nms_thresh, <metric>, n_predictions``.
+        best: the row with the highest metric (first one in grid order on ties).
+        current: the row of the thresholds the config had before tuning, if it is on the grid.
+    """
+
+    metric: str
+    table: list[dict[str, Any]]
+    best: dict[str, Any]
+    current: dict[str, Any] | None = None
+    n_images: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def overrides(self) -> dict[str, Any]:
+        """``{"predict.score_thresh": ..., ...}`` for :meth:`cellkit.config.Config.replace`."""
+        return {f"predict.{k}": self.best[k] for k in TUNED_KEYS}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update({k: self.best[k] for k in TUNED_KEYS})
+        d["value"] = self.best[self.metric]
+        return d
+
+    def format(self) -> str:
+        """The table as text, best row marked with ``*``."""
+        m = self.metric
+        lines = [f"{'score':>7} {'mask':>6} {'nms':>6} {m:>8} {'dets':>8}"]
+        for row in self.table:
+            mark = " *" if row is self.best or row == self.best else ""
+            nms = "off" if row["nms_thresh"] is None else f"{row['nms_thresh']:.2f}"
+            lines.append(f"{row['score_thresh']:7.3f} {row['mask_thresh']:6.2f} {nms:>6} {row[m]:8.4f} "
+                         f"{row['n_predictions']:8d}{mark}")
+        best = self.best
+        lines.append(f"best {m} {best[m]:.4f}: score_thresh={best['score_thresh']} mask_thresh={best['mask_thresh']} "
+                     f"nms_thresh={best['nms_thresh']}"
+                     + (f" (current thresholds: {self.current[m]:.4f})" if self.current else ""))
+        return "\n".join(lines)
+
+
+def encode_cached(cached: Cached, mask_thresh: float, min_score: float) -> list[tuple[int, Detections, list[RLE]]]:
+    """Paste and encode every finite detection with ``score >= min_score`` once, at ``mask_thresh``.
+
+    Returns:
+        ``(image_id, detections kept, their RLEs)`` per image.
+    """
+    out = []
+    for image_id, h, w, det in cached:
+        det = det.select(finite(det.boxes, det.scores))
+        det, rles, _ = encode_detections(det.select(det.scores >= min_score), h, w, mask_thresh)
+        out.append((image_id, det, rles))
+    return out
+
+
+def entries_at(
+    encoded: Sequence[tuple[int, Detections, list[RLE]]], score_thresh: float, nms_thresh: float | None
+) -> list[dict[str, Any]]:
+    """COCO result entries of encoded detections at one score and NMS threshold (score first,
+    then NMS, as :func:`cellkit.engine.predict.finalize` does)."""
+    entries: list[dict[str, Any]] = []
+    for image_id, det, rles in encoded:
+        keep = torch.nonzero(det.scores >= score_thresh).flatten()
+        d, r = suppress(det.select(keep), [rles[i] for i in keep.tolist()], nms_thresh)
+        entries.extend(detections_to_coco(image_id, d.boxes, d.labels, d.scores, r))
+    return entries
+
+
+def tune_thresholds(
+    cached: Cached,
+    gt: Any,
+    current: PredictConfig | None = None,
+    score_grid: Sequence[float] = DEFAULT_SCORE_GRID,
+    mask_grid: Sequence[float] = DEFAULT_MASK_GRID,
+    nms_grid: Sequence[float | None] = DEFAULT_NMS_GRID,
+    metric: str = "ap50",
+    max_dets: int = 1000,
+    num_classes: int = 4,
+    backend: str = "pycocotools",
+    progress: bool = True,
+    evaluate: Callable[..., Any] | None = None,
+) -> TuneResult:
+    """Grid-search score, mask and NMS thresholds on cached detections.
+
+    Args:
+        cached: merged detections of the validation images.
+        gt: COCO ground truth of those images (dict, path or COCO), for ``coco_evaluate``.
+        current: the thresholds in use before tuning (reported beside the best).
+        metric: an :class:`~cellkit.engine.evaluate.EvalResult` attribute (``ap50``, ``ap``, ``ap75``).
+        evaluate: ``coco_evaluate``-compatible callable (default: cellkit's).
+    """
+    if evaluate is None:
+        from .coco_inputs import load_ground_truth
+        from .evaluate import coco_evaluate as evaluate
+
+        gt = load_ground_truth(gt, num_classes)  # validated and indexed once for the whole grid
+    table: list[dict[str, Any]] = []
+    points = len(mask_grid) * len(nms_grid) * len(score_grid)
+    with bar(total=points, desc="threshold grid", enabled=progress) as pbar:
+        for mt in mask_grid:
+            encoded = encode_cached(cached, mt, min(score_grid))
+            for nt in nms_grid:
+                for st in score_grid:
+                    entries = entries_at(encoded, st, nt)
+                    res = evaluate(gt, entries, iou_type="segm", max_dets=max_dets, backend=backend,
+                                   num_classes=num_classes)
+                    value = float(getattr(res, metric))
+                    table.append({"score_thresh": st, "mask_thresh": mt, "nms_thresh": nt, metric: value,
+                                  "n_predictions": len(entries)})
+                    pbar.update(1)
+    best = max(table, key=lambda r: (r[metric] if r[metric] == r[metric] else float("-inf")))
+    cur = None
+    if current is not None:
+        cur = next((r for r in table if all(r[k] == getattr(current, k) for k in TUNED_KEYS)), None)
+    return TuneResult(metric, table, best, cur, len(cached))
+
+
+# --------------------------------------------------------------------------------------------
+# the thresholds file
+
+
+def write_thresholds(result: TuneResult, run_dir: str | os.PathLike[str], **extra: Any) -> Path:
+    """Write ``run_dir/thresholds.json`` (chosen values, metric, the whole table, ``extra``)."""
+    d = result.to_dict()
+    d["extra"].update(extra)
+    return write_json(d, Path(run_dir) / THRESHOLDS_FILE)
+
+
+def find_thresholds(checkpoint: str | os.PathLike[str]) -> Path | None:
+    """The ``thresholds.json`` of the run a checkpoint belongs to (``RUN/checkpoints/x.pth`` or
+    ``RUN/x.pth``), or None."""
+    p = Path(checkpoint).expanduser().resolve().parent
+    for folder in (p, p.parent) if p.name == "checkpoints" else (p,):
+        if (folder / THRESHOLDS_FILE).is_file():
+            return folder / THRESHOLDS_FILE
+    return None
+
+
+def load_thresholds(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``{"predict.score_thresh": ..., "predict.mask_thresh": ..., "predict.nms_thresh": ...}``
+    from a thresholds file.
+
+    Raises:
+        DataError: unreadable file or missing keys.
+    """
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(path, f"cannot read thresholds ({e})") from None
+    if not isinstance(d, dict) or not all(k in d for k in TUNED_KEYS):
+        raise DataError(path, f"expected keys {', '.join(TUNED_KEYS)}")
+    return {f"predict.{k}": d[k] for k in TUNED_KEYS}

@@ -1,0 +1,136 @@
+"""``cellkit models``: the registered backbones, their trainable-parameter counts and weights.
+
+Heavy imports (torch, torchvision, timm) happen inside the command, so ``cellkit --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+PARAM_LIMIT = 200_000_000
+"""The task's rule: under 200M trainable parameters."""
+
+
+def add_commands(sub: Any) -> None:
+    """Add the ``models`` subcommand to the ``cellkit`` parser's subparsers."""
+    from ..cli import _config_args
+
+    p = sub.add_parser("models", help="list the backbones with trainable-parameter counts and available weights")
+    _config_args(p, data=False)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_models)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from ..cli import config_from_args
+
+    rows = backbone_table(config_from_args(args))
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(format_table(rows))
+    return 0
+
+
+def backbone_table(cfg: Any = None) -> list[dict[str, Any]]:
+    """One row per registered backbone: parameter counts of the model ``cfg`` builds with it.
+
+    Models are built on the meta device (no memory, no weights loaded: ``model.weights`` is
+    taken as ``none``, so ``trainable_layers: null`` counts every stage as trainable, the upper
+    bound the 200M rule concerns).
+
+    Returns:
+        dicts with ``name``, ``trainable_params``, ``params`` (ints), ``head``, ``imagenet`` and
+        ``coco`` (the weights each option loads, None if none), ``cached`` (which of those are in
+        the local cache, loadable offline) and ``description``; or ``name``, ``error`` and
+        ``description`` where the config does not fit that backbone.
+    """
+    import torch
+
+    from ..config import load_config
+    from ..errors import ConfigError
+    from .maskrcnn import assemble, count_parameters, count_trainable_parameters, validate_model_config
+    from .registry import backbone_description, create_backbone, list_backbones
+
+    cfg = cfg if cfg is not None else load_config()
+    rows: list[dict[str, Any]] = []
+    for name in list_backbones():
+        m = cfg.replace({"model.backbone": name, "model.weights": "none"}).model
+        try:
+            validate_model_config(m)
+            with torch.device("meta"):
+                spec = create_backbone(m)
+                model = assemble(spec, m)
+        except ConfigError as e:  # e.g. --set model.norm=gn, which some backbones do not support
+            rows.append({"name": name, "error": str(e), "description": backbone_description(name)})
+            continue
+        coco = f"{type(spec.coco).__name__}.{spec.coco.name}" if spec.coco is not None else None
+        rows.append({
+            "name": name,
+            "trainable_params": count_trainable_parameters(model),
+            "params": count_parameters(model),
+            "head": spec.head,
+            "imagenet": spec.imagenet,
+            "coco": coco,
+            "cached": _cached(spec),
+            "description": backbone_description(name),
+        })
+    return rows
+
+
+def _cached(spec: Any) -> list[str]:
+    """Which of the backbone's downloadable weights are already in the local cache."""
+    import os
+    from pathlib import Path
+    from urllib.parse import urlparse
+
+    import torch
+
+    out = []
+    hub = Path(torch.hub.get_dir()) / "checkpoints"
+    if spec.coco is not None and (hub / os.path.basename(urlparse(spec.coco.url).path)).is_file():
+        out.append("coco")
+    if spec.imagenet and spec.imagenet.startswith("timm "):
+        import timm.models
+        from huggingface_hub import try_to_load_from_cache
+
+        pcfg = timm.models.get_pretrained_cfg(spec.imagenet.split(" ", 1)[1])
+        if pcfg is not None and pcfg.hf_hub_id and any(
+            isinstance(try_to_load_from_cache(pcfg.hf_hub_id, f), str) for f in ("model.safetensors", "pytorch_model.bin")
+        ):
+            out.append("imagenet")
+    elif spec.imagenet and spec.imagenet.startswith("torchvision "):
+        import torchvision.models as tvm
+
+        enum_name, member = spec.imagenet.split(" ", 1)[1].split(".")
+        url = getattr(getattr(tvm, enum_name), member).url
+        if (hub / os.path.basename(urlparse(url).path)).is_file():
+            out.append("imagenet")
+    return out
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as an aligned text table (parameters in millions)."""
+    header = ("backbone", "trainable (M)", "total (M)", "head", "imagenet", "coco", "cached")
+    lines = [header]
+    for r in rows:
+        if "error" in r:
+            lines.append((r["name"], "-", "-", "-", f"error: {r['error']}", "", ""))
+            continue
+        lines.append((
+            r["name"],
+            f"{r['trainable_params'] / 1e6:.1f}" + ("" if r["trainable_params"] < PARAM_LIMIT else " (>200M!)"),
+            f"{r['params'] / 1e6:.1f}",
+            r["head"],
+            r["imagenet"] or "-",
+            r["coco"] or "-",
+            ",".join(r["cached"]) or "-",
+        ))
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
+    text = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    text.append("")
+    text.append("weights: --set model.weights=none|imagenet|coco|/path/to/file.pth (coco: the resnet50 rows; "
+                "attention layers and the 5-class predictors start fresh)")
+    return "\n".join(text)

@@ -1,0 +1,158 @@
+"""``build_model``: a torchvision ``MaskRCNN`` assembled from the config, every knob set explicitly.
+
+torchvision's model builders swallow unknown keyword arguments, so a misspelt knob silently
+does nothing. Here each ``ModelConfig`` field is passed to the module that uses it (anchor
+generator, RPN, RoI heads, poolers, transform), and tests read every value back from the module.
+"""
+from __future__ import annotations
+
+from torch import nn
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
+from torchvision.ops import MultiScaleRoIAlign
+
+from ..config import Config, ModelConfig
+from ..errors import ConfigError
+from .losses import DiceRoIHeads
+from .registry import BackboneSpec, create_backbone
+from .transform import ResizeTransform
+from .weights import load_coco, load_file, weights_path
+
+BOX_ROI_SIZE = 7
+REPRESENTATION = 1024  # box head output features
+MASK_LAYERS = (256, 256, 256, 256)
+
+
+def build_model(cfg: Config | ModelConfig) -> MaskRCNN:
+    """Mask R-CNN with an FPN backbone for ``cfg.model`` (or a bare ``ModelConfig``).
+
+    The model is a plain torchvision ``MaskRCNN`` with the standard calling convention: in
+    train mode ``model(images, targets)`` returns a dict of losses (``loss_classifier``,
+    ``loss_box_reg``, ``loss_mask``, ``loss_objectness``, ``loss_rpn_box_reg``, plus
+    ``loss_mask_dice`` with ``mask_loss: bce+dice``); in eval mode ``model(images)`` returns per
+    image ``boxes`` ``(N, 4)`` float32 xyxy, ``labels`` ``(N,)`` int64 in 1..num_classes,
+    ``scores`` ``(N,)`` float32 and ``masks`` ``(N, 1, H, W)`` float32 probabilities at the input
+    size. Images are ``(3, H, W)`` float32 in [0, 1] (the model normalises them itself).
+    ``model.transform`` is a :class:`~cellkit.models.transform.ResizeTransform`; ``backbone``,
+    ``rpn`` and ``roi_heads`` are torchvision's modules.
+
+    Weights: ``imagenet`` loads into the backbone while it is built; ``coco`` and a file path load
+    every tensor that fits after assembly (predictors always have ``num_classes + 1`` outputs
+    and start fresh, as do attention layers).
+
+    Raises:
+        ConfigError: an invalid knob (unknown backbone, anchors not one per FPN level, ...).
+        WeightsError: pretrained weights requested but not downloadable (names the local-file option).
+        DataError: an unreadable weights file.
+    """
+    m = cfg.model if isinstance(cfg, Config) else cfg
+    validate_model_config(m)
+    path = weights_path(m.weights)
+    spec = create_backbone(m)
+    model = assemble(spec, m)
+    if m.weights == "coco":
+        if spec.coco is None:
+            raise ConfigError(
+                f"model.weights: no COCO Mask R-CNN weights fit backbone {m.backbone}; `cellkit models` lists "
+                "the backbones that have them (the resnet50 family), or use weights imagenet or a file"
+            )
+        load_coco(model, spec.coco)  # logs what loaded and what starts fresh
+    elif path is not None:
+        load_file(model, path)
+    return model
+
+
+def assemble(spec: BackboneSpec, m: ModelConfig) -> MaskRCNN:
+    """The Mask R-CNN around ``spec.module`` with ``spec.head``'s head design and the knobs of ``m`` (no weight loading)."""
+    levels = spec.num_levels
+    if len(m.anchor_sizes) != levels:
+        raise ConfigError(
+            f"model.anchor_sizes: backbone {m.backbone} has {levels} FPN levels, so it needs {levels} anchor sizes "
+            f"(one per level, finest first), got {len(m.anchor_sizes)}: {list(m.anchor_sizes)}"
+        )
+    out = spec.module.out_channels
+    n_out = m.num_classes + 1
+    v2 = spec.head == "v2"
+    anchors = AnchorGenerator(tuple((s,) for s in m.anchor_sizes), (tuple(m.aspect_ratios),) * levels)
+    rpn_head = RPNHead(out, anchors.num_anchors_per_location()[0], conv_depth=2 if v2 else 1)
+    names = list(spec.featmap_names)
+    box_roi_pool = MultiScaleRoIAlign(featmap_names=names, output_size=BOX_ROI_SIZE, sampling_ratio=2)
+    mask_roi_pool = MultiScaleRoIAlign(featmap_names=names, output_size=m.mask_roi_size, sampling_ratio=2)
+    if v2:
+        box_head: nn.Module = FastRCNNConvFCHead(
+            (out, BOX_ROI_SIZE, BOX_ROI_SIZE), [256, 256, 256, 256], [REPRESENTATION], norm_layer=nn.BatchNorm2d
+        )
+        mask_head = MaskRCNNHeads(out, list(MASK_LAYERS), 1, norm_layer=nn.BatchNorm2d)
+    else:
+        box_head = TwoMLPHead(out * BOX_ROI_SIZE**2, REPRESENTATION)
+        mask_head = MaskRCNNHeads(out, list(MASK_LAYERS), 1)
+    model = MaskRCNN(
+        spec.module,
+        num_classes=None,
+        rpn_anchor_generator=anchors,
+        rpn_head=rpn_head,
+        rpn_pre_nms_top_n_train=m.rpn_pre_nms_top_n_train,
+        rpn_pre_nms_top_n_test=m.rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_train=m.rpn_post_nms_top_n_train,
+        rpn_post_nms_top_n_test=m.rpn_post_nms_top_n_test,
+        rpn_nms_thresh=m.rpn_nms_thresh,
+        rpn_batch_size_per_image=m.rpn_batch_size_per_image,
+        box_roi_pool=box_roi_pool,
+        box_head=box_head,
+        box_predictor=FastRCNNPredictor(REPRESENTATION, n_out),
+        box_score_thresh=m.box_score_thresh,
+        box_nms_thresh=m.box_nms_thresh,
+        box_detections_per_img=m.box_detections_per_img,
+        box_batch_size_per_image=m.box_batch_size_per_image,
+        mask_roi_pool=mask_roi_pool,
+        mask_head=mask_head,
+        mask_predictor=MaskRCNNPredictor(MASK_LAYERS[-1], 256, n_out),
+    )
+    model.transform = ResizeTransform(
+        m.min_size, m.max_size, m.image_mean, m.image_std, resize_mode=m.resize_mode, scale=m.scale
+    )
+    if m.mask_loss == "bce+dice":
+        model.roi_heads = DiceRoIHeads.from_roi_heads(model.roi_heads, m.dice_weight)
+    return model
+
+
+def validate_model_config(m: ModelConfig) -> None:
+    """Range checks the type hints cannot express; each failure names its key.
+
+    Raises:
+        ConfigError: the first invalid value found.
+    """
+    checks: list[tuple[bool, str]] = [
+        (m.num_classes >= 1, f"model.num_classes: must be at least 1, got {m.num_classes}"),
+        (m.scale > 0, f"model.scale: must be positive, got {m.scale}"),
+        (m.min_size >= 1 and m.max_size >= 1, f"model.min_size/max_size: must be positive, got {m.min_size}/{m.max_size}"),
+        (all(s > 0 for s in m.image_std), f"model.image_std: must be positive, got {list(m.image_std)}"),
+        (len(m.anchor_sizes) > 0 and all(s > 0 for s in m.anchor_sizes),
+         f"model.anchor_sizes: must be positive, got {list(m.anchor_sizes)}"),
+        (len(m.aspect_ratios) > 0 and all(r > 0 for r in m.aspect_ratios),
+         f"model.aspect_ratios: must be positive, got {list(m.aspect_ratios)}"),
+        (0.0 <= m.box_score_thresh <= 1.0, f"model.box_score_thresh: must be in [0, 1], got {m.box_score_thresh}"),
+        (0.0 < m.box_nms_thresh <= 1.0, f"model.box_nms_thresh: must be in (0, 1], got {m.box_nms_thresh}"),
+        (0.0 < m.rpn_nms_thresh <= 1.0, f"model.rpn_nms_thresh: must be in (0, 1], got {m.rpn_nms_thresh}"),
+        (m.box_detections_per_img >= 1, f"model.box_detections_per_img: must be at least 1, got {m.box_detections_per_img}"),
+        (m.dice_weight >= 0, f"model.dice_weight: must not be negative, got {m.dice_weight}"),
+    ]
+    for key in ("rpn_pre_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_train",
+                "rpn_post_nms_top_n_test", "rpn_batch_size_per_image", "box_batch_size_per_image"):
+        checks.append((getattr(m, key) >= 1, f"model.{key}: must be at least 1, got {getattr(m, key)}"))
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def count_trainable_parameters(model: nn.Module) -> int:
+    """Number of parameter elements with ``requires_grad`` (what the 200M rule counts)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameter elements, trainable or not."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,1 @@
+"""Plots and interactive views: training curves, mask overlays, the mask browser."""

@@ -1,0 +1,119 @@
+"""Masks drawn on images: outlines or fills, coloured by class (or by TP/FP/FN status).
+
+Instances are kept as small box-region masks (:class:`Instance`), so drawing 1000 cells on a large
+image costs the sum of their boxes, not 1000 full-size masks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import scipy.ndimage as ndi
+from pycocotools import mask as mask_utils
+
+from ..data.instances import LabelMaps
+
+CLASS_COLORS: dict[int, tuple[int, int, int]] = {
+    1: (255, 215, 0),  # gold
+    2: (0, 230, 118),  # green
+    3: (0, 176, 255),  # blue
+    4: (255, 23, 68),  # red
+}
+STATUS_COLORS: dict[str, tuple[int, int, int]] = {"tp": (0, 230, 118), "fp": (255, 23, 68), "fn": (0, 176, 255)}
+
+
+@dataclass
+class Instance:
+    """One cell: its mask inside its box, where the box sits, its class and (for predictions) score.
+
+    Attributes:
+        mask: ``(h, w)`` bool, the instance inside its bounding box.
+        top, left: position of ``mask[0, 0]`` in the image.
+        label: class (1-based).
+        score: detection score (1.0 for ground truth).
+        status: optional "tp" / "fp" / "fn" for error views.
+    """
+
+    mask: np.ndarray
+    top: int
+    left: int
+    label: int
+    score: float = 1.0
+    status: str | None = None
+
+    @property
+    def area(self) -> int:
+        return int(self.mask.sum())
+
+
+def instances_from_label_maps(maps: LabelMaps) -> list[Instance]:
+    """Every instance of packed label maps (ground truth)."""
+    out = []
+    for layer in maps.layers:
+        for idx, sl in enumerate(ndi.find_objects(layer)):
+            if sl is not None:
+                out.append(Instance(layer[sl] == idx + 1, sl[0].start, sl[1].start, int(maps.labels[idx + 1])))
+    return out
+
+
+def instances_from_coco(anns: Iterable[dict[str, Any]]) -> list[Instance]:
+    """Instances of COCO annotations or results with RLE segmentations (decoded one at a time)."""
+    out = []
+    for a in anns:
+        m = mask_utils.decode(a["segmentation"]).astype(bool)
+        rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+        if len(rows) == 0:
+            continue
+        t, b, le, r = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        out.append(Instance(m[t:b, le:r].copy(), int(t), int(le), int(a["category_id"]), float(a.get("score", 1.0)),
+                            a.get("status")))
+    return out
+
+
+def render(
+    image: np.ndarray,
+    instances: Sequence[Instance],
+    mode: str = "outline",
+    classes: Iterable[int] = (1, 2, 3, 4),
+    color_by: str = "class",
+    alpha: float = 0.45,
+    min_score: float = 0.0,
+) -> np.ndarray:
+    """Draw instances on an image.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 (uint16 is scaled to uint8).
+        instances: what to draw.
+        mode: "outline", "fill" or "both".
+        classes: classes to show.
+        color_by: "class" (:data:`CLASS_COLORS`) or "status" (:data:`STATUS_COLORS`: TP green, FP red, FN blue).
+        alpha: fill opacity.
+        min_score: hide instances scoring below this.
+
+    Returns:
+        ``(H, W, 3)`` uint8 RGB.
+    """
+    out = image.astype(np.float32)
+    if image.dtype == np.uint16:
+        out /= 257.0
+    h, w = out.shape[:2]
+    shown = set(classes)
+    for inst in instances:
+        if inst.label not in shown or inst.score < min_score:
+            continue
+        color = np.asarray(STATUS_COLORS.get(inst.status or "", CLASS_COLORS.get(inst.label, (255, 255, 255)))
+                           if color_by == "status" else CLASS_COLORS.get(inst.label, (255, 255, 255)), np.float32)
+        mh, mw = inst.mask.shape
+        y0, x0 = max(inst.top, 0), max(inst.left, 0)
+        y1, x1 = min(inst.top + mh, h), min(inst.left + mw, w)
+        if y1 <= y0 or x1 <= x0:
+            continue
+        m = inst.mask[y0 - inst.top : y1 - inst.top, x0 - inst.left : x1 - inst.left]
+        region = out[y0:y1, x0:x1]
+        if mode in ("fill", "both"):
+            region[m] = (1 - alpha) * region[m] + alpha * color
+        if mode in ("outline", "both"):
+            edge = m & ~ndi.binary_erosion(m, border_value=0)
+            region[edge] = color
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)

@@ -1,0 +1,375 @@
+"""Prediction: raw detections, thresholds, TTA and ensembles, sliding windows, tuning, the CLI."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+from cellkit.config import PredictConfig, load_config
+from cellkit.errors import ConfigError
+from cellkit.data import image_to_tensor, read_test_index
+from cellkit.data.coco import categories, encode_mask
+from cellkit.data.synth import synth_image
+from cellkit.engine.postprocess import Detections
+from cellkit.engine.predict import (
+    finalize, merge_views, predict_image, predict_images, raw_detections, scaled_input_size, tta_views,
+)
+from cellkit.engine.tiling import dedupe_tiles, merge_tiles, place_tile, tile_grid, tile_starts
+from cellkit.engine.tune import find_thresholds, load_thresholds, tune_thresholds, write_thresholds
+from predict_helpers import gt_detections, instance_ids, tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return tiny_model(detections=15)
+
+
+@pytest.fixture(scope="module")
+def image() -> torch.Tensor:
+    rgba, _, _ = synth_image(np.random.default_rng(4), 150, 170)
+    return image_to_tensor(rgba[..., :3])
+
+
+def check_entries(entries: list[dict], image_id: int, h: int, w: int) -> None:
+    for e in entries:
+        assert e["image_id"] == image_id and e["category_id"] in (1, 2, 3, 4)
+        assert isinstance(e["score"], float) and math.isfinite(e["score"])
+        assert len(e["bbox"]) == 4 and all(isinstance(v, float) and math.isfinite(v) for v in e["bbox"])
+        assert e["segmentation"]["size"] == [h, w] and isinstance(e["segmentation"]["counts"], str)
+        assert mask_utils.area(e["segmentation"]) > 0
+
+
+# --------------------------------------------------------------------------------------------
+# raw detections
+
+
+def cellkit_model(detections: int = 15) -> torch.nn.Module:
+    import cellkit
+
+    torch.manual_seed(0)
+    cfg = load_config(None, {"model.backbone": "resnet18", "model.min_size": 128, "model.max_size": 160,
+                             "model.box_detections_per_img": detections, "model.rpn_post_nms_top_n_test": 150})
+    return cellkit.build_model(cfg).eval()
+
+
+@pytest.mark.parametrize("which", ["torchvision", "cellkit"])
+def test_raw_detections_equal_the_models_own_output(model, which):
+    if which == "cellkit":
+        if not _models_ready():
+            pytest.skip("cellkit.models.build_model is not available yet")
+        model = cellkit_model()
+    images = [torch.rand(3, 150, 170, generator=torch.Generator().manual_seed(0)),
+              torch.rand(3, 96, 120, generator=torch.Generator().manual_seed(1))]
+    with torch.inference_mode():
+        ref = model(images)
+    raw = raw_detections(model, images)
+    for r, o, img in zip(ref, raw, images):
+        assert len(o["boxes"]) == 15
+        assert torch.equal(o["boxes"], r["boxes"]) and torch.equal(o["scores"], r["scores"])
+        assert torch.equal(o["labels"], r["labels"])
+        assert o["masks"].shape == (15, 1, 28, 28)
+        assert torch.equal(paste_masks_in_image(o["masks"], o["boxes"], tuple(img.shape[-2:])), r["masks"])
+
+
+def test_raw_detections_restore_training_mode(model):
+    model.train()
+    raw_detections(model, [torch.rand(3, 64, 64)])
+    assert model.training
+    model.eval()
+
+
+# --------------------------------------------------------------------------------------------
+# one image: thresholds, NMS, TTA, ensembles
+
+
+def test_predict_image_thresholds(model, image):
+    h, w = image.shape[-2:]
+    everything = predict_image(model, image, PredictConfig(score_thresh=0.0, tile_size=None), image_id=3)
+    check_entries(everything, 3, h, w)
+    assert len(everything) > 5
+    cut = sorted(e["score"] for e in everything)[len(everything) // 2]
+    some = predict_image(model, image, PredictConfig(score_thresh=cut, tile_size=None), image_id=3)
+    assert some == [e for e in everything if e["score"] >= cut]
+    nms = predict_image(model, image, PredictConfig(nms_thresh=0.3, tile_size=None), image_id=3)
+    assert 0 < len(nms) <= len(everything)
+    rles = [e["segmentation"] for e in nms]
+    ious = mask_utils.iou(rles, rles, [0] * len(rles))
+    same = np.equal.outer([e["category_id"] for e in nms], [e["category_id"] for e in nms])
+    assert (ious[same & ~np.eye(len(nms), dtype=bool)] <= 0.3).all()
+
+
+def test_merging_identical_views_gives_the_single_view():
+    rng = np.random.default_rng(8)
+    _, owner, classes = synth_image(rng, 110, 130)
+    det = gt_detections(owner, classes)
+    order = torch.argsort(det.scores, descending=True)
+    nms = merge_views([det, det, det], PredictConfig(tta_merge="nms", tta_iou=0.5), 110, 130)
+    assert torch.equal(nms.boxes, det.boxes[order]) and torch.equal(nms.masks, det.masks[order])
+    wbf = merge_views([det, det], PredictConfig(tta_merge="wbf", tta_iou=0.55), 110, 130)
+    assert torch.allclose(wbf.boxes, det.boxes[order], atol=1e-4) and torch.allclose(wbf.scores, det.scores[order])
+
+
+def test_ensemble_of_one_model_twice_equals_the_model(model, image):
+    cfg = PredictConfig(tile_size=None, tta_merge="nms", tta_iou=0.5)
+    single = predict_image(model, image, cfg, image_id=1)
+    double = predict_image([model, model], image, cfg, image_id=1)
+    key = lambda e: (-e["score"], e["segmentation"]["counts"])  # noqa: E731
+    assert sorted(double, key=key) == sorted(single, key=key)
+    wbf = predict_image([model, model], image, PredictConfig(tile_size=None, tta_merge="wbf", tta_iou=0.55), 1)
+    assert len(wbf) == len(single)
+    iou = mask_utils.iou([e["segmentation"] for e in sorted(wbf, key=key)],
+                         [e["segmentation"] for e in sorted(single, key=key)], [0] * len(single))
+    assert np.diag(iou).min() > 0.95
+
+
+def test_tta_views_and_scaled_input(model, image):
+    cfg = PredictConfig(tta=True, tta_flips=("h", "v", "vh"), tta_scales=(1.0, 1.5), tile_size=None)
+    assert [(v.flip, v.scale) for v in tta_views(cfg)] == [
+        (f, s) for s in (1.0, 1.5) for f in ("", "h", "v", "hv")]
+    assert len(tta_views(PredictConfig())) == 1
+    with pytest.raises(ConfigError, match="tta_flips"):
+        tta_views(PredictConfig(tta=True, tta_flips=("d",)))
+    with scaled_input_size(model, 1.5):
+        assert model.transform.min_size == (192,) and model.transform.max_size == 240
+    assert model.transform.min_size == (128,) and model.transform.max_size == 160
+    from types import SimpleNamespace
+
+    from cellkit.models.transform import ResizeTransform
+
+    fixed = SimpleNamespace(transform=ResizeTransform(800, 1333, (0.5,) * 3, (0.2,) * 3, "fixed_scale", 2.0))
+    with scaled_input_size(fixed, 0.5):  # type: ignore[arg-type]
+        assert fixed.transform.scale_factor(400, 300) == 1.0
+    assert fixed.transform.scale == 2.0 and fixed.transform.scale_factor(400, 300) == 2.0
+    h, w = image.shape[-2:]
+    for merge, flips in (("wbf", ("h", "v")), ("nms", ("hv",))):
+        cfg = PredictConfig(tta=True, tta_flips=flips, tta_merge=merge, tile_size=None)
+        entries = predict_image(model, image, cfg, image_id=2)
+        check_entries(entries, 2, h, w)
+        assert entries
+
+
+# --------------------------------------------------------------------------------------------
+# sliding windows
+
+
+def test_tile_grid_covers_the_image_with_overlap():
+    assert tile_starts(100, 128, 32) == [0]
+    with pytest.raises(ConfigError, match="tile_overlap"):
+        tile_starts(1000, 128, 128)
+    starts = tile_starts(1000, 256, 64)
+    assert starts[0] == 0 and starts[-1] == 1000 - 256
+    assert all(b - a <= 256 - 64 for a, b in zip(starts, starts[1:]))
+    tiles = tile_grid(500, 700, 256, 64)
+    cover = np.zeros((500, 700), int)
+    core = np.zeros((500, 700), int)
+    for t in tiles:
+        cover[t.y0 : t.y1, t.x0 : t.x1] += 1
+        cy0, cx0, cy1, cx1 = (math.ceil(v) for v in t.core)
+        core[cy0:cy1, cx0:cx1] += 1
+    assert cover.min() >= 1 and (core == 1).all()  # cores partition the image
+
+
+def tiled_gt(owner: np.ndarray, classes: list[int], tile: int, overlap: int) -> tuple[Detections, list]:
+    """Each tile's detections taken from the instance map cropped to that tile."""
+    parts, tiles = [], tile_grid(*owner.shape, tile, overlap)
+    for k, t in enumerate(tiles):
+        parts.append(place_tile(gt_detections(owner[t.y0 : t.y1, t.x0 : t.x1], classes, seed=k), t, k))
+    return merge_tiles(parts), tiles
+
+
+def cells_cut(owner: np.ndarray, tiles: list) -> int:
+    import scipy.ndimage as ndi
+
+    n = 0
+    for sl in ndi.find_objects(owner):
+        if sl is None:
+            continue
+        y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
+        n += any(y0 < t.y1 and y1 > t.y0 and x0 < t.x1 and x1 > t.x0 and not (
+            y0 >= t.y0 and y1 <= t.y1 and x0 >= t.x0 and x1 <= t.x1) for t in tiles)
+    return n
+
+
+@pytest.mark.parametrize("overlap", [96, 20])
+def test_tiled_detections_count_every_cell_once(overlap):
+    size = 192 + 2 * (192 - overlap)  # 3 x 3 tiles of 192 px overlapping by exactly `overlap`
+    _, owner, classes = synth_image(np.random.default_rng(11), size, size)
+    h, w = owner.shape
+    merged, tiles = tiled_gt(owner, classes, 192, overlap)
+    assert len(tiles) == 9 and tiles[1].x0 == 192 - overlap and cells_cut(owner, tiles) > 20
+    ids = instance_ids(owner)
+    if overlap == 96:  # cells are smaller than the overlap: the core rule alone keeps each once, whole
+        assert len(merged) == len(ids)
+    else:  # some cells span the whole overlap: both tiles keep a part; the mask dedupe removes one
+        assert len(merged) > len(ids)
+    entries = finalize(merged, h, w, 1, PredictConfig(tile_size=192, tile_overlap=overlap, tile_above=100))
+    gt = [encode_mask(owner == i) for i in ids]
+    ious = mask_utils.iou([e["segmentation"] for e in entries], gt, [0] * len(gt))
+    match = ious > 0.5
+    assert len(entries) == len(ids)
+    assert (match.sum(axis=0) == 1).all() and (match.sum(axis=1) == 1).all()  # each cell exactly once
+    found = match.argmax(axis=0)
+    assert [entries[found[j]]["category_id"] for j in range(len(ids))] == [classes[i - 1] for i in ids]
+    best = ious.max(axis=0)
+    if overlap == 96:  # and whole: as good as the same detections found on the untiled image
+        untiled = finalize(gt_detections(owner, classes), h, w, 1, PredictConfig(tile_size=None))
+        ref = mask_utils.iou([e["segmentation"] for e in untiled], gt, [0] * len(gt)).max(axis=0)
+        assert (best >= ref - 0.01).all()
+        # IoU > 0.9 except where a 28 x 28 mask cannot hold the cell (thin spindles, slivers at the image border)
+        assert (best[ref > 0.9] > 0.9).all() and (ref > 0.9).mean() > 0.9 and best.min() > 0.8
+
+
+def test_dedupe_tiles_prefers_detections_away_from_borders():
+    rng = np.random.default_rng(12)
+    _, owner, classes = synth_image(rng, 300, 320)
+    merged, _ = tiled_gt(owner, classes, 160, 16)
+    entries = finalize(merged, *owner.shape, 1, PredictConfig())
+    from cellkit.engine.predict import encode_detections
+
+    det, rles, _ = encode_detections(merged, *owner.shape, 0.5)
+    keep = dedupe_tiles(det, rles)
+    dropped = sorted(set(range(len(det))) - set(keep.tolist()))
+    assert dropped and len(entries) == len(keep)
+    kept_rles = [rles[i] for i in keep.tolist()]
+    for j in dropped:  # each dropped one lies mostly inside a kept one from another tile
+        over = mask_utils.iou([rles[j]], kept_rles, [1] * len(kept_rles))[0]
+        k = int(over.argmax())
+        assert over[k] > 0.5 and int(det.tile[keep[k]]) != int(det.tile[j])
+        assert int(det.edge[keep[k]]) <= int(det.edge[j])
+
+
+def test_tiled_prediction_end_to_end(model):
+    rgba, _, _ = synth_image(np.random.default_rng(9), 300, 260)
+    img = image_to_tensor(rgba[..., :3])
+    cfg = PredictConfig(tile_size=160, tile_overlap=48, tile_above=200, batch_size=2)
+    entries = predict_image(model, img, cfg, image_id=4)
+    check_entries(entries, 4, 300, 260)
+    assert 0 < len(entries) <= 4 * 15  # 4 tiles of at most 15 detections, cores only
+
+
+def test_predict_images_over_test_dataset(model, synth_root):
+    from cellkit.data.dataset import TestImageDataset as Images  # (a Test* name pytest would collect)
+    from cellkit.engine.submission import check_submission
+
+    index = read_test_index(synth_root)
+    entries = predict_images(model, Images(index), PredictConfig(batch_size=2), progress=False)
+    assert {e["image_id"] for e in entries} <= {t.image_id for t in index}
+    assert [p for p in check_submission(entries, index) if p.severity == "error"] == []
+
+
+# --------------------------------------------------------------------------------------------
+# threshold tuning
+
+
+def test_tune_thresholds_finds_the_nms_that_removes_duplicates(tmp_path):
+    cached, images, anns = [], [], []
+    for image_id in (1, 2):
+        _, owner, classes = synth_image(np.random.default_rng(20 + image_id), 120, 140)
+        det = gt_detections(owner, classes, seed=image_id)
+        dup = Detections(det.boxes.clone(), det.labels.clone(), det.scores + 0.01, det.masks.clone())
+        cached.append((image_id, 120, 140, Detections.cat([det, dup])))
+        images.append({"id": image_id, "height": 120, "width": 140, "file_name": f"{image_id}.tif"})
+        for i in instance_ids(owner):
+            rle = encode_mask(owner == i)
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": classes[i - 1], "iscrowd": 0,
+                         "segmentation": rle, "area": float(mask_utils.area(rle)),
+                         "bbox": [float(v) for v in mask_utils.toBbox(rle)]})
+    gt = {"images": images, "annotations": anns, "categories": categories()}
+    result = tune_thresholds(cached, gt, PredictConfig(), score_grid=(0.0, 0.7), mask_grid=(0.5,),
+                             nms_grid=(None, 0.5), progress=False)
+    assert len(result.table) == 4
+    no_nms = next(r for r in result.table if r["nms_thresh"] is None and r["score_thresh"] == 0.0)
+    assert no_nms["ap50"] < 0.9  # every cell has a higher-scored duplicate: half the detections are FPs
+    assert result.best["nms_thresh"] == 0.5 and result.best["ap50"] > 0.99
+    assert result.current is no_nms
+    path = write_thresholds(result, tmp_path, checkpoint="x")
+    saved = json.loads(path.read_text())
+    assert saved["nms_thresh"] == 0.5 and saved["value"] == result.best["ap50"] and len(saved["table"]) == 4
+    assert find_thresholds(tmp_path / "checkpoints" / "best.pth") == path
+    cfg = load_config(None, load_thresholds(path))
+    assert (cfg.predict.score_thresh, cfg.predict.mask_thresh, cfg.predict.nms_thresh) == (
+        result.best["score_thresh"], 0.5, 0.5)
+    assert "*" in result.format()
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+
+
+def _models_ready() -> bool:
+    try:
+        from cellkit.models import build_model  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, CELLKIT_PROGRESS="0", OMP_NUM_THREADS="2", PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "cellkit", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, synth_root) -> Path:
+    if not _models_ready():
+        pytest.skip("cellkit.models.build_model is not available yet")
+    import cellkit
+    from cellkit.engine.checkpoint import save_checkpoint
+
+    cfg = load_config(None, {"model.backbone": "resnet18", "model.min_size": 128, "model.max_size": 160,
+                             "model.box_detections_per_img": 20, "data.root": str(synth_root),
+                             "data.val_fraction": 0.25})
+    torch.manual_seed(0)
+    model = cellkit.build_model(cfg)
+    run = tmp_path_factory.mktemp("run")
+    cfg.save(run / "config.yaml")
+    save_checkpoint({"model": model.state_dict(), "config": cfg.to_dict(), "epoch": 0}, run / "checkpoints" / "best.pth")
+    return run
+
+
+def test_cli_predict_writes_a_valid_submission(run_dir, synth_root, tmp_path):
+    from cellkit.engine.submission import check_submission
+
+    out = tmp_path / "sub" / "test-results.json"
+    r = run_cli("predict", "--checkpoint", str(run_dir / "checkpoints" / "best.pth"), "--data", str(synth_root),
+                "--out", str(out), "--device", "cpu", "--no-thresholds", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    entries = json.loads(out.read_text())
+    index = read_test_index(synth_root)
+    assert entries and [p for p in check_submission(entries, index) if p.severity == "error"] == []
+    with zipfile.ZipFile(out.with_suffix(".zip")) as z:
+        assert json.loads(z.read(z.namelist()[0])) == entries
+    assert "check-submission: 0 error(s)" in r.stdout
+
+
+def test_cli_predict_missing_checkpoint(synth_root, tmp_path):
+    r = run_cli("predict", "--checkpoint", "nope/best.pth", "--data", str(synth_root), cwd=tmp_path)
+    assert r.returncode == 2
+    assert "nope/best.pth" in r.stderr and "checkpoint not found" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_tune_thresholds_then_predict_uses_them(run_dir, synth_root, tmp_path):
+    r = run_cli("tune-thresholds", "--run", str(run_dir), "--device", "cpu", "--score-grid", "0,0.5",
+                "--mask-grid", "0.5", "--nms-grid", "none,0.5", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    saved = json.loads((run_dir / "thresholds.json").read_text())
+    assert len(saved["table"]) == 4 and {"score_thresh", "mask_thresh", "nms_thresh", "value"} <= set(saved)
+    assert "best ap50" in r.stdout
+    r = run_cli("predict", "--checkpoint", str(run_dir / "checkpoints" / "best.pth"), "--data", str(synth_root),
+                "--out", str(tmp_path / "t.json"), "--device", "cpu", "--set", "predict.mask_thresh=0.6", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert f"thresholds from {run_dir / 'thresholds.json'}" in r.stdout
+    assert f"score_thresh={saved['score_thresh']}" in r.stdout and "mask_thresh=0.6" in r.stdout

@@ -1,0 +1,248 @@
+"""The Trainer: run directory, schedules read back from metrics.jsonl, non-finite losses, gradient
+accumulation and clipping, resume after SIGKILL, atomic checkpoints, DDP with two CPU processes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+import cellkit
+from cellkit.data import collate
+from cellkit.engine.checkpoint import load_checkpoint, save_checkpoint
+from cellkit.engine.schedule import lr_trajectory
+from cellkit.engine.trainer import Trainer, amp_dtype
+from cellkit.errors import TrainingError
+
+TINY: dict[str, Any] = {
+    "name": "tiny",
+    "data": {"synth_train": 6, "synth_test": 2, "synth_seed": 5, "synth_max_size": 128, "val_fraction": 0.34,
+             "augment": {"crop_size": 96}},
+    "model": {"backbone": "resnet18", "resize_mode": "fixed_scale", "rpn_pre_nms_top_n_train": 300,
+              "rpn_post_nms_top_n_train": 150, "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 150,
+              "box_batch_size_per_image": 64, "box_detections_per_img": 100},
+    "train": {"epochs": 2, "batch_size": 2, "iters_per_epoch": 2, "lr": 5e-4},
+}
+
+
+def tiny_config(tmp_path: Path, **overrides: Any) -> tuple[Path, cellkit.Config]:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path, cellkit.load_config(path, overrides)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_cli(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cellkit", *args], capture_output=True, text=True, timeout=900, **kw)
+
+
+def test_run_directory_and_lr_read_back(tmp_path: Path) -> None:
+    # warm-up epoch at 10 %, then MultiStepLR at 50 % / 75 % of 4 epochs, SGD with momentum
+    _, cfg = tiny_config(tmp_path, **{"train.epochs": 4, "train.iters_per_epoch": 1, "train.optimizer": "sgd",
+                                      "train.lr": 0.01, "train.momentum": 0.8, "train.weight_decay": 5e-4,
+                                      "train.scheduler": "multistep", "train.milestones": [0.5, 0.75],
+                                      "train.warmup_epochs": 1, "train.warmup_factor": 0.1})
+    run = tmp_path / "run"
+    summary = Trainer(cfg, run, progress=False).fit()
+    group = load_checkpoint(run / "checkpoints/last.pth")["optimizer"]["param_groups"][0]
+    assert (group["momentum"], group["weight_decay"]) == (0.8, 5e-4)
+    lines = read_jsonl(run / "metrics.jsonl")
+    assert [m["epoch"] for m in lines] == [1, 2, 3, 4]
+    assert [m["lr"] for m in lines] == pytest.approx([0.001, 0.01, 0.001, 0.0001])
+    assert [m["lr"] for m in lines] == pytest.approx(lr_trajectory(cfg.train))
+    for key in ("loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg",
+                "val_ap50", "val_ap", "train_seconds", "images_per_s", "peak_mem_mb"):
+        assert all(key in m and np.isfinite(m[key]) for m in lines), key
+    assert cellkit.load_config(run / "config.yaml") == cfg
+    ckpt = load_checkpoint(run / "checkpoints/best.pth")
+    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "config", "history", "rng"} <= set(ckpt)
+    best = max(lines, key=lambda m: m["val_ap50"])
+    assert ckpt["epoch"] == best["epoch"]
+    assert json.loads((run / "metrics.json").read_text())["best_val_ap50"] == pytest.approx(best["val_ap50"])
+    assert (run / "plots/curves.png").stat().st_size > 10_000
+    assert summary["epochs_run"] == 4
+    gt = json.loads((run / "val_gt.json").read_text())
+    assert len(gt["images"]) == 2 and gt["annotations"]
+
+
+def test_plateau_decays_hold_in_a_real_run(tmp_path: Path) -> None:
+    # patience 0: every epoch without a new best decays the lr; the run's lrs must follow the
+    # schedule driven by the run's own validation AP50
+    _, cfg = tiny_config(tmp_path, **{"train.epochs": 4, "train.iters_per_epoch": 1, "train.lr": 1e-3,
+                                      "train.scheduler": "plateau", "train.plateau_patience": 0,
+                                      "train.plateau_factor": 0.5})
+    t = Trainer(cfg, None, progress=False)
+    t.fit()
+    lrs = [m["lr"] for m in t.history]
+    assert lrs == pytest.approx(lr_trajectory(cfg.train, [m["val_ap50"] for m in t.history]))
+
+
+def test_amp_is_off_on_cpu() -> None:
+    cpu = torch.device("cpu")
+    assert amp_dtype("auto", cpu) is None and amp_dtype("fp16", cpu) is None and amp_dtype("bf16", cpu) is None
+    cuda = torch.device("cuda", 0)
+    assert amp_dtype("auto", cuda) is torch.float16 and amp_dtype("bf16", cuda) is torch.bfloat16
+    assert amp_dtype("off", cuda) is None
+
+
+def _with_batches(trainer: Trainer, batches: list[tuple[list, list]]) -> None:
+    trainer._loader = DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
+
+
+def test_nonfinite_loss_skips_the_step_and_is_counted(tmp_path: Path) -> None:
+    _, cfg = tiny_config(tmp_path, **{"train.iters_per_epoch": 4, "train.eval_every": 0})
+    t = Trainer(cfg, None, progress=False)
+    good = collate([t.train_ds[0], t.train_ds[1]])
+    bad_img = [good[0][0].clone() * float("nan"), good[0][1]]
+    _with_batches(t, [good, (bad_img, good[1]), good, good])
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    m = t.train_one_epoch(0)
+    assert m["nonfinite_steps"] == 1 and m["steps"] == 3 and m["images"] == 6
+    assert np.isfinite(m["loss"])
+    assert any(not torch.equal(before[k], v) for k, v in t.model.state_dict().items())
+    assert all(torch.isfinite(p).all() for p in t.model.parameters())
+
+
+def test_nonfinite_losses_in_a_row_stop_the_run(tmp_path: Path) -> None:
+    _, cfg = tiny_config(tmp_path, **{"train.iters_per_epoch": 4, "train.eval_every": 0, "train.max_nonfinite": 3})
+    t = Trainer(cfg, None, progress=False)
+    good = collate([t.train_ds[0], t.train_ds[1]])
+    bad = ([im * float("nan") for im in good[0]], good[1])
+    _with_batches(t, [good, bad, bad, bad])
+    with pytest.raises(TrainingError, match="3 non-finite losses in a row .*epoch 1, batch 4"):
+        t.train_one_epoch(0)
+
+
+def test_accumulation_and_clipping(tmp_path: Path) -> None:
+    _, cfg = tiny_config(tmp_path, **{"train.iters_per_epoch": 2, "train.accumulate": 2, "train.eval_every": 0,
+                                      "train.optimizer": "sgd", "train.momentum": 0.0, "train.weight_decay": 0.0,
+                                      "train.lr": 1.0, "train.grad_clip": 1e-3})
+    t = Trainer(cfg, None, progress=False)
+    batch = collate([t.train_ds[0], t.train_ds[1]])
+    _with_batches(t, [batch] * 4)
+    before = torch.cat([p.detach().flatten().clone() for p in t.params])
+    m = t.train_one_epoch(0)
+    assert m["steps"] == 2 and m["images"] == 8
+    after = torch.cat([p.detach().flatten() for p in t.params])
+    # two SGD steps of lr 1 with the gradient norm clipped to 1e-3 move the weights by <= 2e-3
+    assert 0 < float((after - before).norm()) <= 2e-3 * (1 + 1e-4)
+
+
+def test_repeat_factor_sampler_oversamples_rare_classes(tmp_path: Path) -> None:
+    from cellkit.data.sampling import RepeatFactorSampler
+
+    _, cfg = tiny_config(tmp_path, **{"train.sampler": "repeat_factor", "train.repeat_threshold": 0.9,
+                                      "data.synth_train": 10})
+    t = Trainer(cfg, None, progress=False)
+    t.train_ds.preload(False)
+    sampler = t.train_loader().sampler
+    assert isinstance(sampler, RepeatFactorSampler)
+    presence = t.train_ds.class_presence()
+    rare = presence[:, 2:].any(1)
+    assert rare.any() and (~rare).any()
+    assert sampler.factors[torch.from_numpy(rare)].min() > sampler.factors[torch.from_numpy(~rare)].max() - 1e-9
+
+
+def _wait_for(pred, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    t0 = time.time()
+    while not pred():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended early: {proc.stderr.read() if proc.stderr else ''}")
+        if time.time() - t0 > timeout:
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume(tmp_path: Path) -> None:
+    cfg_path, cfg = tiny_config(tmp_path)
+    overrides = ["--set", "train.epochs=4", "--set", "train.iters_per_epoch=3", "--set", "train.scheduler=multistep",
+                 "--set", "train.milestones=[0.5,0.75]", "--set", "train.warmup_epochs=1", "--no-progress"]
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "cellkit", "train", "--config", str(cfg_path), "--out", str(run),
+                             *overrides], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    _wait_for(lambda: metrics.exists() and len(read_jsonl(metrics)) >= 2, 600, proc)
+    time.sleep(1.0)  # into epoch 3
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = load_checkpoint(run / "checkpoints/last.pth")["epoch"]
+    assert 2 <= done < 4, "the kill must land before the run finished"
+    r = run_cli("train", "--out", str(run), "--resume", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert f"resumed from {run / 'checkpoints/last.pth'} after epoch {done}" in r.stdout
+    lines = read_jsonl(metrics)
+    assert [m["epoch"] for m in lines] == [1, 2, 3, 4]
+    expected = lr_trajectory(cellkit.load_config(run / "config.yaml").train)
+    assert [m["lr"] for m in lines] == pytest.approx(expected)
+    assert expected == pytest.approx([5e-5, 5e-4, 5e-5, 5e-6])
+    assert load_checkpoint(run / "checkpoints/last.pth")["epoch"] == 4
+
+
+def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoints" / "last.pth"
+    save_checkpoint({"model": {"w": torch.arange(10)}, "epoch": 1}, path)
+    code = (
+        "import torch\nfrom cellkit.engine.checkpoint import save_checkpoint\n"
+        f"save_checkpoint({{'model': {{'w': torch.ones(600_000_000, dtype=torch.uint8)}}, 'epoch': 2}}, {str(path)!r})\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    tmp_files = lambda: [p for p in path.parent.iterdir() if p.name.startswith(".last.pth.tmp")]  # noqa: E731
+    _wait_for(lambda: any(p.stat().st_size > 1_000_000 for p in tmp_files()), 120, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert tmp_files(), "the kill should have landed mid-write"
+    ckpt = load_checkpoint(path)
+    assert ckpt["epoch"] == 1 and torch.equal(ckpt["model"]["w"], torch.arange(10))
+
+
+def test_cli_train_is_quiet_in_logs_and_prints_epoch_lines(tmp_path: Path) -> None:
+    cfg_path, _ = tiny_config(tmp_path)
+    r = run_cli("train", "--config", str(cfg_path), "--out", str(tmp_path / "run"), "--set", "train.epochs=1",
+                "--set", "train.iters_per_epoch=1")
+    assert r.returncode == 0, r.stderr
+    assert "epoch 1/1 | loss" in r.stdout and "run directory:" in r.stdout
+    assert "it/s" not in r.stderr and "s/it" not in r.stderr  # no progress bars when not on a terminal
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
+    cfg_path, cfg = tiny_config(tmp_path, **{"data.synth_train": 9})
+    cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         "-m", "cellkit", "train", "--config", str(cfg_path), "--out", str(run), "--no-progress"],
+        capture_output=True, text=True, timeout=900, env=env,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = read_jsonl(run / "metrics.jsonl")
+    assert [m["epoch"] for m in lines] == [1, 2]  # rank 0 alone writes
+    # 6 training images: 3 per rank in batches of 2 and 1; the counts sum over both ranks
+    assert all(m["images"] == 6 for m in lines)
+    assert all(m["steps"] == 2 for m in lines)
+    assert r.stdout.count("epoch 1/2 |") == 1
+    assert load_checkpoint(run / "checkpoints/last.pth")["epoch"] == 2
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "metrics.json", "metrics.jsonl",
+                                                      "plots", "val_gt.json"]
