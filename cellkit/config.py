@@ -277,15 +277,35 @@ def load_config(
     """Build the configuration: defaults, then the YAML file at ``path``, then ``overrides``.
 
     Args:
-        path: a YAML file (may hold ``_base_: other.yaml``, relative to itself), or None for the defaults.
+        path: a YAML file (may hold ``_base_: other.yaml``, relative to itself), a recipe name from
+            the repository's ``configs/`` folder (``"demo"``, ``"ablation/resnet50_cbam"``), or
+            None for the defaults.
         overrides: dotted keys to values, e.g. ``{"train.lr": 1e-3}``; ``train__lr`` works too
             (papermill parameter names). String values are parsed as YAML (``"1e-3"`` -> 0.001).
 
     Raises:
         ConfigError: unknown key (with a suggestion), wrong type, invalid choice, unreadable file.
     """
-    data = _read_yaml_tree(Path(path)) if path is not None else {}
+    data = _read_yaml_tree(resolve_config_path(path)) if path is not None else {}
     return _build(data, [overrides or {}])
+
+
+RECIPES = Path(__file__).resolve().parents[1] / "configs"
+"""The repository's ``configs/`` folder (recipes addressable by name)."""
+
+
+def resolve_config_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` itself when it exists, else the recipe ``configs/<path>.yaml`` of that name."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    recipe = RECIPES / (str(path) if str(path).endswith((".yaml", ".yml")) else f"{path}.yaml")
+    if recipe.is_file():
+        return recipe
+    names = sorted(str(q.relative_to(RECIPES).with_suffix("")) for q in RECIPES.rglob("*.yaml")) if RECIPES.is_dir() else []
+    close = difflib.get_close_matches(str(path), names, n=1)
+    hint = f"; did you mean recipe '{close[0]}'?" if close else ""
+    raise ConfigError(f"{p}: config file not found (nor a recipe of that name in {RECIPES}){hint}")
 
 
 def parse_set_args(items: list[str] | None) -> dict[str, Any]:

@@ -1,4 +1,12 @@
-"""``make demo`` / ``cellkit demo``: the main job end to end on the built-in synthetic dataset."""
+"""``make demo`` / ``cellkit demo``: the main job end to end on the built-in synthetic dataset.
+
+1. the synthetic dataset (generated once into the cache) and its statistics
+2. COCO ground truth (``cellkit convert``)
+3. training with the CPU demo recipe (``configs/demo.yaml``)
+4. the full evaluation of the best epoch on the validation split
+5. predictions for the test images, written and checked as a submission, scored against the
+   synthetic test ground truth (which the real dataset does not have)
+"""
 from __future__ import annotations
 
 import json
@@ -10,25 +18,50 @@ from .analysis.stats import dataset_stats, format_stats
 from .config import load_config
 from .data import convert, resolve_root
 
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+def _step(n: int, text: str) -> None:
+    print(f"\n[{n}/5] {text}", flush=True)
 
 
 def run_demo(out: str | Path, config: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> int:
-    """Synthesise the dataset, convert it to COCO, (train, evaluate) and say where the results are."""
+    """Run the demo into ``out``; returns 0 on success."""
+    from .engine.evaluate import evaluate_predictions
+    from .engine.predict_cli import predict_submission
+    from .engine.trainer import train
+
     t0 = time.time()
     out = Path(out)
-    path = Path(config) if config else REPO_CONFIGS / "demo.yaml"
-    cfg = load_config(path if path.is_file() or config else None, overrides)
-    print(f"[1/3] synthetic dataset ({cfg.data.synth_train} train / {cfg.data.synth_test} test images)")
+    cfg = load_config(config or "demo", overrides)
+    _step(1, f"synthetic dataset: {cfg.data.synth_train} training / {cfg.data.synth_test} test images")
     root = resolve_root(cfg.data)
-    print(f"      {root}")
-    print("[2/3] statistics")
     print("      " + format_stats(dataset_stats(cfg.data, cfg.model.num_classes)).replace("\n", "\n      "))
-    print("[3/3] COCO ground truth")
-    train, val = convert(root, out / "coco", cfg.data.val_fraction, cfg.data.split_seed)
-    for p in (train, val):
+
+    _step(2, "COCO ground truth (cellkit convert)")
+    for p in convert(root, out / "coco", cfg.data.val_fraction, cfg.data.split_seed):
         d = json.loads(p.read_text())
         print(f"      {p}: {len(d['images'])} images, {len(d['annotations'])} instances")
-    cfg.save(out / "config.yaml")
-    print(f"done in {time.time() - t0:.0f} s; results in {out}")
+
+    _step(3, f"training a {cfg.model.backbone} Mask R-CNN for {cfg.train.epochs} epochs (cellkit train)")
+    run = out / "run"
+    summary = train(cfg, run)
+
+    _step(4, f"evaluation of the best epoch ({summary['best_epoch']}) on the validation split")
+    report = evaluate_predictions(run / "val_gt.json", run / "val_predictions.json", max_dets=cfg.eval.max_dets,
+                                  backend=cfg.eval.backend, num_classes=cfg.model.num_classes)
+    print(report.format())
+    (run / "eval.json").write_text(json.dumps(report.to_dict(), indent=1))
+
+    _step(5, "test images -> submission (cellkit predict), scored against the synthetic test ground truth")
+    submission = out / "test-results.json"
+    predict_submission([run / "checkpoints" / "best.pth"], root, submission)
+    test = evaluate_predictions(root / "test_gt.json", submission, iou_types=("segm",), max_dets=cfg.eval.max_dets,
+                                backend=cfg.eval.backend, num_classes=cfg.model.num_classes, cell_metrics=False)
+
+    val_ap50 = report.results["segm"].ap50
+    print(f"\ndone in {(time.time() - t0) / 60:.1f} min: validation segm AP50 {val_ap50:.4f} "
+          f"(epoch {summary['best_epoch']}), test segm AP50 {test.results['segm'].ap50:.4f}")
+    print(f"  run directory     {run}/  (config.yaml, metrics.jsonl, checkpoints/, plots/curves.png, eval.json)")
+    print(f"  training curves   {run / 'plots' / 'curves.png'}")
+    print(f"  submission        {submission} and {submission.with_suffix('.zip')}")
+    print("  next: open notebooks/02_training.ipynb or notebooks/04_error_analysis.ipynb in JupyterLab")
     return 0

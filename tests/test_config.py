@@ -91,3 +91,10 @@ def test_missing_and_invalid_files(tmp_path: Path) -> None:
     bad.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_recipes_load_by_name() -> None:
+    assert load_config("demo") == load_config(Path(__file__).parents[1] / "configs" / "demo.yaml")
+    assert load_config("ablation/resnet50_cbam").model.backbone == "resnet50_cbam"
+    with pytest.raises(ConfigError, match="did you mean recipe 'demo'"):
+        load_config("dmeo")

@@ -61,6 +61,18 @@ def test_corner_box_of_the_mask_is_warned(submission: list[dict], synth_root: Pa
     assert "looks like [x1, y1, x2, y2]" in problems[0].message
 
 
+def test_small_box_at_the_origin_is_not_called_a_corner_box(synth_root: Path) -> None:
+    # near (0, 0) the two readings of a box coincide; a model box a little off the mask's box
+    # (a real prediction at the image corner) must not be warned about
+    from cellkit.data.coco import encode_region
+
+    ids = synth_root / "test_image_name_to_ids.json"
+    image_id, (h, w) = next(iter(read_image_sizes(ids).items()))
+    rle = encode_region(np.ones((2, 2), bool), 2, 2, h, w)  # mask box [2, 2, 2, 2]
+    entry = {"image_id": image_id, "category_id": 1, "score": 0.3, "bbox": [0.0, 0.1, 3.8, 4.3], "segmentation": rle}
+    assert check_submission([entry], ids, check_coverage=False) == []
+
+
 def test_each_defect_reported_with_its_index(submission: list[dict], synth_root: Path) -> None:
     ids = synth_root / "test_image_name_to_ids.json"
     good = submission[3]

@@ -68,10 +68,16 @@ def test_run_directory_and_lr_read_back(tmp_path: Path) -> None:
                 "val_ap50", "val_ap", "train_seconds", "images_per_s", "peak_mem_mb"):
         assert all(key in m and np.isfinite(m[key]) for m in lines), key
     assert cellkit.load_config(run / "config.yaml") == cfg
+    last = load_checkpoint(run / "checkpoints/last.pth")
+    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "config", "history", "rng"} <= set(last)
     ckpt = load_checkpoint(run / "checkpoints/best.pth")
-    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "config", "history", "rng"} <= set(ckpt)
+    assert {"model", "epoch", "config", "history"} <= set(ckpt) and "optimizer" not in ckpt  # for inference
     best = max(lines, key=lambda m: m["val_ap50"])
     assert ckpt["epoch"] == best["epoch"]
+    from cellkit.engine.evaluate import coco_evaluate
+
+    rescored = coco_evaluate(run / "val_gt.json", run / "val_predictions.json", max_dets=cfg.eval.max_dets)
+    assert rescored.ap50 == pytest.approx(best["val_ap50"], abs=1e-9)
     assert json.loads((run / "metrics.json").read_text())["best_val_ap50"] == pytest.approx(best["val_ap50"])
     assert (run / "plots/curves.png").stat().st_size > 10_000
     assert summary["epochs_run"] == 4
@@ -244,5 +250,5 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     assert all(m["steps"] == 2 for m in lines)
     assert r.stdout.count("epoch 1/2 |") == 1
     assert load_checkpoint(run / "checkpoints/last.pth")["epoch"] == 2
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "metrics.json", "metrics.jsonl",
-                                                      "plots", "val_gt.json"]
+    assert {p.name for p in run.iterdir()} <= {"checkpoints", "config.yaml", "metrics.json", "metrics.jsonl",
+                                               "plots", "val_gt.json", "val_predictions.json"}

@@ -58,23 +58,6 @@ def _floats_or_none(text: str) -> list[float | None]:
     return [None if v.strip().lower() in ("none", "off") else _floats(v)[0] for v in text.split(",") if v.strip()]
 
 
-def resolve_device(name: str) -> Any:
-    """``auto`` -> CUDA when available, else CPU; a CUDA device that is not there is a ConfigError."""
-    import torch
-
-    from ..errors import ConfigError
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device {name!r}: not a device (use auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
 def _require_files(paths: list[str]) -> list[Path]:
     from ..errors import DataError
 
@@ -106,37 +89,54 @@ def prediction_overrides(checkpoint: Path, set_items: list[str], tta: bool = Fal
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    problems = predict_submission(
+        _require_files(args.checkpoint), args.data, args.out, args.overrides, args.tta, args.device,
+        use_thresholds=not args.no_thresholds, progress=not args.no_progress,
+    )
+    return 1 if any(p.severity == "error" for p in problems) else 0
+
+
+def predict_submission(
+    checkpoints: list[Path], data: str | Path, out: str | Path, set_items: list[str] | None = None, tta: bool = False,
+    device: str = "auto", use_thresholds: bool = True, progress: bool = True,
+) -> list[Any]:
+    """Predict ``data``'s test images with one checkpoint or an ensemble, write the submission
+    (json + zip at ``out``), check it and print what happened.
+
+    Returns:
+        the problems :func:`~cellkit.engine.submission.check_submission` found (empty: valid).
+    """
     from ..data import TestImageDataset, read_test_index
     from .checkpoint import model_from_checkpoint
+    from .devices import resolve_device
     from .postprocess import DropCounts
     from .predict import predict_images
     from .submission import check_submission, summarize_problems, write_submission
 
-    paths = _require_files(args.checkpoint)
-    index = read_test_index(args.data)
-    device = resolve_device(args.device)
-    overrides, found = prediction_overrides(paths[0], args.overrides, args.tta, not args.no_thresholds)
+    index = read_test_index(data)
+    dev = resolve_device(device)
+    overrides, found = prediction_overrides(checkpoints[0], list(set_items or []), tta, use_thresholds)
     if found is not None:
         print(f"thresholds from {found}")
     models, cfg = [], None
-    for p in paths:
-        model, c, _ = model_from_checkpoint(p, device, overrides)
+    for p in checkpoints:
+        model, c, _ = model_from_checkpoint(p, dev, overrides)
         models.append(model)
         cfg = cfg or c
     assert cfg is not None
     pc = cfg.predict
-    print(f"predicting {len(index)} test images on {device} with {len(models)} model(s): score_thresh={pc.score_thresh} "
+    print(f"predicting {len(index)} test images on {dev} with {len(models)} model(s): score_thresh={pc.score_thresh} "
           f"mask_thresh={pc.mask_thresh} nms_thresh={pc.nms_thresh} tta={pc.tta}")
     counts = DropCounts()
-    entries = predict_images(models, TestImageDataset(index), pc, progress=not args.no_progress, counts=counts)
-    json_path, zip_path = write_submission(entries, args.out)
+    entries = predict_images(models, TestImageDataset(index), pc, progress=progress, counts=counts)
+    json_path, zip_path = write_submission(entries, out)
     n_images = len({e["image_id"] for e in entries})
     print(f"wrote {len(entries)} detections on {n_images}/{len(index)} images to {json_path} and {zip_path} ({counts})")
     problems = check_submission(entries, index, num_classes=cfg.model.num_classes)
     for prob in problems[:10]:
         print(f"  {prob}")
     print(f"check-submission: {summarize_problems(problems)}")
-    return 1 if any(p.severity == "error" for p in problems) else 0
+    return problems
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -144,8 +144,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from ..data import CellDataset, build_coco, train_val_samples
     from ..errors import DataError
     from .checkpoint import model_from_checkpoint
+    from .devices import resolve_device
     from .predict import iter_detections
     from .tune import DEFAULT_MASK_GRID, DEFAULT_NMS_GRID, DEFAULT_SCORE_GRID, tune_thresholds, write_thresholds
+    from .validate import ImagesOnly
 
     run = Path(args.run).expanduser()
     if not run.is_dir():
@@ -161,7 +163,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if not val:
         raise DataError(run, "the run's configuration has no validation images (data.val_fraction is 0)")
     gt = build_coco(val, cfg.model.num_classes, progress)
-    cached = list(iter_detections(model, CellDataset(val, cache=False), cfg.predict, progress=progress))
+    cached = list(iter_detections(model, ImagesOnly(CellDataset(val, cache=False)), cfg.predict, progress=progress))
     result = tune_thresholds(
         cached, gt, cfg.predict, args.score_grid or DEFAULT_SCORE_GRID, args.mask_grid or DEFAULT_MASK_GRID,
         args.nms_grid or DEFAULT_NMS_GRID, args.metric, cfg.eval.max_dets, cfg.model.num_classes,

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import CellkitError, DataError
+from ..errors import DataError
 from .evaluate import EvalReport, evaluate_predictions
 
 
@@ -41,7 +41,6 @@ def evaluate_run(
 
     Raises:
         DataError: no such run, checkpoint or validation split.
-        CellkitError: prediction is not available in this installation.
     """
     run = Path(run_dir).expanduser()
     if not run.is_dir():
@@ -49,15 +48,13 @@ def evaluate_run(
     ckpt = Path(checkpoint) if checkpoint not in ("best", "last") else run / "checkpoints" / f"{checkpoint}.pth"
     if not ckpt.is_file():
         raise DataError(ckpt, "checkpoint not found (train a run first, or pass --checkpoint)")
-    try:
-        from .predict import predict_images
-    except ImportError as e:  # prediction is developed separately
-        raise CellkitError(f"evaluate --run is not available yet: cellkit.engine.predict cannot be imported ({e})") from None
     import torch
 
     from ..data import CellDataset, build_coco, train_val_samples
     from ..data.coco import write_json
     from .checkpoint import model_from_checkpoint
+    from .predict import predict_images
+    from .validate import ImagesOnly
 
     model, cfg, _ = model_from_checkpoint(ckpt, "cpu")
     dev = device or cfg.train.device
@@ -69,7 +66,7 @@ def evaluate_run(
         raise DataError(run, "the run's config has no validation split (data.val_fraction is 0)")
     gt_path = run / "val_gt.json"
     gt: Any = str(gt_path) if gt_path.is_file() else build_coco(val, cfg.model.num_classes, progress)
-    preds = predict_images(model, CellDataset(val, cache=False), cfg.predict, progress=progress)
+    preds = predict_images(model, ImagesOnly(CellDataset(val, cache=False)), cfg.predict, progress=progress)
     if save_predictions:
         write_json(preds, run / "val_predictions.json")
     return evaluate_predictions(

@@ -245,7 +245,8 @@ def _xyxy_warning(bbox: list[float], hw: tuple[int, int], rle: dict[str, Any] | 
         mx, my, mw, mh = (float(v) for v in mask_utils.toBbox(rle))
         as_xywh = max(abs(x - mx), abs(y - my), abs(bw - mw), abs(bh - mh))
         as_xyxy = max(abs(x - mx), abs(y - my), abs(bw - (mx + mw)), abs(bh - (my + mh)))
-        if as_xyxy <= 2.0 < as_xywh:
+        # near the image origin the two readings coincide (they differ by mx, my): no verdict there
+        if as_xyxy <= 2.0 < as_xywh and max(mx, my) > 4.0:
             return f"bbox {_box(bbox)} looks like [x1, y1, x2, y2] of the mask; the format is [x, y, width, height]"
     if (x + bw > w + 1 or y + bh > h + 1) and corner_like:
         return (f"bbox {_box(bbox)} reaches beyond the {h} x {w} image as [x, y, w, h] but fits as [x1, y1, x2, y2]; "

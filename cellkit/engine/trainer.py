@@ -6,8 +6,9 @@ A run directory holds::
     metrics.jsonl           one line per epoch (losses, lr, val AP50/AP, seconds, images/s, memory)
     metrics.json            the final summary (best val AP50 and its epoch, stop reason, ...)
     val_gt.json             COCO ground truth of the validation split
-    checkpoints/last.pth    written every epoch (atomically)
-    checkpoints/best.pth    the epoch with the best val AP50
+    val_predictions.json    the validation predictions of the best epoch (COCO results)
+    checkpoints/last.pth    written every epoch (atomically), everything needed to resume
+    checkpoints/best.pth    the epoch with the best val AP50: weights, config and history only
     plots/curves.png        loss and AP50 curves
 
 ``fit(resume=True)`` continues from ``checkpoints/last.pth`` with the same schedule: the epochs
@@ -39,20 +40,10 @@ from ..errors import ConfigError, TrainingError
 from ..progress import bar
 from . import distributed as dist_utils
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .devices import resolve_device
 from .schedule import Schedule, build_optimizer
 
 Callback = Callable[["Trainer", dict[str, Any]], None]
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> CUDA (this process's GPU under torchrun) when available, else CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
 
 
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
@@ -133,6 +124,7 @@ class Trainer:
         self.best_ap50: float | None = None
         self.nonfinite_in_a_row = 0
         self._val_gt: dict[str, Any] | None = None
+        self._val_predictions: list[dict[str, Any]] | None = None
         self._loader: DataLoader | None = None
 
     # ---------------------------------------------------------------------------------------
@@ -306,7 +298,9 @@ class Trainer:
         from .validate import evaluate_model
 
         t0 = time.perf_counter()
-        res = evaluate_model(self.model, self.val_ds, self.val_gt, self.cfg, self.device, progress=self.progress)
+        res, self._val_predictions = evaluate_model(
+            self.model, self.val_ds, self.val_gt, self.cfg, self.device, progress=self.progress
+        )
         return {"val_ap50": res.ap50, "val_ap": res.ap, "val_ap75": res.ap75, "val_seconds": time.perf_counter() - t0}
 
     def _end_of_epoch(self, m: dict[str, Any]) -> None:
@@ -317,7 +311,10 @@ class Trainer:
             state = self.state_dict()
             save_checkpoint(state, self.run_dir / "checkpoints" / "last.pth")
             if improved or (self.best_ap50 is None and not (self.run_dir / "checkpoints" / "best.pth").exists()):
-                save_checkpoint(state, self.run_dir / "checkpoints" / "best.pth")
+                weights_only = {k: state[k] for k in ("model", "epoch", "config", "history", "best", "cellkit_version")}
+                save_checkpoint(weights_only, self.run_dir / "checkpoints" / "best.pth")
+                if improved and self._val_predictions is not None:
+                    write_json(self._val_predictions, self.run_dir / "val_predictions.json")
             self._write_metrics()
             from ..viz.curves import save_history_plot
 

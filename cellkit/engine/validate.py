@@ -32,11 +32,14 @@ def evaluate_model(
     cfg: Config,
     device: torch.device | str | None = None,
     progress: bool = True,
-) -> Any:
-    """COCO segm evaluation (:class:`cellkit.engine.evaluate.EvalResult`) of ``model`` on ``dataset``.
+) -> tuple[Any, list[dict[str, Any]]]:
+    """COCO segm evaluation of ``model`` on ``dataset``.
 
     Predictions use ``cfg.predict`` (thresholds, TTA, tiling) and are scored with
     ``cfg.eval.max_dets`` detections per image and class.
+
+    Returns:
+        (:class:`cellkit.engine.evaluate.EvalResult`, the COCO result entries it scored).
     """
     from .evaluate import coco_evaluate
     from .predict import predict_images
@@ -49,4 +52,4 @@ def evaluate_model(
         preds = predict_images(model, ImagesOnly(dataset), cfg.predict, progress=progress)
     finally:
         model.train(was_training)
-    return coco_evaluate(gt, preds, "segm", cfg.eval.max_dets, cfg.eval.backend, cfg.model.num_classes)
+    return coco_evaluate(gt, preds, "segm", cfg.eval.max_dets, cfg.eval.backend, cfg.model.num_classes), preds

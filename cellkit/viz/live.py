@@ -1,0 +1,37 @@
+"""Live training curves in a notebook: one figure, redrawn in place after every epoch."""
+from __future__ import annotations
+
+from typing import Any
+
+import matplotlib.pyplot as plt
+
+from .curves import plot_history
+
+
+class LiveCurves:
+    """A Trainer callback that redraws the loss and AP50 curves in the notebook after each epoch.
+
+    Works in JupyterLab (the figure updates in place) and under papermill (the last drawing stays
+    in the executed notebook). Outside IPython it does nothing.
+
+    Usage::
+
+        live = LiveCurves()
+        Trainer(cfg, run_dir, callbacks=[live]).fit()
+    """
+
+    def __init__(self, title: str = "") -> None:
+        self.title = title
+        self._handle: Any = None
+
+    def __call__(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        try:
+            from IPython.display import display
+        except ImportError:  # pragma: no cover
+            return
+        fig = plot_history(trainer.history, self.title or trainer.cfg.name)
+        if self._handle is None:
+            self._handle = display(fig, display_id=True)
+        else:
+            self._handle.update(fig)
+        plt.close(fig)

@@ -1,0 +1,87 @@
+"""What the notebooks call, so they stay thin: config from parameters, tables, run loading."""
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from .config import Config, load_config
+from .errors import ConfigError, DataError
+
+
+def notebook_config(config: str | Path | None, overrides: Mapping[str, Any] | str | None = None,
+                    data: str | Path | None = None) -> Config:
+    """The config of a notebook's parameters: a recipe name or YAML path, dotted overrides, a dataset folder.
+
+    ``overrides`` may also be a YAML/JSON string (``papermill -p overrides '{"train.lr": 0.001}'``).
+    """
+    if isinstance(overrides, str):
+        import yaml
+
+        parsed = yaml.safe_load(overrides) if overrides.strip() else {}
+        if not isinstance(parsed, dict):
+            raise ConfigError(f"overrides: expected a mapping of config keys, got {overrides!r}")
+        overrides = parsed
+    merged = dict(overrides or {})
+    if data:
+        merged["data.root"] = str(data)
+    return load_config(config, merged)
+
+
+def config_table(cfg: Config, only_changed: bool = True) -> str:
+    """HTML table of the config's keys (by default only those that differ from the defaults)."""
+    default = Config().flat()
+    rows = [(k, v, default.get(k)) for k, v in cfg.flat().items() if not only_changed or v != default.get(k)]
+    body = "".join(f"<tr><td><code>{html.escape(k)}</code></td><td>{html.escape(repr(v))}</td>"
+                   f"<td style='color:grey'>{html.escape(repr(d))}</td></tr>" for k, v, d in rows)
+    return f"<table><tr><th>key</th><th>value</th><th>default</th></tr>{body}</table>"
+
+
+def table(rows: list[Mapping[str, Any]], columns: list[str] | None = None, floats: str = "{:.4f}") -> str:
+    """A small HTML table of dict rows (no pandas needed)."""
+    if not rows:
+        return "<p>(no rows)</p>"
+    columns = columns or list(rows[0])
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return floats.format(v)
+        return html.escape("" if v is None else str(v))
+
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{cell(r.get(c))}</td>" for c in columns) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+@dataclass
+class RunFiles:
+    """The files of a training run that the analysis notebooks read."""
+
+    run_dir: Path
+    config: Config
+    gt: Path
+    predictions: Path
+
+
+def open_run(run_dir: str | Path) -> RunFiles:
+    """A training run's config, validation ground truth and validation predictions of its best epoch.
+
+    Raises:
+        DataError: the folder is not a finished run (``make demo`` or notebook 02 make one).
+    """
+    run = Path(run_dir).expanduser()
+    for name in ("config.yaml", "val_gt.json", "val_predictions.json"):
+        if not (run / name).is_file():
+            raise DataError(run / name, "not found: point run_dir at a finished training run "
+                                        "(make demo writes runs/demo/run; notebook 02 writes its run_dir)")
+    return RunFiles(run, load_config(run / "config.yaml"), run / "val_gt.json", run / "val_predictions.json")
+
+
+def save_results(obj: Any, path: str | Path | None) -> None:
+    """Write a notebook's key numbers as JSON (what tests and the ablation read back); None: skip."""
+    if path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(obj, indent=1, default=float))
