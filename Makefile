@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test install lint notebooks-clean screenshots benchmarks clean help
+.PHONY: demo test install notebooks-clean screenshots benchmarks clean help
 
 help:
 	@echo "make demo   - create $(VENV), install cellkit, run the demo job on synthetic data (CPU, < 10 min)"
@@ -25,13 +25,16 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 notebooks-clean: $(STAMP)
-	$(PY) -m cellkit.nbtools strip notebooks/*.ipynb
+	$(VENV)/bin/jupyter nbconvert --clear-output --inplace notebooks/*.ipynb
 
 screenshots: $(STAMP)
 	$(PY) docs/make_figures.py
 
 benchmarks: $(STAMP)
 	$(PY) benchmarks/data_memory.py
+	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/eval_speed.py
+	$(PY) benchmarks/paste_memory.py
 
 clean:
 	rm -rf runs .pytest_cache

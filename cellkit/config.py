@@ -302,7 +302,8 @@ def resolve_config_path(path: str | os.PathLike[str]) -> Path:
     recipe = RECIPES / (str(path) if str(path).endswith((".yaml", ".yml")) else f"{path}.yaml")
     if recipe.is_file():
         return recipe
-    names = sorted(str(q.relative_to(RECIPES).with_suffix("")) for q in RECIPES.rglob("*.yaml")) if RECIPES.is_dir() else []
+    names = sorted(str(q.relative_to(RECIPES).with_suffix("")) for q in RECIPES.rglob("*.yaml")
+                   if q.parent.name != "grids") if RECIPES.is_dir() else []
     close = difflib.get_close_matches(str(path), names, n=1)
     hint = f"; did you mean recipe '{close[0]}'?" if close else ""
     raise ConfigError(f"{p}: config file not found (nor a recipe of that name in {RECIPES}){hint}")

@@ -17,17 +17,23 @@ def notebook_config(config: str | Path | None, overrides: Mapping[str, Any] | st
 
     ``overrides`` may also be a YAML/JSON string (``papermill -p overrides '{"train.lr": 0.001}'``).
     """
+    merged = parse_overrides(overrides)
+    if data:
+        merged["data.root"] = str(data)
+    return load_config(config, merged)
+
+
+def parse_overrides(overrides: Mapping[str, Any] | str | None) -> dict[str, Any]:
+    """A notebook's ``overrides`` parameter as a dict: a mapping, a YAML/JSON string
+    (``papermill -p overrides '{"train.lr": 0.001}'``) or None."""
     if isinstance(overrides, str):
         import yaml
 
         parsed = yaml.safe_load(overrides) if overrides.strip() else {}
         if not isinstance(parsed, dict):
             raise ConfigError(f"overrides: expected a mapping of config keys, got {overrides!r}")
-        overrides = parsed
-    merged = dict(overrides or {})
-    if data:
-        merged["data.root"] = str(data)
-    return load_config(config, merged)
+        return parsed
+    return dict(overrides or {})
 
 
 def config_table(cfg: Config, only_changed: bool = True) -> str:
@@ -85,3 +91,28 @@ def save_results(obj: Any, path: str | Path | None) -> None:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps(obj, indent=1, default=float))
+
+
+def error_browser(dataset: Any, gt: Any, predictions: Any, image_ids: list[int], score_thresh: float = 0.5,
+                  notes: Mapping[int, str] | None = None, num_classes: int = 4) -> Any:
+    """A :class:`~cellkit.viz.browser.MaskBrowser` over ``image_ids`` of ``dataset`` whose predictions
+    are drawn by status: true positives green, false positives red, missed cells (FN) blue."""
+    from .analysis.errors import status_instances
+    from .viz.browser import BrowserItem, MaskBrowser
+    from .viz.overlay import instances_from_label_maps
+
+    index = {s.image_id: i for i, s in enumerate(dataset.samples)}
+    items = []
+    for image_id in image_ids:
+        i = index[image_id]
+        items.append(BrowserItem(
+            dataset.samples[i].name,
+            lambda i=i: dataset.load(i)[0],
+            lambda i=i: instances_from_label_maps(dataset.load(i)[1]),
+            lambda image_id=image_id: status_instances(gt, predictions, image_id, score_thresh=score_thresh,
+                                                       num_classes=num_classes),
+            (notes or {}).get(image_id, ""),
+        ))
+    browser = MaskBrowser(items, num_classes=num_classes)
+    browser.state.update(color_by="status", min_score=0.0, layout="side by side")
+    return browser

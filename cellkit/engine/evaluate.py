@@ -88,6 +88,11 @@ class EvalResult:
         n_dropped: predictions dropped before ``loadRes``, by reason (see ``DROP_REASONS``).
         n_beyond_cap, n_beyond_100: predictions COCOeval ignores at ``max_dets`` / at 100
             (those beyond the cap in their image and class, lowest scores first).
+        precision: COCOeval's ``eval["precision"]`` at ``max_dets``: ``(T=10, R=101, K, A=4)``
+            float64, IoU thresholds .5:.05:.95 x recall 0:.01:1 x categories (the order of
+            ``per_class``) x areas (all, small, medium, large); -1 where a class has no ground
+            truth (in that area range). ``precision[0, :, k, 0]`` is class k's precision-recall
+            curve at IoU 0.5, whose mean is its AP50. Not part of :meth:`to_dict`.
     """
 
     iou_type: str
@@ -110,6 +115,7 @@ class EvalResult:
     n_beyond_100: int = 0
     backend: str = "pycocotools"
     notes: list[str] = field(default_factory=list)
+    precision: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (NaN as None)."""
@@ -344,8 +350,10 @@ class _Runner:
         if self.kept:
             precision, recall = self._run(iou_type, max_list)
             stats = _read_precision(precision, recall, max_list.index(max_dets), max_list.index(STANDARD_MAX_DETS))
+            kept_precision = precision[..., max_list.index(max_dets)].copy()
         else:
             stats = _empty_stats(anns, cat_ids)
+            kept_precision = _empty_precision(anns, cat_ids)
         per_class = {}
         for k_idx, k in enumerate(cat_ids):
             per_class[names[k]] = {
@@ -361,7 +369,7 @@ class _Runner:
             n_predictions=len(self.kept), n_dropped=dict(dropped),
             n_beyond_cap=count_beyond_cap(self.kept, max_dets),
             n_beyond_100=count_beyond_cap(self.kept, STANDARD_MAX_DETS),
-            backend=self.backend, notes=list(ground.notes),
+            backend=self.backend, notes=list(ground.notes), precision=kept_precision,
         )
 
     def _run(self, iou_type: str, max_list: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -446,6 +454,20 @@ def _empty_stats(anns: Iterable[dict[str, Any]], cat_ids: list[int]) -> dict[str
         out[f"ap_{size}"] = z(size in present_sizes)
     for key in ("class_ap50", "class_ap", "class_ap75"):
         out[key] = [z(k in present_cats) for k in cat_ids]
+    return out
+
+
+def _empty_precision(anns: Iterable[dict[str, Any]], cat_ids: list[int]) -> np.ndarray:
+    """COCOeval's ``(10, 101, K, 4)`` precision array for no detections: 0 where the class has
+    ground truth in that area range, -1 elsewhere."""
+    out = np.full((10, 101, len(cat_ids), len(AREA_RANGES)), -1.0)
+    k_of = {k: i for i, k in enumerate(cat_ids)}
+    for a in anns:
+        if a.get("iscrowd", 0) or int(a["category_id"]) not in k_of:
+            continue
+        for j, (lo, hi) in enumerate(AREA_RANGES.values()):
+            if lo <= float(a["area"]) <= hi:
+                out[:, :, k_of[int(a["category_id"])], j] = 0.0
     return out
 
 

@@ -1,0 +1,121 @@
+"""The mask browser in a real JupyterLab, driven by headless Chromium (Playwright).
+
+JupyterLab serves a copy of notebooks/01_data_inspection.ipynb on 127.0.0.1; Chromium opens it,
+runs every cell, and the test asserts that the browser widget's image and controls render and
+react to a click. The screenshot is saved in the test's tmp dir. `.ci/run` installs Debian's
+chromium so this runs in CI.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+TOKEN = "cellkit-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _small_notebook(dst: Path) -> Path:
+    """The data-inspection notebook with a small synthetic dataset in its parameters cell."""
+    nb = json.loads((REPO / "notebooks" / "01_data_inspection.ipynb").read_text())
+    params = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+    source = "".join(params["source"]).replace(
+        "overrides = {}", 'overrides = {"data.synth_train": 6, "data.synth_max_size": 192}'
+    )
+    assert "data.synth_train" in source
+    params["source"] = source
+    path = dst / "01_data_inspection.ipynb"
+    path.write_text(json.dumps(nb))
+    return path
+
+
+@pytest.fixture
+def jupyterlab(tmp_path: Path):
+    port = _free_port()
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"), "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
+           "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces")}
+    root = tmp_path / "lab"
+    root.mkdir()
+    _small_notebook(root)
+    log = open(tmp_path / "jupyterlab.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--ServerApp.ip=127.0.0.1",
+         f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root}", "--LabApp.news_url=",
+         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", "--allow-root"],
+        stdout=log, stderr=subprocess.STDOUT, env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.time()
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/api/status?token={TOKEN}", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() - t0 > 90:
+                    raise AssertionError("JupyterLab did not start:\n" + (tmp_path / "jupyterlab.log").read_text()[-3000:])
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_mask_browser_renders_in_jupyterlab(jupyterlab: str, tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{jupyterlab}/lab/tree/01_data_inspection.ipynb?token={TOKEN}")
+            page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=120_000)
+            # wait for the kernel, then Run > Run All Cells
+            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
+            page.get_by_role("menuitem", name="Run", exact=True).click()
+            page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+            widget = page.wait_for_selector(".cellkit-mask-browser", timeout=240_000)
+            img = page.wait_for_selector(".cellkit-mask-browser img", timeout=60_000)
+            page.wait_for_function("img => img.complete && img.naturalWidth > 100", arg=img, timeout=60_000)
+            assert widget.query_selector("select") is not None  # the image picker
+            toggles = widget.query_selector_all("button")
+            labels = [b.inner_text() for b in toggles]
+            assert {"class 1", "class 2", "class 3", "class 4"} <= set(labels), labels
+            assert {"outline", "fill", "both"} <= set(labels), labels
+            assert widget.query_selector_all(".widget-slider")  # zoom / pan sliders
+            before = img.get_attribute("src")
+            widget.query_selector("button:has-text('fill')").click()
+            page.wait_for_function("([img, before]) => img.getAttribute('src') !== before", arg=[img, before],
+                                   timeout=30_000)
+            widget.scroll_into_view_if_needed()
+            page.screenshot(path=str(tmp_path / "mask_browser.png"), full_page=True)
+            assert (tmp_path / "mask_browser.png").stat().st_size > 20_000
+            errors = page.query_selector_all(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr'] .ansi-red-fg")
+            assert not errors, [e.inner_text()[:500] for e in errors]
+        finally:
+            browser.close()

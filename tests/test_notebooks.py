@@ -1,0 +1,106 @@
+"""Every notebook runs headless under papermill on the synthetic dataset with tiny parameters, and
+the numbers each one records are read back and checked against the library."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import numpy as np
+import papermill as pm
+import pytest
+
+from cellkit.data import load_sample, resolve_root, scan_train
+from cellkit.engine.evaluate import coco_evaluate
+from cellkit.workbench import notebook_config
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+NAMES = ["01_data_inspection", "02_training", "03_ablation", "04_error_analysis"]
+TINY = {"data.synth_train": 6, "data.synth_test": 1, "data.synth_max_size": 128, "data.augment.crop_size": 96,
+        "train.epochs": 1, "train.iters_per_epoch": 1, "train.batch_size": 2, "model.rpn_pre_nms_top_n_test": 200,
+        "model.rpn_post_nms_top_n_test": 100, "model.box_detections_per_img": 100}
+
+
+def execute(name: str, out: Path, **parameters: Any) -> nbformat.NotebookNode:
+    path = out / f"{name}.ipynb"
+    pm.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(path), parameters=parameters, cwd=str(NOTEBOOKS),
+                        progress_bar=False, kernel_name="python3")
+    nb = nbformat.read(path, as_version=4)
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, errors
+    return nb
+
+
+def images_in(nb: nbformat.NotebookNode) -> int:
+    return sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_without_outputs_and_one_parameters_cell(name: str) -> None:
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code)
+    tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1 and "interactive = True" in tagged[0].source
+
+
+@pytest.mark.parametrize("interactive", [False, True])
+def test_data_inspection(tmp_path: Path, interactive: bool) -> None:
+    overrides = {"data.synth_train": 6, "data.synth_max_size": 160}
+    nb = execute("01_data_inspection", tmp_path, overrides=overrides, interactive=interactive,
+                 results_json=str(tmp_path / "stats.json"))
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    samples = scan_train(resolve_root(notebook_config("demo", overrides).data, progress=False))
+    counts = np.sum([load_sample(s)[1].class_counts() for s in samples], axis=0)
+    assert stats["images"] == len(samples) == 6
+    assert stats["instances"] == counts.sum()
+    assert [stats["classes"][f"class{k}"]["instances"] for k in range(1, 5)] == counts.tolist()
+    assert images_in(nb) >= (2 if interactive else 3)  # distributions, examples (+ static browser views)
+    widgets = [o for c in nb.cells for o in c.get("outputs", [])
+               if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert bool(widgets) == interactive
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("nb02")
+    nb = execute("02_training", out, overrides=TINY, run_dir=str(out / "run"), interactive=False)
+    assert images_in(nb) >= 2  # the live curves and a prediction beside its ground truth
+    return out / "run"
+
+
+def test_training_records_its_run(trained_run: Path) -> None:
+    summary = json.loads((trained_run / "metrics.json").read_text())
+    lines = [json.loads(x) for x in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert summary["epochs_run"] == len(lines) == 1
+    rescored = coco_evaluate(trained_run / "val_gt.json", trained_run / "val_predictions.json", max_dets=100)
+    assert summary["best_val_ap50"] == pytest.approx(rescored.ap50, abs=1e-9)
+    assert (trained_run / "checkpoints" / "best.pth").is_file()
+
+
+def test_error_analysis(trained_run: Path, tmp_path: Path) -> None:
+    execute("04_error_analysis", tmp_path, run_dir=str(trained_run), interactive=True, n_worst=2,
+            results_json=str(tmp_path / "errors.json"))
+    numbers = json.loads((tmp_path / "errors.json").read_text())
+    rescored = coco_evaluate(trained_run / "val_gt.json", trained_run / "val_predictions.json", max_dets=100)
+    assert numbers["ap50"] == pytest.approx(rescored.ap50, abs=1e-9)
+    assert all(v >= -1e-12 for v in numbers["ap50_gain"].values())
+    preds = json.loads((trained_run / "val_predictions.json").read_text())
+    counted = sum(v for k, v in numbers["counts"].items() if k not in ("miss",))
+    assert counted == len(preds)
+    assert 1 <= len(numbers["worst"]) <= 2
+
+
+def test_ablation_grid(tmp_path: Path) -> None:
+    grid = {"name": "nb", "config": "demo", "overrides": TINY, "grid": {"train.scheduler": ["constant", "cosine"]}}
+    nb = execute("03_ablation", tmp_path, grid=grid, out_dir=str(tmp_path / "grid"), jobs=2, interactive=False,
+                 results_json=str(tmp_path / "rows.json"))
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert sorted(r["name"] for r in rows) == ["constant", "cosine"]
+    for r in rows:
+        summary = json.loads((Path(r["run_dir"]) / "metrics.json").read_text())
+        assert r["status"] == "ok" and r["best_val_ap50"] == pytest.approx(summary["best_val_ap50"])
+        assert r["scheduler"] == r["name"]
+    assert images_in(nb) == 2  # bar chart and curves
