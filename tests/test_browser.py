@@ -115,6 +115,8 @@ def test_mask_browser_renders_in_jupyterlab(jupyterlab: str, tmp_path: Path) -> 
             widget.scroll_into_view_if_needed()
             page.screenshot(path=str(tmp_path / "mask_browser.png"), full_page=True)
             assert (tmp_path / "mask_browser.png").stat().st_size > 20_000
+            if os.environ.get("CELLKIT_SCREENSHOT_DIR"):  # docs/make_figures.py browser
+                widget.screenshot(path=str(Path(os.environ["CELLKIT_SCREENSHOT_DIR"]) / "tour_browser.png"))
             errors = page.query_selector_all(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr'] .ansi-red-fg")
             assert not errors, [e.inner_text()[:500] for e in errors]
         finally:

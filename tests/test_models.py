@@ -109,6 +109,12 @@ def test_backbone_trains_predicts_and_round_trips(name: str) -> None:
     model = build_model(cfg)
     assert isinstance(model, MaskRCNN)
     assert 0 < count_trainable_parameters(model) < 200_000_000
+    # the RoI poolers' fixed scales must be the backbone's real strides
+    spec = create_backbone(cfg.model)
+    with torch.no_grad():
+        feats = model.eval().backbone(torch.zeros(1, 3, size, size))
+    assert [feats[k].shape[-1] for k in spec.featmap_names] == [size // s for s in spec.strides]
+    assert model.roi_heads.box_roi_pool.scales == [1 / s for s in spec.strides]
 
     model.train()
     losses = model([image(size)], [cell_target(size)])
@@ -133,6 +139,22 @@ def test_backbone_trains_predicts_and_round_trips(name: str) -> None:
     again = eval_outputs(fresh, image(size, seed=1))
     for key in ("boxes", "scores", "labels", "masks"):
         assert torch.equal(out[key], again[key]), key
+
+
+def test_a_tiny_first_image_does_not_break_later_predictions() -> None:
+    # torchvision's pooler infers its scales from the first batch and keeps them; a 33 x 35 px
+    # first image (the real test set has one) made it pool every later image from the wrong level
+    torch.manual_seed(0)
+    cfg = small_cfg("resnet18")
+    model = build_model(cfg).eval()
+    fresh = build_model(cfg).eval()
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        model([torch.rand(3, 33, 35)])
+        after_tiny = model([image(160, seed=3)])[0]
+        direct = fresh([image(160, seed=3)])[0]
+    for key in ("boxes", "scores", "labels"):
+        assert torch.equal(after_tiny[key], direct[key]), key
 
 
 def test_registry_lists_the_ablation_rows_and_small_backbones() -> None:

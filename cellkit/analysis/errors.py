@@ -83,7 +83,7 @@ from pycocotools import mask as mask_utils
 
 from ..engine.coco_inputs import GroundTruth, load_ground_truth, load_predictions, sanitize_predictions, to_rle
 from ..errors import CellkitError
-from .cellmetrics import match_masks
+from .cellmetrics import ClassCounts, match_masks
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine.evaluate import EvalResult
@@ -821,31 +821,14 @@ def recall_by_size(
 # per image
 
 
-@dataclass
-class ImageScore:
-    """Operating-point counts of one image (one-to-one matching within each class)."""
+@dataclass(kw_only=True)
+class ImageScore(ClassCounts):
+    """Operating-point counts of one image (one-to-one matching within each class): ``tp``, ``fp``,
+    ``fn`` and the ratios of :class:`~cellkit.analysis.cellmetrics.ClassCounts` (NaN where undefined)."""
 
     image_id: int
     file_name: str
-    tp: int
-    fp: int
-    fn: int
     n_gt: int
-
-    @property
-    def precision(self) -> float:
-        """TP / (TP + FP), NaN without predictions."""
-        return _ratio(self.tp, self.tp + self.fp)
-
-    @property
-    def recall(self) -> float:
-        """TP / (TP + FN), NaN without ground truth."""
-        return _ratio(self.tp, self.tp + self.fn)
-
-    @property
-    def f1(self) -> float:
-        """2 TP / (2 TP + FP + FN), NaN for an image with neither instances nor predictions."""
-        return _ratio(2 * self.tp, 2 * self.tp + self.fp + self.fn)
 
     @property
     def errors(self) -> int:
@@ -890,8 +873,8 @@ def per_image(
         n_gt[int(a["image_id"])] += 1
         if not om.gt_found[j]:
             fn[int(a["image_id"])] += 1
-    out = [ImageScore(int(im["id"]), str(im.get("file_name", "")), tp[int(im["id"])], fp[int(im["id"])],
-                      fn[int(im["id"])], n_gt[int(im["id"])]) for im in ground.dataset["images"]]
+    out = [ImageScore(image_id=int(im["id"]), file_name=str(im.get("file_name", "")), tp=tp[int(im["id"])],
+                      fp=fp[int(im["id"])], fn=fn[int(im["id"])], n_gt=n_gt[int(im["id"])]) for im in ground.dataset["images"]]
     out.sort(key=lambda s: (math.isnan(s.f1), 0.0 if math.isnan(s.f1) else s.f1, -s.errors, s.image_id))
     return out
 
@@ -929,10 +912,6 @@ def status_instances(
 
 # --------------------------------------------------------------------------------------------
 # helpers
-
-
-def _ratio(a: float, b: float) -> float:
-    return float(a) / b if b else float("nan")
 
 
 def _nan_none(x: float) -> float | None:

@@ -6,6 +6,8 @@ generator, RPN, RoI heads, poolers, transform), and tests read every value back 
 """
 from __future__ import annotations
 
+import math
+
 from torch import nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -13,6 +15,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.poolers import initLevelMapper
 
 from ..config import Config, ModelConfig
 from ..errors import ConfigError
@@ -79,8 +82,8 @@ def assemble(spec: BackboneSpec, m: ModelConfig) -> MaskRCNN:
     anchors = AnchorGenerator(tuple((s,) for s in m.anchor_sizes), (tuple(m.aspect_ratios),) * levels)
     rpn_head = RPNHead(out, anchors.num_anchors_per_location()[0], conv_depth=2 if v2 else 1)
     names = list(spec.featmap_names)
-    box_roi_pool = MultiScaleRoIAlign(featmap_names=names, output_size=BOX_ROI_SIZE, sampling_ratio=2)
-    mask_roi_pool = MultiScaleRoIAlign(featmap_names=names, output_size=m.mask_roi_size, sampling_ratio=2)
+    box_roi_pool = fixed_scale_pooler(names, spec.strides, BOX_ROI_SIZE)
+    mask_roi_pool = fixed_scale_pooler(names, spec.strides, m.mask_roi_size)
     if v2:
         box_head: nn.Module = FastRCNNConvFCHead(
             (out, BOX_ROI_SIZE, BOX_ROI_SIZE), [256, 256, 256, 256], [REPRESENTATION], norm_layer=nn.BatchNorm2d
@@ -117,6 +120,25 @@ def assemble(spec: BackboneSpec, m: ModelConfig) -> MaskRCNN:
     if m.mask_loss == "bce+dice":
         model.roi_heads = DiceRoIHeads.from_roi_heads(model.roi_heads, m.dice_weight)
     return model
+
+
+def fixed_scale_pooler(names: list[str], strides: tuple[int, ...], output_size: int) -> MultiScaleRoIAlign:
+    """A ``MultiScaleRoIAlign`` whose level scales are set from the backbone's strides.
+
+    torchvision's pooler infers the scales from the first batch it sees and keeps them: a first
+    image of 33 x 35 px (the real test set has one) makes it infer 1/16 for the stride-32 map,
+    and every later prediction of the model pools from the wrong place. Setting the scales up
+    front makes them independent of the inputs.
+    """
+    if len(strides) != len(names):
+        raise ValueError(f"{len(names)} feature maps but {len(strides)} strides")
+    pool = MultiScaleRoIAlign(featmap_names=names, output_size=output_size, sampling_ratio=2)
+    pool.scales = [1.0 / s for s in strides]
+    pool.map_levels = initLevelMapper(
+        int(math.log2(strides[0])), int(math.log2(strides[-1])),
+        canonical_scale=pool.canonical_scale, canonical_level=pool.canonical_level,
+    )
+    return pool
 
 
 def validate_model_config(m: ModelConfig) -> None:

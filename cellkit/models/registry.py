@@ -42,6 +42,7 @@ class BackboneSpec:
             (None: no COCO weights fit this backbone).
         imagenet: the ImageNet weights ``weights: imagenet`` loads, in words (None: none exist).
         featmap_names: the maps the box and mask RoI poolers read (every level but ``"pool"``).
+        strides: the stride (input px per feature px) of each of ``featmap_names``, finest first.
     """
 
     module: "nn.Module"
@@ -49,6 +50,7 @@ class BackboneSpec:
     coco: "WeightsEnum | None" = None
     imagenet: str | None = None
     featmap_names: tuple[str, ...] = ("0", "1", "2", "3")
+    strides: tuple[int, ...] = (4, 8, 16, 32)
 
     @property
     def num_levels(self) -> int:
