@@ -1,15 +1,23 @@
-"""Trainer throughput against a bare training loop over the same model and batches.
+"""Trainer throughput against a bare training loop over the same model and batches, and a GPU sweep.
 
-The bare loop is ``model(images, targets) -> sum(losses).backward() -> optimizer.step()``; the
-Trainer adds loss bookkeeping, the non-finite check, the progress bar and the schedule. Both see
-the same precomputed batches (synthetic 256 px crops) in the same order. Target on CPU: the
-Trainer keeps >= 95 % of the bare loop's images/s.
+Default (CPU): the bare loop is ``model(images, targets) -> sum(losses).backward() ->
+optimizer.step()``; the Trainer adds loss bookkeeping, the non-finite check, the progress bar and
+the schedule. Both see the same precomputed batches (synthetic crops) in the same order,
+interleaved, best of ``--repeats``. Target on CPU: the Trainer keeps >= 95 % of the bare loop's
+images/s.
 
-    python benchmarks/train_throughput.py [--backbone resnet18] [--iters 12] [--batch 2] [--size 256]
+    python benchmarks/train_throughput.py [--backbone resnet18] [--iters 12] [--batch 4] [--size 256]
+
+``--gpu-sweep`` (CUDA): the Trainer alone over sizes x batches x AMP modes x channels_last with
+maskrcnn_resnet50_fpn_v2's design (``--backbone resnet50_v2``), recording images/s and peak GPU
+memory (``torch.cuda.max_memory_allocated``) as JSON lines:
+
+    python benchmarks/train_throughput.py --gpu-sweep --backbone resnet50_v2 --sizes 512 800 --batches 2 4 8
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 
@@ -22,7 +30,7 @@ from cellkit.engine.trainer import Trainer, peak_memory_mb
 
 
 class Frozen(Dataset):
-    """A fixed list of (image, target) samples: both loops train on exactly the same data."""
+    """A fixed list of (image, target) samples: every loop trains on exactly the same data."""
 
     def __init__(self, items: list) -> None:
         self.items = items
@@ -49,41 +57,73 @@ def bare_loop(model: torch.nn.Module, loader: DataLoader, lr: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--backbone", default="resnet18")
-    ap.add_argument("--iters", type=int, default=12)
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-    torch.manual_seed(0)
-    cfg = cellkit.load_config("configs/demo.yaml", {
-        "model.backbone": args.backbone, "train.batch_size": args.batch, "train.eval_every": 0,
-        "train.iters_per_epoch": args.iters, "train.epochs": 1, "data.augment.crop_size": args.size,
-    })
-    trainer = Trainer(cfg, None, progress=False)
+def make_trainer(args: argparse.Namespace, size: int, batch: int, **extra: object) -> tuple[Trainer, DataLoader]:
+    overrides = {
+        "model.backbone": args.backbone, "train.batch_size": batch, "train.eval_every": 0,
+        "train.iters_per_epoch": args.iters, "train.epochs": 1, "data.augment.crop_size": size,
+        "data.augment.scale_range": None, "data.synth_max_size": max(512, size), **extra,
+    }
+    trainer = Trainer(cellkit.load_config("demo", overrides), None, progress=False)
     trainer.train_ds.preload(False)
-    items = [trainer.train_ds[i % len(trainer.train_ds)] for i in range(args.iters * args.batch)]
-    loader = DataLoader(Frozen(items), batch_size=args.batch, shuffle=False, collate_fn=collate)
+    torch.manual_seed(0)
+    items = [trainer.train_ds[i % len(trainer.train_ds)] for i in range(args.iters * batch)]
+    loader = DataLoader(Frozen(items), batch_size=batch, shuffle=False, collate_fn=collate)
     trainer._loader = loader
+    return trainer, loader
+
+
+def compare_with_bare_loop(args: argparse.Namespace) -> dict:
+    trainer, loader = make_trainer(args, args.size, args.batch)
     state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    bare_loop(trainer.model, DataLoader(Frozen(items[: 2 * args.batch]), batch_size=args.batch, collate_fn=collate), 1e-4)
-    results = {"bare": [], "trainer": []}
+    warm = DataLoader(Frozen(list(loader.dataset)[: 2 * args.batch]), batch_size=args.batch, collate_fn=collate)
+    bare_loop(trainer.model, warm, 1e-4)
+    results: dict[str, list[float]] = {"bare": [], "trainer": []}
     for _ in range(args.repeats):  # interleaved, so drifts in machine load hit both alike
         trainer.model.load_state_dict(state)
-        results["bare"].append(bare_loop(trainer.model, loader, cfg.train.lr))
+        results["bare"].append(bare_loop(trainer.model, loader, trainer.cfg.train.lr))
         trainer.model.load_state_dict(state)
         results["trainer"].append(trainer.train_one_epoch(0)["images_per_s"])
     best = {k: max(v) for k, v in results.items()}
     mem, kind = peak_memory_mb(trainer.device)
-    out = {
+    return {
         "backbone": args.backbone, "batch": args.batch, "size": args.size, "iters": args.iters,
         "threads": torch.get_num_threads(), "device": str(trainer.device),
         "bare_images_per_s": best["bare"], "trainer_images_per_s": best["trainer"],
         "ratio": best["trainer"] / best["bare"], "runs": results, f"peak_mem_mb_{kind}": mem,
     }
-    print(json.dumps(out, indent=1))
+
+
+def gpu_sweep(args: argparse.Namespace) -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("--gpu-sweep needs CUDA")
+    for size, batch, amp, cl in itertools.product(args.sizes, args.batches, args.amps, (False, True)):
+        trainer, _ = make_trainer(args, size, batch, **{"train.amp": amp, "train.channels_last": cl,
+                                                        "model.scale": 1.0, "model.max_size": 2048})
+        trainer.train_one_epoch(0)  # warm-up (cudnn autotuning, allocator)
+        m = trainer.train_one_epoch(0)
+        print(json.dumps({"backbone": args.backbone, "size": size, "batch": batch, "amp": amp, "channels_last": cl,
+                          "images_per_s": round(m["images_per_s"], 2), "peak_gpu_mb": round(m["peak_mem_mb"]),
+                          "gpu": torch.cuda.get_device_name()}), flush=True)
+        del trainer
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="resnet18")
+    ap.add_argument("--iters", type=int, default=12)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--gpu-sweep", action="store_true")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[512, 800])
+    ap.add_argument("--batches", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--amps", nargs="+", default=["off", "fp16", "bf16"])
+    args = ap.parse_args()
+    if args.gpu_sweep:
+        gpu_sweep(args)
+    else:
+        print(json.dumps(compare_with_bare_loop(args), indent=1))
 
 
 if __name__ == "__main__":

@@ -120,28 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# modules that each define ``add_commands(subparsers)`` for their own subcommands
-ENGINE_COMMAND_MODULES = (
-    "cellkit.engine.train_cli",  # train
-    "cellkit.engine.eval_cli",  # evaluate, check-submission
-    "cellkit.engine.predict_cli",  # predict, tune-thresholds
-    "cellkit.models.cli",  # models
-    "cellkit.ablation_cli",  # ablate
-)
-
-
 def _add_engine_commands(sub: Any) -> None:
-    """Subcommands of the engine, analysis and ablation modules (each adds its own arguments)."""
-    import importlib
+    """Subcommands defined next to what they run; each module adds its own arguments and keeps
+    its heavy imports (torch, ...) inside the command functions, so ``cellkit --help`` stays fast."""
+    from . import ablation_cli
+    from .engine import eval_cli, predict_cli, train_cli
+    from .models import cli as models_cli
 
-    for module in ENGINE_COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        mod.add_commands(sub)
+    for module in (train_cli, eval_cli, predict_cli, models_cli, ablation_cli):
+        module.add_commands(sub)
 
 
 def _version() -> str:

@@ -103,7 +103,7 @@ def ablation(args: argparse.Namespace) -> None:
     from cellkit.viz.ablation_plots import plot_ablation_bars, plot_ablation_curves
 
     grid = {"name": "readme", "config": "demo",
-            "overrides": {"train.epochs": 4, "train.eval_every": 1, "train.iters_per_epoch": 6},
+            "overrides": {"train.epochs": 4, "train.eval_every": 2, "train.iters_per_epoch": 6},
             "grid": {"model.backbone": ["resnet18", "mobilenet_v3_large"], "train.scheduler": ["constant", "cosine"]}}
     rows = run_grid(grid, REPO / "runs" / "grids" / "readme", jobs=1)
     fig = plot_ablation_bars(rows, "demo recipe, 4 short epochs")
@@ -126,7 +126,8 @@ def errors(args: argparse.Namespace) -> None:
     _save(P.plot_confusion_matrix(E.confusion_matrix(gt, preds)), "tour_04_confusion.png")
     worst = E.per_image(gt, preds)[:1]
     val = CellDataset(train_val_samples(cfg.data, progress=False)[1])
-    browser = error_browser(val, gt, preds, [s.image_id for s in worst], notes={s.image_id: s.title() for s in worst})
+    notes = {s.image_id: f"F1 {s.f1:.2f}: TP {s.tp}, FP {s.fp}, FN {s.fn}" for s in worst}
+    browser = error_browser(val, gt, preds, [s.image_id for s in worst], notes=notes)
     _save(browser.figure(0), "tour_04_worst.png")
 
 

@@ -49,6 +49,10 @@ def jupyterlab(tmp_path: Path):
     port = _free_port()
     env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"), "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
            "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces")}
+    labconfig = tmp_path / "config" / "labconfig"
+    labconfig.mkdir(parents=True)  # no "get notified about Jupyter news?" toast over the widget
+    (labconfig / "page_config.json").write_text(
+        json.dumps({"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}))
     root = tmp_path / "lab"
     root.mkdir()
     _small_notebook(root)
@@ -92,14 +96,29 @@ def test_mask_browser_renders_in_jupyterlab(jupyterlab: str, tmp_path: Path) -> 
                   "--disable-component-update", "--disable-sync"],
         )
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page = browser.new_page(viewport={"width": 1400, "height": 1500})
             page.goto(f"{jupyterlab}/lab/tree/01_data_inspection.ipynb?token={TOKEN}")
             page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=120_000)
-            # wait for the kernel, then Run > Run All Cells
+            # wait for the kernel, then Run > Run All Cells; the indicator can read idle before the
+            # kernel connection is up, so a click that starts no cell is made again
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
-            page.get_by_role("menuitem", name="Run", exact=True).click()
-            page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
-            widget = page.wait_for_selector(".cellkit-mask-browser", timeout=240_000)
+            started = "() => [...document.querySelectorAll('.jp-InputPrompt')].some(p => /\\[(\\*|\\d+)\\]/.test(p.textContent))"
+            for attempt in range(4):
+                page.get_by_role("menuitem", name="Run", exact=True).click()
+                page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+                try:
+                    page.wait_for_function(started, timeout=20_000)
+                    break
+                except Exception:
+                    if attempt == 3:
+                        raise
+            try:
+                widget = page.wait_for_selector(".cellkit-mask-browser", timeout=240_000)
+            except Exception:
+                page.screenshot(path=str(tmp_path / "failure.png"), full_page=True)
+                outputs = [o.inner_text()[:800] for o in page.query_selector_all(".jp-OutputArea-output")]
+                raise AssertionError(f"the browser widget did not render; screenshot {tmp_path / 'failure.png'}; "
+                                     f"cell outputs: {outputs}") from None
             img = page.wait_for_selector(".cellkit-mask-browser img", timeout=60_000)
             page.wait_for_function("img => img.complete && img.naturalWidth > 100", arg=img, timeout=60_000)
             assert widget.query_selector("select") is not None  # the image picker

@@ -194,7 +194,8 @@ class MaskBrowser:
         s = self.state
         picker = W.Dropdown(options=[(n, i) for i, n in enumerate(self.names())], value=s["index"], description="image")
         toggles = [W.ToggleButton(value=True, description=f"class {k}", layout=W.Layout(width="80px"),
-                                  style={"button_color": "#%02x%02x%02x" % CLASS_COLORS.get(k, (200, 200, 200))})
+                                  style={"text_color": "#%02x%02x%02x" % CLASS_COLORS.get(k, (60, 60, 60)),
+                                         "font_weight": "bold"})
                    for k in range(1, self.num_classes + 1)]
         mode = W.ToggleButtons(options=["outline", "fill", "both"], value=s["mode"], description="draw")
         zoom = W.FloatSlider(value=1.0, min=1.0, max=8.0, step=0.5, description="zoom")
