@@ -134,3 +134,13 @@ def test_uint16_images_scale_to_unit_range(tmp_path: Path, fixture_copy: Path) -
     tifffile.imwrite(path, rgb, photometric="rgb")
     img, _ = CellDataset(scan_train(fixture_copy))[0]
     np.testing.assert_allclose(img.mean((1, 2)).numpy(), [0.687, 0.592, 0.627], atol=1e-3)
+
+
+def test_images_only_reads_no_label_maps(fixture_copy: Path) -> None:
+    from cellkit.engine.validate import ImagesOnly
+
+    ds = CellDataset(scan_train(fixture_copy), cache=False)
+    for p in (fixture_copy / "train/sample-0001").glob("class*.tif"):
+        p.write_bytes(b"broken")  # prediction must not need (or decode) the label maps
+    img, meta = ImagesOnly(ds)[0]
+    assert img.shape == (3, 397, 482) and meta == {"image_id": 1}

@@ -24,7 +24,7 @@ from cellkit.engine.postprocess import Detections
 from cellkit.engine.predict import (
     finalize, merge_views, predict_image, predict_images, raw_detections, scaled_input_size, tta_views,
 )
-from cellkit.engine.tiling import dedupe_tiles, merge_tiles, place_tile, tile_grid, tile_starts
+from cellkit.engine.tiling import dedupe_tiles, place_tile, tile_grid, tile_starts
 from cellkit.engine.tune import find_thresholds, load_thresholds, tune_thresholds, write_thresholds
 from predict_helpers import gt_detections, instance_ids, tiny_model
 
@@ -186,7 +186,7 @@ def tiled_gt(owner: np.ndarray, classes: list[int], tile: int, overlap: int) -> 
     parts, tiles = [], tile_grid(*owner.shape, tile, overlap)
     for k, t in enumerate(tiles):
         parts.append(place_tile(gt_detections(owner[t.y0 : t.y1, t.x0 : t.x1], classes, seed=k), t, k))
-    return merge_tiles(parts), tiles
+    return Detections.cat(parts), tiles
 
 
 def cells_cut(owner: np.ndarray, tiles: list) -> int:
@@ -257,6 +257,26 @@ def test_tiled_prediction_end_to_end(model):
     entries = predict_image(model, img, cfg, image_id=4)
     check_entries(entries, 4, 300, 260)
     assert 0 < len(entries) <= 4 * 15  # 4 tiles of at most 15 detections, cores only
+
+
+def test_fixed_scale_models_tile_what_max_size_would_shrink():
+    # at scale 2 with max_size 256 an image longer than 128 px would be shrunk below the training
+    # scale by the cap; it is tiled instead, in tiles that fit
+    import cellkit
+    from cellkit.engine.predict import detect, tiling_limits
+
+    cfg = load_config(None, {"model.backbone": "resnet18", "model.resize_mode": "fixed_scale", "model.scale": 2.0,
+                             "model.max_size": 256, "model.box_detections_per_img": 10,
+                             "model.rpn_pre_nms_top_n_test": 50, "model.rpn_post_nms_top_n_test": 20})
+    torch.manual_seed(0)
+    m = cellkit.build_model(cfg).eval()
+    pc = PredictConfig(tile_size=1024, tile_overlap=32, tile_above=1400)
+    assert tiling_limits(m, pc) == (128, 128)
+    assert tiling_limits(m, PredictConfig(tile_size=None)) == (None, 1400)
+    big, small = torch.rand(3, 200, 150), torch.rand(3, 120, 100)
+    assert detect(m, [big], pc)[0].tile is not None
+    assert detect(m, [small], pc)[0].tile is None
+    assert m.transform.scale_factor(128, 100) == 2.0 and m.transform.scale_factor(200, 150) < 2.0
 
 
 def test_predict_images_over_test_dataset(model, synth_root):

@@ -84,6 +84,14 @@ def test_run_directory_and_lr_read_back(tmp_path: Path) -> None:
     gt = json.loads((run / "val_gt.json").read_text())
     assert len(gt["images"]) == 2 and gt["annotations"]
 
+    # evaluating another checkpoint leaves the best epoch's predictions (what notebook 04 reads) alone
+    from cellkit.engine.run_eval import evaluate_run
+
+    before = (run / "val_predictions.json").read_bytes()
+    report = evaluate_run(run, checkpoint="last", iou_types=("segm",), cell_metrics=False, progress=False)
+    assert (run / "val_predictions.json").read_bytes() == before
+    assert (run / "val_predictions_last.json").is_file() and report.cells is None
+
 
 def test_plateau_decays_hold_in_a_real_run(tmp_path: Path) -> None:
     # patience 0: every epoch without a new best decays the lr; the run's lrs must follow the

@@ -230,11 +230,6 @@ class Matching:
     gt_kind: np.ndarray = field(repr=False)
     gt_pred_index: np.ndarray = field(repr=False)
 
-    @property
-    def gt_matched(self) -> np.ndarray:
-        """``(G,)`` bool: matched by a true positive."""
-        return self.gt_kind == "tp"
-
     def counts(self) -> dict[str, int]:
         """``{"tp", "cls", "loc", "both", "dupe", "bkg", "miss", "ignored", "beyond_cap"}`` -> count."""
         out = {"tp": int(np.sum(self.kind == "tp"))}

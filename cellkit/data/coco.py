@@ -1,8 +1,6 @@
 """COCO ground truth from the dataset: RLE encoding, conversion and the train/validation files."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 from pathlib import Path
@@ -11,7 +9,6 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import scipy.ndimage as ndi
 from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
 
 from ..progress import bar
 from .instances import LabelMaps, load_sample
@@ -145,12 +142,3 @@ def convert(
     train_path = write_json(build_coco(train, num_classes, progress), out / "train_gt.json")
     val_path = write_json(build_coco(val, num_classes, progress), out / "val_gt.json")
     return train_path, val_path
-
-
-def coco_from_dict(dataset: dict[str, Any]) -> COCO:
-    """A pycocotools ``COCO`` built from a dict, without its progress prints."""
-    coco = COCO()
-    coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco

@@ -65,6 +65,10 @@ class CellDataset(Dataset):
             self._cache[index] = item
         return item
 
+    def cached(self, index: int) -> tuple[np.ndarray, LabelMaps] | None:
+        """The cached decoded sample, or None when it has not been decoded (or caching is off)."""
+        return self._cache.get(index)
+
     def preload(self, progress: bool = True) -> int:
         """Decode every sample into the cache (before DataLoader workers fork, so they share it).
 

@@ -107,7 +107,6 @@ class GroundTruth:
 
             from pycocotools.coco import COCO
 
-            # not cellkit.data.coco.coco_from_dict: importing cellkit.data pulls in torch
             coco = COCO()
             coco.dataset = self.dataset
             with contextlib.redirect_stdout(io.StringIO()):

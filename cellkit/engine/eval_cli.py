@@ -75,7 +75,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         report = evaluate_run(
             args.run, checkpoint=args.checkpoint, max_dets=args.max_dets, backend=args.backend, iou_types=iou_types,
-            score_threshold=args.score_threshold, progress=not args.no_progress and not args.json,
+            score_threshold=args.score_threshold, iou_threshold=args.iou_threshold,
+            cell_metrics=not args.no_cell_metrics, progress=not args.no_progress and not args.json,
         )
     else:
         if not (args.gt and args.pred):

@@ -185,6 +185,25 @@ def merge_views(views: Sequence[Detections], cfg: PredictConfig, height: int, wi
 # images (tiled when large) -> merged detections
 
 
+def tiling_limits(models: Models, cfg: PredictConfig) -> tuple[int | None, int]:
+    """``(tile size, tile above)`` for ``cfg`` and these models.
+
+    A fixed-scale model (cellkit's ``ResizeTransform`` with ``resize_mode: fixed_scale``) shrinks
+    an image whose longer side exceeds ``max_size / scale`` below its training scale (the
+    ``max_size`` cap wins), so such images are tiled instead, in tiles that fit: the cells keep
+    the size the model learnt whatever the image size.
+    """
+    tile, above = cfg.tile_size, cfg.tile_above
+    if tile is None:
+        return None, above
+    for model in _as_list(models):
+        t = model.transform
+        if getattr(t, "resize_mode", None) == "fixed_scale":
+            fit = int(t.max_size / t.scale)
+            tile, above = min(tile, fit), min(above, fit)
+    return tile, above
+
+
 def detect(models: Models, images: Sequence[Tensor], cfg: PredictConfig) -> list[Detections]:
     """Merged detections of each image, before thresholds and pasting (CPU, image pixels).
 
@@ -196,10 +215,11 @@ def detect(models: Models, images: Sequence[Tensor], cfg: PredictConfig) -> list
     """
     crops: list[Tensor] = []
     owners: list[tuple[int, int, Any]] = []  # (image index, tile index, Tile or None)
+    tile_size, tile_above = tiling_limits(models, cfg)
     for i, img in enumerate(images):
         h, w = int(img.shape[-2]), int(img.shape[-1])
-        if needs_tiling(h, w, cfg.tile_size, cfg.tile_above):
-            for t_idx, tile in enumerate(tile_grid(h, w, int(cfg.tile_size), cfg.tile_overlap)):  # type: ignore[arg-type]
+        if needs_tiling(h, w, tile_size, tile_above):
+            for t_idx, tile in enumerate(tile_grid(h, w, int(tile_size), cfg.tile_overlap)):  # type: ignore[arg-type]
                 crops.append(img[:, tile.y0 : tile.y1, tile.x0 : tile.x1])
                 owners.append((i, t_idx, tile))
         else:

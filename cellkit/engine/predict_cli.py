@@ -33,7 +33,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", metavar="FILE", help="default: RUN_DIR/checkpoints/best.pth")
     p.add_argument("--data", metavar="DIR", help="dataset folder, if it moved since training")
     p.add_argument("--metric", default="ap50", choices=("ap50", "ap", "ap75"), help="what to maximise (default ap50)")
-    p.add_argument("--score-grid", type=_floats, metavar="LIST", help="e.g. 0,0.05,0.1,0.3")
+    p.add_argument("--score-grid", type=_floats, metavar="LIST",
+                   help="e.g. 0,0.05,0.1,0.3 (default 0 only: dropping low scores never raises AP)")
     p.add_argument("--mask-grid", type=_floats, metavar="LIST", help="e.g. 0.3,0.4,0.5,0.6")
     p.add_argument("--nms-grid", type=_floats_or_none, metavar="LIST", help="e.g. none,0.3,0.5 (none: no mask NMS)")
     _common(p)
@@ -162,7 +163,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     val = train_val_samples(cfg.data, cfg.model.num_classes, progress)[1]
     if not val:
         raise DataError(run, "the run's configuration has no validation images (data.val_fraction is 0)")
-    gt = build_coco(val, cfg.model.num_classes, progress)
+    gt: Any = run / "val_gt.json" if (run / "val_gt.json").is_file() else build_coco(val, cfg.model.num_classes, progress)
     cached = list(iter_detections(model, ImagesOnly(CellDataset(val, cache=False)), cfg.predict, progress=progress))
     result = tune_thresholds(
         cached, gt, cfg.predict, args.score_grid or DEFAULT_SCORE_GRID, args.mask_grid or DEFAULT_MASK_GRID,

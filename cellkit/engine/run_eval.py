@@ -23,6 +23,8 @@ def evaluate_run(
     backend: str | None = None,
     iou_types: Sequence[str] = ("segm", "bbox"),
     score_threshold: float = 0.5,
+    iou_threshold: float | None = None,
+    cell_metrics: bool = True,
     device: str | None = None,
     save_predictions: bool = True,
     progress: bool = True,
@@ -33,11 +35,13 @@ def evaluate_run(
         run_dir: a training run directory (``config.yaml``, ``checkpoints/best.pth``, ``val_gt.json``).
         checkpoint: ``"best"``, ``"last"`` or a path to a ``.pth`` file.
         max_dets, backend: default to the run config's ``eval.max_dets`` and ``eval.backend``.
-        iou_types, score_threshold: see :func:`~cellkit.engine.evaluate.evaluate_predictions`
-            (the cell-metric IoU threshold is the run config's ``eval.iou_threshold``).
+        iou_types, score_threshold, cell_metrics: see :func:`~cellkit.engine.evaluate.evaluate_predictions`.
+        iou_threshold: IoU of the cell-tool metrics (default: the run config's ``eval.iou_threshold``).
         device: ``cpu``, ``cuda`` ... (default: the run config's ``train.device``; ``auto`` picks CUDA
             when available).
-        save_predictions: write the predictions to ``run_dir/val_predictions.json``.
+        save_predictions: write the predictions to ``run_dir/val_predictions.json`` (the best
+            checkpoint's, which the error-analysis notebook reads) or, for another checkpoint,
+            ``run_dir/val_predictions_<checkpoint name>.json``.
 
     Raises:
         DataError: no such run, checkpoint or validation split.
@@ -68,9 +72,11 @@ def evaluate_run(
     gt: Any = str(gt_path) if gt_path.is_file() else build_coco(val, cfg.model.num_classes, progress)
     preds = predict_images(model, ImagesOnly(CellDataset(val, cache=False)), cfg.predict, progress=progress)
     if save_predictions:
-        write_json(preds, run / "val_predictions.json")
+        name = "val_predictions.json" if checkpoint == "best" else f"val_predictions_{Path(checkpoint).stem}.json"
+        write_json(preds, run / name)
     return evaluate_predictions(
         gt, preds, iou_types=tuple(iou_types),  # type: ignore[arg-type]
         max_dets=max_dets or cfg.eval.max_dets, backend=backend or cfg.eval.backend,  # type: ignore[arg-type]
-        num_classes=cfg.model.num_classes, iou_threshold=cfg.eval.iou_threshold, score_threshold=score_threshold,
+        num_classes=cfg.model.num_classes, cell_metrics=cell_metrics,
+        iou_threshold=cfg.eval.iou_threshold if iou_threshold is None else iou_threshold, score_threshold=score_threshold,
     )

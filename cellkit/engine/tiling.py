@@ -108,11 +108,6 @@ def place_tile(det: Detections, tile: Tile, index: int, margin: float = 2.0) -> 
     return placed.select(keep)
 
 
-def merge_tiles(parts: Sequence[Detections]) -> Detections:
-    """Concatenate :func:`place_tile` outputs of one image."""
-    return Detections.cat(parts)
-
-
 def dedupe_tiles(det: Detections, rles: Sequence[RLE], overlap_thresh: float = 0.5) -> Tensor:
     """Indices of the detections to keep after cross-tile duplicate removal.
 

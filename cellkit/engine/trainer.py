@@ -288,10 +288,19 @@ class Trainer:
         last = epoch + 1 == self.cfg.train.epochs
         if not len(self.val_ds) or every <= 0 or ((epoch + 1) % every and not last):
             return {}
-        result = None
+        result: dict[str, Any] = {}
+        error: Exception | None = None
         if self.dist.is_main:
-            result = self.validate()
-        return dist_utils.broadcast(result)
+            try:
+                result = self.validate()
+            except Exception as e:  # every rank waits in broadcast: tell them, then fail together
+                error, result = e, {"error": f"{type(e).__name__}: {e}"}
+        result = dist_utils.broadcast(result)
+        if error is not None:
+            raise error
+        if "error" in result:
+            raise TrainingError(f"validation failed on rank 0: {result['error']}")
+        return result
 
     def validate(self) -> dict[str, Any]:
         """Predict the validation split with the current model; COCO segm AP50/AP and timing."""
@@ -381,7 +390,7 @@ class Trainer:
         if not Path(path).is_file():
             self._log(f"nothing to resume at {path}; starting from scratch")
             return
-        ckpt = load_checkpoint(path, map_location=self.device)
+        ckpt = load_checkpoint(path, map_location="cpu")  # load_state_dict moves each tensor where it belongs
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.schedule.load_state_dict(ckpt["scheduler"])

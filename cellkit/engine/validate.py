@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..config import Config
-from ..data import CellDataset, image_to_tensor
+from ..data import CellDataset, image_to_tensor, read_image
 
 
 class ImagesOnly(Dataset):
@@ -21,8 +21,11 @@ class ImagesOnly(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, int]]:
-        image, _ = self.dataset.load(index)
-        return image_to_tensor(image), {"image_id": self.dataset.samples[index].image_id}
+        sample = self.dataset.samples[index]
+        # the decoded image from the dataset's cache when it is there; else only the image file
+        cached = self.dataset.cached(index)
+        image = cached[0] if cached is not None else read_image(sample.image_path)
+        return image_to_tensor(image), {"image_id": sample.image_id}
 
 
 def evaluate_model(
