@@ -35,6 +35,22 @@ def fixture_copy(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def real_gt() -> dict:
+    """COCO ground truth of the real sample: one 397 x 482 image, 2 class-1 and 159 class-2 cells."""
+    from cellkit.data import build_coco, scan_train
+
+    return build_coco(scan_train(FIXTURE), progress=False)
+
+
+@pytest.fixture(scope="session")
+def synth_gt(synth_root: Path) -> dict:
+    """COCO ground truth of the 8 synthetic training images of ``synth_root``."""
+    from cellkit.data import build_coco, scan_train
+
+    return build_coco(scan_train(synth_root), progress=False)
+
+
+@pytest.fixture(scope="session")
 def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic dataset: 8 training and 3 test images of at most 192 px."""
     from cellkit.data.synth import write_synthetic

@@ -25,8 +25,6 @@ from cellkit.analysis.errors import (
     ERROR_TYPES, SPECIAL_TYPES, ap50_vs_score_threshold, confusion_matrix, match_predictions, per_image,
     pr_curves, recall_by_size, score_distributions, status_instances, tide_decomposition,
 )
-from cellkit.data.coco import build_coco
-from cellkit.data.layout import scan_train
 from cellkit.engine.evaluate import coco_evaluate
 from cellkit.errors import CellkitError
 
@@ -35,18 +33,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "data" / "hw3-sample"
 TOL = 1e-9  # faster-coco-eval ("auto") against pycocotools (test_evaluate holds them to this)
-
-
-@pytest.fixture(scope="module")
-def real_gt() -> dict:
-    """The real sample: one 397 x 482 image, 2 class-1 and 159 class-2 cells."""
-    return build_coco(scan_train(FIXTURE), progress=False)
-
-
-@pytest.fixture(scope="module")
-def synth_gt(synth_root: Path) -> dict:
-    """8 synthetic images (classes 1-3; one image without cells)."""
-    return build_coco(scan_train(synth_root), progress=False)
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 from perturb import perturb_predictions, prediction, same, textbook_cocoeval, write
 
-from cellkit.data.coco import build_coco
-from cellkit.data.layout import scan_train
 from cellkit.engine.evaluate import (
     DROP_REASONS, coco_evaluate, evaluate_predictions, faster_coco_eval_available, sanitize_predictions,
 )
@@ -21,18 +19,6 @@ from cellkit.errors import CellkitError, DataError
 
 FIXTURE = Path(__file__).parent / "data" / "hw3-sample"
 AP_KEYS = ("ap50", "ap", "ap75", "ap_small", "ap_medium", "ap_large", "ar")
-
-
-@pytest.fixture(scope="module")
-def real_gt() -> dict:
-    """COCO ground truth of the real sample: one 397 x 482 image, 2 class-1 and 159 class-2 cells."""
-    return build_coco(scan_train(FIXTURE), progress=False)
-
-
-@pytest.fixture(scope="module")
-def synth_gt(synth_root: Path) -> dict:
-    """COCO ground truth of the 8 synthetic training images (all four classes)."""
-    return build_coco(scan_train(synth_root), progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -37,24 +37,21 @@ class BrowserItem:
     note: str = ""
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    def _get(self, key: str, load: Callable[[], Any] | None) -> Any:
+        if load is None:
+            return None
+        if key not in self._cache:
+            self._cache[key] = load()
+        return self._cache[key]
+
     def image(self) -> np.ndarray:
-        if "image" not in self._cache:
-            self._cache["image"] = self.load_image()
-        return self._cache["image"]
+        return self._get("image", self.load_image)
 
     def gt(self) -> list[Instance] | None:
-        if self.load_gt is None:
-            return None
-        if "gt" not in self._cache:
-            self._cache["gt"] = self.load_gt()
-        return self._cache["gt"]
+        return self._get("gt", self.load_gt)
 
     def pred(self) -> list[Instance] | None:
-        if self.load_pred is None:
-            return None
-        if "pred" not in self._cache:
-            self._cache["pred"] = self.load_pred()
-        return self._cache["pred"]
+        return self._get("pred", self.load_pred)
 
 
 def items_from_dataset(dataset: Any, predictions: Iterable[dict[str, Any]] | None = None,
