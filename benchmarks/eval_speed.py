@@ -54,7 +54,8 @@ def make_data(out: Path, n_images: int, dets_per_image: int, seed: int = 0) -> t
     import scipy.ndimage as ndi
     from pycocotools import mask as mask_utils
 
-    from cellkit.data.coco import categories, encode_region, write_json
+    from cellkit.data.coco import categories, write_json
+    from cellkit.evaluation.rle import encode_region
     from cellkit.data.synth import synth_image
 
     rng = np.random.default_rng(seed)
@@ -135,7 +136,7 @@ def run_one(variant: str, gt: str, pred: str, max_dets: int) -> dict:
         p = np.asarray(E.eval["precision"])[0, :, :, 0, 2]
         ap50 = float(np.mean(p[p > -1]))
     else:
-        from cellkit.engine.evaluate import coco_evaluate, evaluate_predictions, faster_coco_eval_available
+        from cellkit.evaluation.coco import coco_evaluate, evaluate_predictions, faster_coco_eval_available
 
         backend = "faster_coco_eval" if variant == "cellkit-fast" or (
             variant == "cellkit-report" and faster_coco_eval_available()) else "pycocotools"
@@ -165,7 +166,7 @@ def main() -> None:
         print(json.dumps(run_one(args.one, args.gt, args.pred, args.max_dets)))
         return
     os.environ.setdefault("CELLKIT_PROGRESS", "0")
-    from cellkit.engine.evaluate import faster_coco_eval_available
+    from cellkit.evaluation.coco import faster_coco_eval_available
 
     variants = [v for v in args.variants.split(",") if v]
     if not faster_coco_eval_available():

@@ -62,7 +62,7 @@ def run_variant(variant: str, n: int, size: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-    from cellkit.data.coco import encode_mask
+    from cellkit.evaluation.rle import encode_mask
     from cellkit.engine.postprocess import paste_and_encode
 
     if variant == "predict":

@@ -64,9 +64,9 @@ def make_trainer(args: argparse.Namespace, size: int, batch: int, **extra: objec
         "data.augment.scale_range": None, "data.synth_max_size": max(512, size), **extra,
     }
     trainer = Trainer(cellkit.load_config("demo", overrides), None, progress=False)
-    trainer.train_ds.preload(False)
+    trainer.train_set.preload(False)
     torch.manual_seed(0)
-    items = [trainer.train_ds[i % len(trainer.train_ds)] for i in range(args.iters * batch)]
+    items = [trainer.train_set[i % len(trainer.train_set)] for i in range(args.iters * batch)]
     loader = DataLoader(Frozen(items), batch_size=batch, shuffle=False, collate_fn=collate)
     trainer._loader = loader
     return trainer, loader

@@ -251,6 +251,37 @@ def expand_grid(
     return out
 
 
+def format_plan(grid: GridSpec, runs: list[RunSpec], actions: list[str], out: Any) -> str:
+    """The dry-run listing: each run, what would happen to it, its config and key settings."""
+    lines = [f"grid {grid.name}: {len(runs)} runs -> {out}",
+             f"notebook: {grid.notebook}" + ("" if grid.notebook.is_file() else "  (MISSING)")]
+    if runs and runs[0].data:
+        lines.append(f"data: {runs[0].data}")
+    common = {k: v for k, v in runs[0].overrides.items() if all(k in r.overrides and r.overrides[k] == v for r in runs)}
+    if common and len(runs) > 1:
+        lines.append("every run: " + " ".join(f"{k}={_short(v)}" for k, v in common.items()))
+    else:
+        common = {}
+    width = max(len(r.name) for r in runs)
+    words = {"skip": "finished, skip", "resume": "resume", "run": "run", "replace": "settings changed, run again"}
+    for r, action in zip(runs, actions):
+        cfg = r.cfg
+        lines.append(f"  {r.name:<{width}}  [{words[action]}]  config {r.config}")
+        if cfg is not None:
+            m, t = cfg.model, cfg.train
+            lines.append(f"  {'':<{width}}    backbone {m.backbone} (attention {attention_of(m.backbone)}), "
+                         f"weights {m.weights}, {t.optimizer} lr {t.lr:g}, "
+                         f"scheduler {scheduler_label(dataclasses.asdict(t))}, {t.epochs} epochs")
+        own = {k: v for k, v in r.overrides.items() if k not in common}
+        if own:
+            lines.append(f"  {'':<{width}}    " + " ".join(f"{k}={_short(v)}" for k, v in own.items()))
+    return "\n".join(lines)
+
+
+def _short(v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(v)
+
+
 # --------------------------------------------------------------------------------------------
 # running
 

@@ -173,6 +173,8 @@ class TrainConfig:
     repeat_threshold: float = 0.3
     """Repeat-factor sampling (LVIS): images with a class seen in fewer than this fraction of images are repeated."""
     eval_every: int = 1
+    hooks: tuple[str, ...] = ()
+    """Extra trainer hooks as import paths ``module:Class`` (appended to the defaults; see ``cellkit.engine.hooks``)."""
     seed: int = 0
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1`` ..."""

@@ -25,8 +25,8 @@ def _step(n: int, text: str) -> None:
 
 def run_demo(out: str | Path, config: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> int:
     """Run the demo into ``out``; returns 0 on success."""
-    from .engine.evaluate import evaluate_predictions
-    from .engine.predict_cli import predict_submission
+    from .evaluation.coco import evaluate_predictions
+    from .engine.submit import predict_submission
     from .engine.trainer import train
 
     t0 = time.time()

@@ -93,13 +93,17 @@ def save_results(obj: Any, path: str | Path | None) -> None:
         p.write_text(json.dumps(obj, indent=1, default=float))
 
 
-def error_browser(dataset: Any, gt: Any, predictions: Any, image_ids: list[int], score_thresh: float = 0.5,
-                  notes: Mapping[int, str] | None = None, num_classes: int = 4) -> Any:
+def error_browser(dataset: Any, analysis: Any, image_ids: list[int], score_thresh: float = 0.5,
+                  notes: Mapping[int, str] | None = None) -> Any:
     """A :class:`~cellkit.viz.browser.MaskBrowser` over ``image_ids`` of ``dataset`` whose predictions
-    are drawn by status: true positives green, false positives red, missed cells (FN) blue."""
-    from .analysis.errors import status_instances
+    are drawn by status: true positives green, false positives red, missed cells (FN) blue.
+
+    Args:
+        analysis: the :class:`~cellkit.evaluation.ErrorAnalysis` of the predictions (its matching
+            at ``score_thresh`` is computed once and shared by every image).
+    """
     from .viz.browser import BrowserItem, MaskBrowser
-    from .viz.overlay import instances_from_label_maps
+    from .viz.overlay import instances_from_coco
 
     index = {s.image_id: i for i, s in enumerate(dataset.samples)}
     items = []
@@ -108,11 +112,10 @@ def error_browser(dataset: Any, gt: Any, predictions: Any, image_ids: list[int],
         items.append(BrowserItem(
             dataset.samples[i].name,
             lambda i=i: dataset.load(i)[0],
-            lambda i=i: instances_from_label_maps(dataset.load(i)[1]),
-            lambda image_id=image_id: status_instances(gt, predictions, image_id, score_thresh=score_thresh,
-                                                       num_classes=num_classes),
+            lambda i=i: list(dataset.load(i)[1].regions()),
+            lambda image_id=image_id: instances_from_coco(analysis.status_entries(image_id, score_thresh)),
             (notes or {}).get(image_id, ""),
         ))
-    browser = MaskBrowser(items, num_classes=num_classes)
+    browser = MaskBrowser(items, num_classes=analysis.num_classes)
     browser.state.update(color_by="status", min_score=0.0, layout="side by side")
     return browser

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 from cellkit.data import CellDataset, load_sample, scan_train, train_val_samples  # noqa: E402
 from cellkit.data.synth import ensure_synthetic  # noqa: E402
-from cellkit.viz.overlay import CLASS_COLORS, instances_from_label_maps, render  # noqa: E402
+from cellkit.viz.overlay import CLASS_COLORS, render  # noqa: E402
 
 DOCS = Path(__file__).resolve().parent
 REPO = DOCS.parent
@@ -54,7 +54,7 @@ def data(args: argparse.Namespace) -> None:
                                               ("synthetic (cellkit synth)", syn_img, syn_maps)]):
         axes[row, 0].imshow(img)
         axes[row, 0].set_title(f"{name}: {img.shape[0]} x {img.shape[1]} px")
-        axes[row, 1].imshow(render(img, instances_from_label_maps(maps), mode="outline"))
+        axes[row, 1].imshow(render(img, list(maps.regions()), mode="outline"))
         axes[row, 1].set_title("instances by class: " + ", ".join(f"c{k + 1} {n}" for k, n in enumerate(maps.class_counts())))
         for ax in axes[row]:
             ax.axis("off")
@@ -114,20 +114,20 @@ def ablation(args: argparse.Namespace) -> None:
 
 def errors(args: argparse.Namespace) -> None:
     """04_error_analysis: TIDE bars and the worst validation image of the demo run."""
-    from cellkit.analysis import errors as E
     from cellkit.config import load_config
+    from cellkit.evaluation import ErrorAnalysis
     from cellkit.viz import error_plots as P
     from cellkit.workbench import error_browser
 
     run = _demo_run(args)
     cfg = load_config(run / "config.yaml")
-    gt, preds = E.prepare(run / "val_gt.json", run / "val_predictions.json")
-    _save(P.plot_tide(E.tide_decomposition(gt, preds)), "tour_04_tide.png")
-    _save(P.plot_confusion_matrix(E.confusion_matrix(gt, preds)), "tour_04_confusion.png")
-    worst = E.per_image(gt, preds)[:1]
+    ea = ErrorAnalysis(run / "val_gt.json", run / "val_predictions.json", max_dets=cfg.eval.max_dets)
+    _save(P.plot_tide(ea.tide()), "tour_04_tide.png")
+    _save(P.plot_confusion_matrix(ea.confusion_matrix()), "tour_04_confusion.png")
+    worst = ea.per_image()[:1]
     val = CellDataset(train_val_samples(cfg.data, progress=False)[1])
     notes = {s.image_id: f"F1 {s.f1:.2f}: TP {s.tp}, FP {s.fp}, FN {s.fn}" for s in worst}
-    browser = error_browser(val, gt, preds, [s.image_id for s in worst], notes=notes)
+    browser = error_browser(val, ea, [s.image_id for s in worst], notes=notes)
     _save(browser.figure(0), "tour_04_worst.png")
 
 

@@ -6,7 +6,7 @@ import scipy.ndimage as ndi
 import torch
 from torchvision.ops import roi_align
 
-from cellkit.engine.postprocess import Detections
+from cellkit.structures import Detections
 
 
 def tiny_model(detections: int = 40, seed: int = 0, num_classes: int = 5) -> torch.nn.Module:
@@ -25,8 +25,10 @@ def tiny_model(detections: int = 40, seed: int = 0, num_classes: int = 5) -> tor
     return model.eval()
 
 
-def gt_detections(owner: np.ndarray, classes: list[int], mask_size: int = 28, seed: int = 0) -> Detections:
-    """Detections that *are* the ground truth of an instance map: one per instance present, box
+def gt_detections(owner: np.ndarray, classes: list[int], mask_size: int = 28, seed: int = 0,
+                  image_id: int = 1) -> Detections:
+    """Detections that *are* the ground truth of an instance map (image ``image_id``, size of
+    ``owner``): one per instance present, box
     in pixel-edge xyxy, mask probabilities from RoIAlign of its binary mask (the target Mask
     R-CNN's mask head learns), random scores in [0.5, 1).
 
@@ -46,11 +48,11 @@ def gt_detections(owner: np.ndarray, classes: list[int], mask_size: int = 28, se
         labels.append(classes[idx])
     n = len(boxes)
     if n == 0:
-        return Detections.empty(mask_size)
+        return Detections.empty(mask_size, image_id, owner.shape)
     rng = np.random.default_rng(seed)
     scores = torch.from_numpy(rng.uniform(0.5, 1.0, n).astype(np.float32))
     return Detections(torch.tensor(boxes, dtype=torch.float32), torch.tensor(labels, dtype=torch.int64), scores,
-                      torch.stack(masks))
+                      torch.stack(masks), image_id=image_id, image_size=(int(owner.shape[0]), int(owner.shape[1])))
 
 
 def instance_ids(owner: np.ndarray) -> list[int]:

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from perturb import prediction
 
-from cellkit.analysis.cellmetrics import cell_metrics, match_masks
-from cellkit.data.coco import build_coco, categories, encode_mask
+from cellkit.evaluation.cellmetrics import cell_metrics, match_masks
+from cellkit.data.coco import build_coco, categories
+from cellkit.evaluation.rle import encode_mask
 from cellkit.data.layout import scan_train
 
 H, W = 96, 128

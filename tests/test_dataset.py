@@ -12,7 +12,8 @@ from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
 
 from cellkit.config import AugmentConfig
-from cellkit.data import CellDataset, build_train_transforms, collate, instances_from_label_maps, scan_train
+from cellkit.data import CellDataset, build_train_transforms, collate, scan_train
+from cellkit.structures import LabelMaps
 from cellkit.data.transforms import RandomCropUpTo, RandomRescale, RandomRot90
 
 
@@ -63,7 +64,7 @@ def test_geometric_augmentation_moves_masks_with_pixels(fixture_root: Path) -> N
     shapes = set()
     for _ in range(12):
         img, lay = tf(image, tv_tensors.Mask(layer))
-        t = instances_from_label_maps(lay.as_subclass(torch.Tensor), torch.from_numpy(maps.labels))
+        t = LabelMaps(lay.as_subclass(torch.Tensor).numpy(), maps.labels).to_target()
         assert torch.equal(t["masks"].amax(0).bool(), img[0] > 0)
         shapes.add(tuple(img.shape[1:]))
     assert shapes == {(200, 200)}
@@ -95,9 +96,9 @@ def test_instances_cut_to_nothing_are_dropped_and_empty_samples_are_valid(fixtur
     _, maps = ds.load(0)
     layer = torch.from_numpy(maps.layers.astype(np.int32))
     crop = layer[:, :3, :3]
-    t = instances_from_label_maps(crop, torch.from_numpy(maps.labels))
+    t = LabelMaps(crop.numpy(), maps.labels).to_target()
     assert len(t["labels"]) == len(torch.unique(crop[crop > 0]))
-    empty = instances_from_label_maps(torch.zeros(1, 8, 9, dtype=torch.int32), torch.zeros(1, dtype=torch.int64))
+    empty = LabelMaps(np.zeros((1, 8, 9), np.int32), np.zeros(1, np.int64)).to_target()
     _check_target(torch.zeros(3, 8, 9), {**empty, "image_id": 1})
     assert empty["boxes"].shape == (0, 4) and empty["masks"].shape == (0, 8, 9)
 
@@ -105,7 +106,7 @@ def test_instances_cut_to_nothing_are_dropped_and_empty_samples_are_valid(fixtur
 def test_empty_sample_trains_mask_rcnn(tmp_path: Path) -> None:
     from torchvision.models.detection import maskrcnn_resnet50_fpn
 
-    empty = instances_from_label_maps(torch.zeros(1, 64, 64, dtype=torch.int32), torch.zeros(1, dtype=torch.int64))
+    empty = LabelMaps(np.zeros((1, 64, 64), np.int32), np.zeros(1, np.int64)).to_target()
     model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=5, min_size=64, max_size=64)
     losses = model([torch.rand(3, 64, 64)], [empty])
     assert all(torch.isfinite(v) for v in losses.values())
@@ -137,7 +138,7 @@ def test_uint16_images_scale_to_unit_range(tmp_path: Path, fixture_copy: Path) -
 
 
 def test_images_only_reads_no_label_maps(fixture_copy: Path) -> None:
-    from cellkit.engine.validate import ImagesOnly
+    from cellkit.engine.split import ImagesOnly
 
     ds = CellDataset(scan_train(fixture_copy), cache=False)
     for p in (fixture_copy / "train/sample-0001").glob("class*.tif"):

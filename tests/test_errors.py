@@ -20,12 +20,12 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from cellkit.analysis.cellmetrics import cell_metrics
-from cellkit.analysis.errors import (
-    ERROR_TYPES, SPECIAL_TYPES, ap50_vs_score_threshold, confusion_matrix, match_predictions, per_image,
-    pr_curves, recall_by_size, score_distributions, status_instances, tide_decomposition,
-)
-from cellkit.engine.evaluate import coco_evaluate
+from cellkit.evaluation.cellmetrics import cell_metrics
+from cellkit.evaluation import ErrorAnalysis
+from cellkit.evaluation.curves import ap50_vs_score_threshold, pr_curves, score_distributions
+from cellkit.evaluation.operating import confusion_matrix, per_image, recall_by_size, status_entries
+from cellkit.evaluation.tide import ERROR_TYPES, SPECIAL_TYPES, match_predictions, tide_decomposition
+from cellkit.evaluation.coco import coco_evaluate
 from cellkit.errors import CellkitError
 
 matplotlib.use("Agg")
@@ -439,7 +439,7 @@ def test_recall_by_size(constructed: dict) -> None:
         recall_by_size(gt, preds, bins=(10, 5))
 
 
-def test_per_image_and_status_instances(synth_gt: dict) -> None:
+def test_per_image_and_status_entries(synth_gt: dict) -> None:
     preds = perturb_predictions(synth_gt, seed=10, fp_per_image=8, p_drop=0.1)
     worst_id = 5
     preds = [p for p in preds if p["image_id"] != worst_id]  # one image without any prediction
@@ -454,13 +454,13 @@ def test_per_image_and_status_instances(synth_gt: dict) -> None:
     for s in scores:
         assert s.n_gt == sum(a["image_id"] == s.image_id for a in synth_gt["annotations"])
     best = scores[-1]
-    insts = status_instances(synth_gt, preds, best.image_id)
-    st = Counter(i.status for i in insts)
+    entries = status_entries(synth_gt, preds, best.image_id)
+    st = Counter(e["status"] for e in entries)
     assert (st["tp"], st["fp"], st["fn"]) == (best.tp, best.fp, best.fn)
-    assert all(i.score == 1.0 for i in insts if i.status == "fn")
+    assert all(e["score"] == 1.0 for e in entries if e["status"] == "fn")
     assert "F1" in best.title()
     with pytest.raises(CellkitError, match="not in the ground truth"):
-        status_instances(synth_gt, preds, 999)
+        status_entries(synth_gt, preds, 999)
 
 
 def test_scores_and_threshold_curve(real_gt: dict) -> None:
@@ -477,6 +477,36 @@ def test_scores_and_threshold_curve(real_gt: dict) -> None:
     aps = [p.ap50 for p in pts]
     assert all(a >= b - 1e-12 for a, b in zip(aps, aps[1:]))  # cutting low scores only loses recall
     assert aps[-1] < aps[0]
+
+
+# --------------------------------------------------------------------------------------------
+# one object for the whole analysis
+
+
+def test_error_analysis_answers_from_one_matching(constructed: dict) -> None:
+    gt, preds, _ = constructed["synth"]
+    ea = ErrorAnalysis(gt, preds, max_dets=1000, backend="pycocotools")
+    rep = ea.tide()
+    assert ea.tide() is rep and rep.matching is ea.matching  # matched once, reused
+    ref = tide_decomposition(gt, preds, backend="pycocotools")
+    assert rep.base_ap == pytest.approx(ref.base_ap, abs=1e-12) and rep.counts == ref.counts
+    assert rep.fixed_ap == pytest.approx(ref.fixed_ap, abs=1e-12)
+    assert ea.ap50 == pytest.approx(coco_evaluate(gt, preds).ap50, abs=TOL)
+    for name, (rec, prec) in pr_curves(gt, preds, backend="pycocotools").items():
+        np.testing.assert_allclose(ea.pr_curves()[name][1], prec, equal_nan=True)
+    np.testing.assert_array_equal(ea.confusion_matrix(0.5), confusion_matrix(gt, preds, score_thresh=0.5))
+    np.testing.assert_array_equal(ea.recall_by_size(0.5).n_found, recall_by_size(gt, preds, score_thresh=0.5).n_found)
+    assert [(s.image_id, s.tp, s.fp, s.fn) for s in ea.per_image(0.5)] == \
+        [(s.image_id, s.tp, s.fp, s.fn) for s in per_image(gt, preds, score_thresh=0.5)]
+    om = ea.operating(0.5)
+    assert ea.operating(0.5) is om  # one operating-point matching per setting
+    image_id = ea.per_image(0.5)[0].image_id
+    assert ea.status_entries(image_id, 0.5) == status_entries(gt, preds, image_id, score_thresh=0.5)
+    pts = ea.ap50_vs_score_threshold((0.0, 0.5))
+    assert [p.ap50 for p in pts] == pytest.approx([p.ap50 for p in ap50_vs_score_threshold(gt, preds, (0.0, 0.5))],
+                                                  abs=TOL)
+    tp, fp = ea.score_distributions()
+    assert len(tp) == rep.counts["tp"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,12 +540,12 @@ def test_figures(constructed: dict, synth_root: Path) -> None:
         assert widths == pytest.approx([max(rep.delta[t], 0) for t in ERROR_TYPES], abs=1e-12)
         # the gallery: the worst images, TP/FP/FN in their colours
         from cellkit.data.io import read_image
-        from cellkit.viz.overlay import STATUS_COLORS
+        from cellkit.viz.overlay import STATUS_COLORS, instances_from_coco
 
         worst = per_image(gt, preds)[:2]
         files = {im["id"]: im["file_name"] for im in gt["images"]}
         images = [read_image(synth_root / "train" / files[s.image_id]) for s in worst]
-        insts = [status_instances(gt, preds, s.image_id) for s in worst]
+        insts = [instances_from_coco(status_entries(gt, preds, s.image_id)) for s in worst]
         fig = ep.worst_images_figure(images, insts, [s.title() for s in worst], ncols=2)
         figs.append(fig)
         assert len([ax for ax in fig.axes if ax.images]) == 2

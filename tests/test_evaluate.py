@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from perturb import perturb_predictions, prediction, same, textbook_cocoeval, write
 
-from cellkit.engine.evaluate import (
+from cellkit.evaluation.coco import (
     DROP_REASONS, coco_evaluate, evaluate_predictions, faster_coco_eval_available, sanitize_predictions,
 )
 from cellkit.errors import CellkitError, DataError

@@ -15,6 +15,7 @@ from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from cellkit import load_config
 from cellkit.config import Config
-from cellkit.data import instances_from_label_maps
+from cellkit.structures import LabelMaps
 from cellkit.errors import CellkitError, ConfigError
 from cellkit.models import (
     BackboneSpec,
@@ -82,7 +83,7 @@ def cell_target(size: int, classes: tuple[int, int, int] = (1, 2, 4)) -> dict[st
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
     for i, (cy, cx, r) in enumerate([(0.3, 0.3, 0.12), (0.3, 0.52, 0.1), (0.7, 0.6, 0.15)], start=1):
         layer[0][(yy - cy * size) ** 2 + (xx - cx * size) ** 2 <= (r * size) ** 2] = i
-    return instances_from_label_maps(layer, torch.tensor([0, *classes]))
+    return LabelMaps(layer.numpy(), np.array([0, *classes])).to_target()
 
 
 def image(size: int, seed: int = 0) -> torch.Tensor:

@@ -12,7 +12,7 @@ import papermill as pm
 import pytest
 
 from cellkit.data import load_sample, resolve_root, scan_train
-from cellkit.engine.evaluate import coco_evaluate
+from cellkit.evaluation.coco import coco_evaluate
 from cellkit.workbench import notebook_config
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"

@@ -10,12 +10,14 @@ from pycocotools import mask as mask_utils
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from cellkit.data import image_to_tensor, read_image, scan_train
-from cellkit.data.coco import encode_mask
+from cellkit.evaluation.rle import encode_mask
 from cellkit.data.synth import synth_image
 from cellkit.engine.postprocess import (
-    Detections, DropCounts, detections_to_coco, encode_region, flip_detections, flip_image, mask_nms,
-    paste_and_encode, resample_masks, rle_areas, weighted_fusion,
+    DropCounts, detections_to_coco, flip_detections, flip_image, mask_nms, paste_and_encode, resample_masks,
+    weighted_fusion,
 )
+from cellkit.evaluation.rle import encode_region, rle_areas
+from cellkit.structures import Detections
 from cellkit.engine.predict import raw_detections
 from predict_helpers import gt_detections, tiny_model
 

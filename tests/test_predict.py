@@ -18,9 +18,10 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 from cellkit.config import PredictConfig, load_config
 from cellkit.errors import ConfigError
 from cellkit.data import image_to_tensor, read_test_index
-from cellkit.data.coco import categories, encode_mask
+from cellkit.data.coco import categories
+from cellkit.evaluation.rle import encode_mask
 from cellkit.data.synth import synth_image
-from cellkit.engine.postprocess import Detections
+from cellkit.structures import Detections
 from cellkit.engine.predict import (
     finalize, merge_views, predict_image, predict_images, raw_detections, scaled_input_size, tta_views,
 )
@@ -214,7 +215,8 @@ def test_tiled_detections_count_every_cell_once(overlap):
         assert len(merged) == len(ids)
     else:  # some cells span the whole overlap: both tiles keep a part; the mask dedupe removes one
         assert len(merged) > len(ids)
-    entries = finalize(merged, h, w, 1, PredictConfig(tile_size=192, tile_overlap=overlap, tile_above=100))
+    merged = merged.replace(image_id=1, image_size=(h, w))
+    entries = finalize(merged, PredictConfig(tile_size=192, tile_overlap=overlap, tile_above=100))
     gt = [encode_mask(owner == i) for i in ids]
     ious = mask_utils.iou([e["segmentation"] for e in entries], gt, [0] * len(gt))
     match = ious > 0.5
@@ -224,7 +226,7 @@ def test_tiled_detections_count_every_cell_once(overlap):
     assert [entries[found[j]]["category_id"] for j in range(len(ids))] == [classes[i - 1] for i in ids]
     best = ious.max(axis=0)
     if overlap == 96:  # and whole: as good as the same detections found on the untiled image
-        untiled = finalize(gt_detections(owner, classes), h, w, 1, PredictConfig(tile_size=None))
+        untiled = finalize(gt_detections(owner, classes), PredictConfig(tile_size=None))
         ref = mask_utils.iou([e["segmentation"] for e in untiled], gt, [0] * len(gt)).max(axis=0)
         assert (best >= ref - 0.01).all()
         # IoU > 0.9 except where a 28 x 28 mask cannot hold the cell (thin spindles, slivers at the image border)
@@ -235,10 +237,11 @@ def test_dedupe_tiles_prefers_detections_away_from_borders():
     rng = np.random.default_rng(12)
     _, owner, classes = synth_image(rng, 300, 320)
     merged, _ = tiled_gt(owner, classes, 160, 16)
-    entries = finalize(merged, *owner.shape, 1, PredictConfig())
+    merged = merged.replace(image_id=1, image_size=owner.shape)
+    entries = finalize(merged, PredictConfig())
     from cellkit.engine.predict import encode_detections
 
-    det, rles, _ = encode_detections(merged, *owner.shape, 0.5)
+    det, rles, _ = encode_detections(merged, 0.5)
     keep = dedupe_tiles(det, rles)
     dropped = sorted(set(range(len(det))) - set(keep.tolist()))
     assert dropped and len(entries) == len(keep)
@@ -281,7 +284,7 @@ def test_fixed_scale_models_tile_what_max_size_would_shrink():
 
 def test_predict_images_over_test_dataset(model, synth_root):
     from cellkit.data.dataset import TestImageDataset as Images  # (a Test* name pytest would collect)
-    from cellkit.engine.submission import check_submission
+    from cellkit.evaluation.submission import check_submission
 
     index = read_test_index(synth_root)
     entries = predict_images(model, Images(index), PredictConfig(batch_size=2), progress=False)
@@ -297,9 +300,9 @@ def test_tune_thresholds_finds_the_nms_that_removes_duplicates(tmp_path):
     cached, images, anns = [], [], []
     for image_id in (1, 2):
         _, owner, classes = synth_image(np.random.default_rng(20 + image_id), 120, 140)
-        det = gt_detections(owner, classes, seed=image_id)
-        dup = Detections(det.boxes.clone(), det.labels.clone(), det.scores + 0.01, det.masks.clone())
-        cached.append((image_id, 120, 140, Detections.cat([det, dup])))
+        det = gt_detections(owner, classes, seed=image_id, image_id=image_id)
+        dup = det.replace(boxes=det.boxes.clone(), scores=det.scores + 0.01)
+        cached.append(Detections.cat([det, dup]))
         images.append({"id": image_id, "height": 120, "width": 140, "file_name": f"{image_id}.tif"})
         for i in instance_ids(owner):
             rle = encode_mask(owner == i)
@@ -361,7 +364,7 @@ def run_dir(tmp_path_factory, synth_root) -> Path:
 
 
 def test_cli_predict_writes_a_valid_submission(run_dir, synth_root, tmp_path):
-    from cellkit.engine.submission import check_submission
+    from cellkit.evaluation.submission import check_submission
 
     out = tmp_path / "sub" / "test-results.json"
     r = run_cli("predict", "--checkpoint", str(run_dir / "checkpoints" / "best.pth"), "--data", str(synth_root),

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cellkit.config import TrainConfig
-from cellkit.engine.schedule import Schedule, build_optimizer, lr_trajectory
+from cellkit.engine.schedule import EarlyStopper, Schedule, build_optimizer, lr_trajectory
 
 
 def approx(xs: list[float]) -> object:
@@ -77,9 +77,10 @@ def test_plateau_decays_hold_and_early_stop_after_k_decays() -> None:
     assert lrs == approx(expected)
     opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)
     s = Schedule(opt, cfg)
+    stopper = EarlyStopper(cfg)
     opt.step()
-    stops = [s.step_epoch(m) for m in ap[:13]]
-    assert stops.index(True) == 12 and "3 learning-rate decays" in s.stop_reason
+    stops = [stopper.update(m, s.step_epoch(m)) is not None for m in ap[:13]]
+    assert stops.index(True) == 12 and "3 learning-rate decays" in stopper.stop_reason
     assert s.decays == 4
 
 

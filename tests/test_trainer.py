@@ -69,12 +69,14 @@ def test_run_directory_and_lr_read_back(tmp_path: Path) -> None:
         assert all(key in m and np.isfinite(m[key]) for m in lines), key
     assert cellkit.load_config(run / "config.yaml") == cfg
     last = load_checkpoint(run / "checkpoints/last.pth")
-    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "config", "history", "rng"} <= set(last)
+    assert {"model", "optimizer", "scaler", "epoch", "config", "history", "rng", "hooks"} <= set(last)
+    assert {"ValidationHook", "LRScheduleHook", "EarlyStoppingHook", "CheckpointHook"} <= set(last["hooks"])
+    assert last["hooks"]["CheckpointHook"]["best"] == pytest.approx(max(m["val_ap50"] for m in read_jsonl(run / "metrics.jsonl")))
     ckpt = load_checkpoint(run / "checkpoints/best.pth")
     assert {"model", "epoch", "config", "history"} <= set(ckpt) and "optimizer" not in ckpt  # for inference
     best = max(lines, key=lambda m: m["val_ap50"])
     assert ckpt["epoch"] == best["epoch"]
-    from cellkit.engine.evaluate import coco_evaluate
+    from cellkit.evaluation.coco import coco_evaluate
 
     rescored = coco_evaluate(run / "val_gt.json", run / "val_predictions.json", max_dets=cfg.eval.max_dets)
     assert rescored.ap50 == pytest.approx(best["val_ap50"], abs=1e-9)
@@ -85,12 +87,32 @@ def test_run_directory_and_lr_read_back(tmp_path: Path) -> None:
     assert len(gt["images"]) == 2 and gt["annotations"]
 
     # evaluating another checkpoint leaves the best epoch's predictions (what notebook 04 reads) alone
-    from cellkit.engine.run_eval import evaluate_run
+    from cellkit.engine.split import evaluate_run
 
     before = (run / "val_predictions.json").read_bytes()
     report = evaluate_run(run, checkpoint="last", iou_types=("segm",), cell_metrics=False, progress=False)
     assert (run / "val_predictions.json").read_bytes() == before
     assert (run / "val_predictions_last.json").is_file() and report.cells is None
+
+
+def test_user_datasets_from_a_notebook(tmp_path: Path) -> None:
+    # any torch Dataset of (image, target) pairs trains and validates; the validation ground truth
+    # comes from its targets and equals the one built from the label maps
+    from torch.utils.data import Subset
+
+    from cellkit.data import CellDataset, build_coco, train_val_samples
+
+    _, cfg = tiny_config(tmp_path, **{"train.epochs": 1, "train.iters_per_epoch": 1})
+    train_s, val_s = train_val_samples(cfg.data, progress=False)
+    train_set = Subset(CellDataset(train_s), range(len(train_s)))
+    val_set = Subset(CellDataset(val_s), range(len(val_s)))
+    t = Trainer(cfg, tmp_path / "run", train_set=train_set, val_set=val_set, progress=False)
+    summary = t.fit()
+    assert summary["best_val_ap50"] is not None
+    gt, ref = t.val_gt, build_coco(val_s, progress=False)
+    assert [im["id"] for im in gt["images"]] == [im["id"] for im in ref["images"]]
+    assert sorted(a["area"] for a in gt["annotations"]) == sorted(a["area"] for a in ref["annotations"])
+    assert json.loads((tmp_path / "run" / "val_gt.json").read_text())["images"] == gt["images"]
 
 
 def test_plateau_decays_hold_in_a_real_run(tmp_path: Path) -> None:
@@ -120,7 +142,7 @@ def _with_batches(trainer: Trainer, batches: list[tuple[list, list]]) -> None:
 def test_nonfinite_loss_skips_the_step_and_is_counted(tmp_path: Path) -> None:
     _, cfg = tiny_config(tmp_path, **{"train.iters_per_epoch": 4, "train.eval_every": 0})
     t = Trainer(cfg, None, progress=False)
-    good = collate([t.train_ds[0], t.train_ds[1]])
+    good = collate([t.train_set[0], t.train_set[1]])
     bad_img = [good[0][0].clone() * float("nan"), good[0][1]]
     _with_batches(t, [good, (bad_img, good[1]), good, good])
     before = {k: v.clone() for k, v in t.model.state_dict().items()}
@@ -134,7 +156,7 @@ def test_nonfinite_loss_skips_the_step_and_is_counted(tmp_path: Path) -> None:
 def test_nonfinite_losses_in_a_row_stop_the_run(tmp_path: Path) -> None:
     _, cfg = tiny_config(tmp_path, **{"train.iters_per_epoch": 4, "train.eval_every": 0, "train.max_nonfinite": 3})
     t = Trainer(cfg, None, progress=False)
-    good = collate([t.train_ds[0], t.train_ds[1]])
+    good = collate([t.train_set[0], t.train_set[1]])
     bad = ([im * float("nan") for im in good[0]], good[1])
     _with_batches(t, [good, bad, bad, bad])
     with pytest.raises(TrainingError, match="3 non-finite losses in a row .*epoch 1, batch 4"):
@@ -146,7 +168,7 @@ def test_accumulation_and_clipping(tmp_path: Path) -> None:
                                       "train.optimizer": "sgd", "train.momentum": 0.0, "train.weight_decay": 0.0,
                                       "train.lr": 1.0, "train.grad_clip": 1e-3})
     t = Trainer(cfg, None, progress=False)
-    batch = collate([t.train_ds[0], t.train_ds[1]])
+    batch = collate([t.train_set[0], t.train_set[1]])
     _with_batches(t, [batch] * 4)
     before = torch.cat([p.detach().flatten().clone() for p in t.params])
     m = t.train_one_epoch(0)
@@ -162,10 +184,10 @@ def test_repeat_factor_sampler_oversamples_rare_classes(tmp_path: Path) -> None:
     _, cfg = tiny_config(tmp_path, **{"train.sampler": "repeat_factor", "train.repeat_threshold": 0.9,
                                       "data.synth_train": 10})
     t = Trainer(cfg, None, progress=False)
-    t.train_ds.preload(False)
+    t.train_set.preload(False)
     sampler = t.train_loader().sampler
     assert isinstance(sampler, RepeatFactorSampler)
-    presence = t.train_ds.class_presence()
+    presence = t.train_set.class_presence()
     rare = presence[:, 2:].any(1)
     assert rare.any() and (~rare).any()
     assert sampler.factors[torch.from_numpy(rare)].min() > sampler.factors[torch.from_numpy(~rare)].max() - 1e-9
@@ -181,14 +203,56 @@ def _wait_for(pred, timeout: float, proc: subprocess.Popen | None = None) -> Non
         time.sleep(0.05)
 
 
+RECORDER = """
+import json, os
+from cellkit.engine.hooks import Hook
+
+
+class CallRecorder(Hook):
+    \"\"\"A hook from outside the package: records every call; its record is its resumable state.\"\"\"
+
+    def __init__(self):
+        self.calls = []
+
+    def before_train(self):
+        self.calls.append(["before_train"])
+
+    def before_epoch(self, epoch):
+        self.calls.append(["before_epoch", epoch])
+
+    def after_step(self, step):
+        self.calls.append(["after_step", step["epoch"], step["iteration"]])
+
+    def after_epoch(self, metrics):
+        self.calls.append(["after_epoch", metrics["epoch"], "val_ap50" in metrics])
+
+    def after_train(self, summary):
+        self.calls.append(["after_train", summary["epochs_run"]])
+        with open(os.environ["RECORDER_OUT"], "w") as f:
+            json.dump(self.calls, f)
+
+    def state_dict(self):
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state):
+        self.calls = state["calls"] + [["resumed"]]
+"""
+
+
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume(tmp_path: Path) -> None:
+def test_sigkill_mid_epoch_then_resume_with_a_custom_hook(tmp_path: Path) -> None:
+    # a hook defined outside the package (train.hooks) sees every call in order, and its state
+    # comes back from last.pth: the calls of the epoch the kill cut short are not in its record
+    (tmp_path / "recorder.py").write_text(RECORDER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+           "RECORDER_OUT": str(tmp_path / "calls.json")}
     cfg_path, cfg = tiny_config(tmp_path)
     overrides = ["--set", "train.epochs=4", "--set", "train.iters_per_epoch=3", "--set", "train.scheduler=multistep",
-                 "--set", "train.milestones=[0.5,0.75]", "--set", "train.warmup_epochs=1", "--no-progress"]
+                 "--set", "train.milestones=[0.5,0.75]", "--set", "train.warmup_epochs=1",
+                 "--set", "train.hooks=[recorder:CallRecorder]", "--no-progress"]
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "cellkit", "train", "--config", str(cfg_path), "--out", str(run),
-                             *overrides], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             *overrides], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     metrics = run / "metrics.jsonl"
     _wait_for(lambda: metrics.exists() and len(read_jsonl(metrics)) >= 2, 600, proc)
     time.sleep(1.0)  # into epoch 3
@@ -196,7 +260,7 @@ def test_sigkill_mid_epoch_then_resume(tmp_path: Path) -> None:
     proc.wait()
     done = load_checkpoint(run / "checkpoints/last.pth")["epoch"]
     assert 2 <= done < 4, "the kill must land before the run finished"
-    r = run_cli("train", "--out", str(run), "--resume", "--no-progress")
+    r = run_cli("train", "--out", str(run), "--resume", "--no-progress", env=env)
     assert r.returncode == 0, r.stderr
     assert f"resumed from {run / 'checkpoints/last.pth'} after epoch {done}" in r.stdout
     lines = read_jsonl(metrics)
@@ -205,6 +269,16 @@ def test_sigkill_mid_epoch_then_resume(tmp_path: Path) -> None:
     assert [m["lr"] for m in lines] == pytest.approx(expected)
     assert expected == pytest.approx([5e-5, 5e-4, 5e-5, 5e-6])
     assert load_checkpoint(run / "checkpoints/last.pth")["epoch"] == 4
+
+    n = lines[0]["steps"]  # optimiser steps per epoch (4 training images in batches of 2)
+    assert all(m["steps"] == n for m in lines) and n >= 2
+
+    def epoch_calls(e: int) -> list[list]:
+        return [["before_epoch", e], *(["after_step", e, n * e + k] for k in range(1, n + 1)), ["after_epoch", e + 1, True]]
+
+    calls = json.loads((tmp_path / "calls.json").read_text())
+    assert calls == [["before_train"], *(c for e in range(done) for c in epoch_calls(e)), ["resumed"], ["before_train"],
+                     *(c for e in range(done, 4) for c in epoch_calls(e)), ["after_train", 4]]
 
 
 def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path: Path) -> None:
@@ -260,3 +334,7 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     assert load_checkpoint(run / "checkpoints/last.pth")["epoch"] == 2
     assert {p.name for p in run.iterdir()} <= {"checkpoints", "config.yaml", "metrics.json", "metrics.jsonl",
                                                "plots", "val_gt.json", "val_predictions.json"}
+    # each rank predicted its own shard of the 3 validation images; rank 0 gathered all of them
+    gt_ids = {im["id"] for im in json.loads((run / "val_gt.json").read_text())["images"]}
+    pred_ids = {p["image_id"] for p in json.loads((run / "val_predictions.json").read_text())}
+    assert len(gt_ids) == 3 and pred_ids == gt_ids

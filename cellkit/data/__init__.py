@@ -4,9 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import DataConfig
-from .coco import build_coco, convert, encode_mask, encode_region
+from ..evaluation.rle import encode_mask, encode_region
+from .coco import build_coco, convert
 from .dataset import CellDataset, TestImageDataset, collate, image_to_tensor
-from .instances import LabelMaps, instances_from_label_maps, load_sample
+from ..structures.label_maps import LabelMaps
+from .instances import load_sample
 from .io import read_image, read_label_map
 from .layout import TestImage, TrainSample, read_test_index, scan_train, split_samples
 from .synth import ensure_synthetic, write_synthetic
@@ -27,7 +29,7 @@ def train_val_samples(cfg: DataConfig, num_classes: int = 4, progress: bool = Tr
 
 
 __all__ = [
-    "CellDataset", "TestImageDataset", "collate", "image_to_tensor", "LabelMaps", "instances_from_label_maps",
+    "CellDataset", "TestImageDataset", "collate", "image_to_tensor", "LabelMaps",
     "load_sample", "read_image", "read_label_map", "TestImage", "TrainSample", "read_test_index", "scan_train",
     "split_samples", "ensure_synthetic", "write_synthetic", "build_train_transforms", "build_coco", "convert",
     "encode_mask", "encode_region", "resolve_root", "train_val_samples",

@@ -10,7 +10,8 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from ..progress import bar
-from .instances import LabelMaps, instances_from_label_maps, load_sample
+from ..structures.label_maps import LabelMaps
+from .instances import load_sample
 from .io import read_image
 from .layout import TestImage, TrainSample
 
@@ -98,7 +99,7 @@ class CellDataset(Dataset):
         layers: torch.Tensor = tv_tensors.Mask(torch.from_numpy(maps.layers.astype(np.int32)))
         if self.transforms is not None:
             img, layers = self.transforms(img, layers)
-        target = instances_from_label_maps(layers.as_subclass(torch.Tensor), torch.from_numpy(maps.labels))
+        target = LabelMaps(layers.as_subclass(torch.Tensor).numpy(), maps.labels).to_target()
         target["image_id"] = self.samples[index].image_id
         image_t = F.to_dtype(img.as_subclass(torch.Tensor), torch.float32, scale=True).contiguous()
         return image_t, target

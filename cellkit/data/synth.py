@@ -34,7 +34,8 @@ import scipy.ndimage as ndi
 import tifffile
 
 from ..progress import bar
-from .coco import categories, encode_mask, write_json
+from ..evaluation.rle import encode_mask
+from .coco import categories, write_json
 from .layout import TEST_INDEX
 
 SYNTH_VERSION = 1

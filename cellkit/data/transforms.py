@@ -3,7 +3,7 @@
 Geometric transforms run on the image (``tv_tensors.Image``) and on the packed label maps
 (``tv_tensors.Mask``, nearest-neighbour, so instance ids survive exactly). Instance masks, boxes
 and areas are built afterwards from the transformed label maps
-(:func:`cellkit.data.instances.instances_from_label_maps`), so boxes always follow the masks and
+(:meth:`cellkit.structures.LabelMaps.to_target`), so boxes always follow the masks and
 instances cut to nothing disappear. Any v2 transform that handles ``Mask`` inputs can be added.
 
 torchvision has no 90-degree rotation, relative rescale or crop-up-to-size transform; the three

@@ -3,12 +3,12 @@
 torchvision pastes every ``M x M`` mask into a full-size float image before anything else
 happens (``paste_masks_in_image``): 1000 detections on a 2500 x 2000 image are 20 GB. Here each
 mask is interpolated to its own box only, thresholded there and RLE-encoded at once from that box
-region (:func:`cellkit.data.coco.encode_region`: the runs are computed from the region alone, bit
+region (:func:`cellkit.evaluation.rle.encode_region`: the runs are computed from the region alone, bit
 for bit what pycocotools gives for the full-size mask, about 25 times faster on a 2000 x 2000
 image than encoding through a reused full-size buffer), so memory stays at one box-size mask whatever the number of detections,
 and the RLEs are bit for bit those of torchvision's paste followed by ``> mask_thresh``.
 
-Detections travel between the steps as :class:`Detections`: boxes in original-image pixels and
+Detections travel between the steps as :class:`~cellkit.structures.Detections`: boxes in original-image pixels and
 the low-resolution mask probabilities, never full-size masks. Merging (mask NMS, weighted fusion
 of test-time-augmented views) works on RLEs or on the low-resolution masks.
 """
@@ -25,77 +25,13 @@ from torch import Tensor
 from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 from torchvision.ops import box_iou
 
-from ..data.coco import encode_region
+from ..evaluation.rle import RLE, encode_region, rle_areas
+from ..structures.detections import Detections, resize_masks
 
-RLE = dict[str, Any]
 
 
 # --------------------------------------------------------------------------------------------
-# detections
-
-
-@dataclass
-class Detections:
-    """Detections of one image (or one tile of it) before pasting.
-
-    Attributes:
-        boxes: ``(N, 4)`` float32 xyxy in pixels of the image the detections refer to.
-        labels: ``(N,)`` int64 classes 1..K.
-        scores: ``(N,)`` float32.
-        masks: ``(N, 1, M, M)`` float32 mask probabilities relative to each box (M = 28 or 56).
-        tile: ``(N,)`` int64 tile each detection came from (sliding-window inference), or None.
-        edge: ``(N,)`` bool, True where the box touches an inner tile border, or None.
-    """
-
-    boxes: Tensor
-    labels: Tensor
-    scores: Tensor
-    masks: Tensor
-    tile: Tensor | None = None
-    edge: Tensor | None = None
-
-    def __len__(self) -> int:
-        return int(self.boxes.shape[0])
-
-    @property
-    def mask_size(self) -> int:
-        return int(self.masks.shape[-1])
-
-    def select(self, idx: Tensor) -> "Detections":
-        """The detections at ``idx`` (int64 indices or a bool mask), in that order."""
-        return Detections(
-            self.boxes[idx], self.labels[idx], self.scores[idx], self.masks[idx],
-            None if self.tile is None else self.tile[idx], None if self.edge is None else self.edge[idx],
-        )
-
-    def to(self, device: str | torch.device) -> "Detections":
-        return Detections(*(None if t is None else t.to(device) for t in self._fields()))
-
-    def _fields(self) -> tuple[Tensor | None, ...]:
-        return (self.boxes, self.labels, self.scores, self.masks, self.tile, self.edge)
-
-    @classmethod
-    def empty(cls, mask_size: int = 28) -> "Detections":
-        return cls(torch.zeros((0, 4)), torch.zeros((0,), dtype=torch.int64), torch.zeros((0,)),
-                   torch.zeros((0, 1, mask_size, mask_size)))
-
-    @classmethod
-    def from_output(cls, out: dict[str, Tensor]) -> "Detections":
-        """From a :func:`cellkit.engine.predict.raw_detections` dict (``boxes/labels/scores/masks``)."""
-        return cls(out["boxes"].float(), out["labels"].long(), out["scores"].float(), out["masks"].float())
-
-    @classmethod
-    def cat(cls, parts: Sequence["Detections"]) -> "Detections":
-        """Concatenate; masks of different resolutions are resampled to the largest one."""
-        parts = list(parts)
-        if not parts:
-            return cls.empty()
-        size = max(p.mask_size for p in parts)
-        masks = [p.masks if p.mask_size == size else resize_masks(p.masks, size) for p in parts]
-        tile = None if any(p.tile is None for p in parts) else torch.cat([p.tile for p in parts])  # type: ignore[misc]
-        edge = None if any(p.edge is None for p in parts) else torch.cat([p.edge for p in parts])  # type: ignore[misc]
-        return cls(torch.cat([p.boxes for p in parts]), torch.cat([p.labels for p in parts]),
-                   torch.cat([p.scores for p in parts]), torch.cat(masks), tile, edge)
+# drop counts
 
 
 @dataclass
@@ -116,16 +52,6 @@ class DropCounts:
 
     def __str__(self) -> str:
         return f"{self.nonfinite} non-finite, {self.empty} empty masks dropped"
-
-
-def rle_areas(rles: Sequence[RLE]) -> np.ndarray:
-    """``(N,)`` int64 pixel counts of RLEs.
-
-    pycocotools' ``area`` of a list fails beyond 255 masks under numpy 2 (it sizes a uint8 array
-    from the count), so it is called on chunks of at most 255.
-    """
-    out = [np.asarray(mask_utils.area(list(rles[i : i + 255])), dtype=np.int64) for i in range(0, len(rles), 255)]
-    return np.concatenate(out) if out else np.zeros((0,), dtype=np.int64)
 
 
 def finite(boxes: Tensor, scores: Tensor) -> Tensor:
@@ -336,20 +262,13 @@ def flip_detections(det: Detections, flip: str, height: int, width: int) -> Dete
     if "v" in flip:
         boxes[:, 1], boxes[:, 3] = height - det.boxes[:, 3], height - det.boxes[:, 1]
         masks = masks.flip(-2)
-    return Detections(boxes, det.labels, det.scores, masks, det.tile, det.edge)
+    return det.replace(boxes=boxes, masks=masks)
 
 
 def flip_image(image: Tensor, flip: str) -> Tensor:
     """``(C, H, W)`` image flipped left-right (``h``), up-down (``v``) or both (``hv``)."""
     dims = [d for c, d in (("v", -2), ("h", -1)) if c in flip]
     return image.flip(dims) if dims else image
-
-
-def resize_masks(masks: Tensor, size: int) -> Tensor:
-    """``(N, 1, M, M)`` -> ``(N, 1, size, size)`` over the same boxes (bilinear)."""
-    if masks.shape[0] == 0:
-        return masks.new_zeros((0, 1, size, size))
-    return F.interpolate(masks, size=(size, size), mode="bilinear", align_corners=False)
 
 
 def resample_masks(masks: Tensor, src_boxes: Tensor, dst_boxes: Tensor, size: int | None = None) -> Tensor:
@@ -398,7 +317,7 @@ def weighted_fusion(det: Detections, n_views: int, iou_thresh: float) -> Detecti
     if len(det) == 0:
         return det
     clusters = _clusters(det.boxes, det.labels, det.scores, iou_thresh)
-    parts = [_fuse(det.select(torch.as_tensor(c)), n_views) for c in clusters]
+    parts = [_fuse(det[torch.as_tensor(c)], n_views) for c in clusters]
     return Detections.cat(parts)
 
 
@@ -425,11 +344,11 @@ def _clusters(boxes: Tensor, labels: Tensor, scores: Tensor, iou_thresh: float) 
 
 def _fuse(c: Detections, n_views: int) -> Detections:
     if len(c) == 1:  # nothing to average: only the score is shared out over the views
-        return Detections(c.boxes, c.labels, c.scores / n_views, c.masks, c.tile, c.edge)
+        return c.replace(scores=c.scores / n_views)
     w = c.scores.clamp(min=1e-12)
     box = (c.boxes * w[:, None]).sum(0, keepdim=True) / w.sum()
     masks = resample_masks(c.masks, c.boxes, box.expand(len(c), 4))
     mask = (masks * w[:, None, None, None]).sum(0, keepdim=True) / w.sum()
     score = c.scores.sum(0, keepdim=True) / max(n_views, len(c))
-    return Detections(box, c.labels[:1], score, mask,
-                      None if c.tile is None else c.tile[:1], None if c.edge is None else c.edge[:1])
+    first = c[:1]
+    return first.replace(boxes=box, scores=score, masks=mask)

@@ -24,10 +24,9 @@ from torchvision.models.detection.transform import resize_boxes
 from ..config import PredictConfig
 from ..errors import ConfigError
 from ..progress import bar
-from .postprocess import (
-    RLE, Detections, DropCounts, detections_to_coco, finite, flip_detections, flip_image, mask_nms,
-    paste_and_encode, rle_areas, weighted_fusion,
-)
+from ..evaluation.rle import RLE, rle_areas
+from ..structures.detections import Detections
+from .postprocess import DropCounts, flip_detections, flip_image, mask_nms, paste_and_encode, weighted_fusion
 from .tiling import dedupe_tiles, needs_tiling, place_tile, tile_grid
 
 Models = nn.Module | Sequence[nn.Module]
@@ -155,8 +154,9 @@ def detect_views(models: Models, crops: Sequence[Tensor], cfg: PredictConfig) ->
                     chunk = crops[start : start + cfg.batch_size]
                     raw = raw_detections(model, [flip_image(c, view.flip) for c in chunk])
                     for k, (crop, r) in enumerate(zip(chunk, raw)):
-                        det = Detections.from_output(r).to("cpu")
-                        out[start + k].append(flip_detections(det, view.flip, crop.shape[-2], crop.shape[-1]))
+                        h, w = int(crop.shape[-2]), int(crop.shape[-1])
+                        det = Detections.from_output(r, image_size=(h, w)).to("cpu")
+                        out[start + k].append(flip_detections(det, view.flip, h, w))
     return out
 
 
@@ -171,13 +171,13 @@ def merge_views(views: Sequence[Detections], cfg: PredictConfig, height: int, wi
     if len(views) == 1:
         return views[0]
     det = Detections.cat(views)
-    ok = finite(det.boxes, det.scores)
-    good, bad = det.select(ok), det.select(~ok)
+    ok = det.finite()
+    good, bad = det[ok], det[~ok]
     if cfg.tta_merge == "wbf":
         merged = weighted_fusion(good, len(views), cfg.tta_iou)
     else:
         rles = paste_and_encode(good.boxes, good.masks, height, width, cfg.mask_thresh)
-        merged = good.select(mask_nms(rles, good.scores, cfg.tta_iou, labels=good.labels))
+        merged = good[mask_nms(rles, good.scores, cfg.tta_iou, labels=good.labels)]
     return Detections.cat([merged, bad])
 
 
@@ -204,7 +204,8 @@ def tiling_limits(models: Models, cfg: PredictConfig) -> tuple[int | None, int]:
     return tile, above
 
 
-def detect(models: Models, images: Sequence[Tensor], cfg: PredictConfig) -> list[Detections]:
+def detect(models: Models, images: Sequence[Tensor], cfg: PredictConfig,
+           image_ids: Sequence[int] | None = None) -> list[Detections]:
     """Merged detections of each image, before thresholds and pasting (CPU, image pixels).
 
     Large images (longer side above ``cfg.tile_above``) are cut into tiles; their detections
@@ -212,6 +213,7 @@ def detect(models: Models, images: Sequence[Tensor], cfg: PredictConfig) -> list
 
     Args:
         images: ``(3, H, W)`` float tensors in [0, 1].
+        image_ids: the images' COCO ids (default 0 each), stored in the detections.
     """
     crops: list[Tensor] = []
     owners: list[tuple[int, int, Any]] = []  # (image index, tile index, Tile or None)
@@ -229,28 +231,35 @@ def detect(models: Models, images: Sequence[Tensor], cfg: PredictConfig) -> list
     parts: list[list[Detections]] = [[] for _ in images]
     for crop, views, (i, t_idx, tile) in zip(crops, per_crop, owners):
         merged = merge_views(views, cfg, int(crop.shape[-2]), int(crop.shape[-1]))
-        parts[i].append(merged if tile is None else place_tile(merged, tile, t_idx))
-    return [p[0] if len(p) == 1 and p[0].tile is None else Detections.cat(p) for p in parts]
+        if tile is not None:
+            merged = place_tile(merged, tile, t_idx)
+        parts[i].append(merged)
+    ids = list(image_ids) if image_ids is not None else [0] * len(images)
+    out = []
+    for p, img, image_id in zip(parts, images, ids):
+        det = p[0] if len(p) == 1 else Detections.cat(p)
+        out.append(det.replace(image_id=int(image_id), image_size=(int(img.shape[-2]), int(img.shape[-1]))))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
 # merged detections -> COCO results
 
 
-def encode_detections(
-    det: Detections, height: int, width: int, mask_thresh: float
-) -> tuple[Detections, list[RLE], int]:
-    """Paste and RLE-encode finite detections; drop those whose mask is empty.
+def encode_detections(det: Detections, mask_thresh: float) -> tuple[Detections, list[RLE], int]:
+    """Paste finite detections into their ``image_size`` image and RLE-encode them; drop those
+    whose mask is empty.
 
     Returns:
         (the detections kept, their RLEs, number of empty masks dropped).
     """
+    height, width = det.image_size
     rles = paste_and_encode(det.boxes, det.masks, height, width, mask_thresh)
     if not rles:
         return det, rles, 0
     nonempty = torch.as_tensor(rle_areas(rles) > 0)
     kept = [r for r, k in zip(rles, nonempty.tolist()) if k]
-    return det.select(nonempty), kept, int((~nonempty).sum())
+    return det[nonempty], kept, int((~nonempty).sum())
 
 
 def suppress(det: Detections, rles: list[RLE], nms_thresh: float | None) -> tuple[Detections, list[RLE]]:
@@ -258,28 +267,27 @@ def suppress(det: Detections, rles: list[RLE], nms_thresh: float | None) -> tupl
     (None: off). Returns the survivors by descending score (tile-deduped order otherwise)."""
     if det.tile is not None:
         keep = dedupe_tiles(det, rles)
-        det, rles = det.select(keep), [rles[i] for i in keep.tolist()]
+        det, rles = det[keep], [rles[i] for i in keep.tolist()]
     if nms_thresh is not None and len(det):
         keep = mask_nms(rles, det.scores, nms_thresh, labels=det.labels)
-        det, rles = det.select(keep), [rles[i] for i in keep.tolist()]
+        det, rles = det[keep], [rles[i] for i in keep.tolist()]
     return det, rles
 
 
-def finalize(
-    det: Detections, height: int, width: int, image_id: int, cfg: PredictConfig, counts: DropCounts | None = None
-) -> list[dict[str, Any]]:
+def finalize(det: Detections, cfg: PredictConfig, counts: DropCounts | None = None) -> list[dict[str, Any]]:
     """COCO result entries of one image's merged detections: drop non-finite ones (counted),
     ``score >= cfg.score_thresh``, paste at ``cfg.mask_thresh``, drop empty masks (counted),
     remove cross-tile duplicates and apply ``cfg.nms_thresh``."""
-    ok = finite(det.boxes, det.scores)
-    nonfinite = int((~ok).sum())
-    det = det.select(ok)
-    det = det.select(det.scores >= cfg.score_thresh)
-    det, rles, empty = encode_detections(det, height, width, cfg.mask_thresh)
+    ok = det.finite()
+    if counts is not None:
+        counts.add(det.image_id, nonfinite=int((~ok).sum()))
+    det = det[ok]
+    det = det[det.scores >= cfg.score_thresh]
+    det, rles, empty = encode_detections(det, cfg.mask_thresh)
     det, rles = suppress(det, rles, cfg.nms_thresh)
     if counts is not None:
-        counts.add(int(image_id), nonfinite=nonfinite, empty=empty)
-    return detections_to_coco(image_id, det.boxes, det.labels, det.scores, rles, counts)
+        counts.add(det.image_id, empty=empty)
+    return det.to_coco(rles=rles, counts=counts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,15 +304,15 @@ def predict_image(
         models: one model or several (an ensemble, merged like TTA views).
     """
     with torch.inference_mode():
-        det = detect(models, [image], cfg)[0]
-        return finalize(det, int(image.shape[-2]), int(image.shape[-1]), image_id, cfg, counts)
+        det = detect(models, [image], cfg, [image_id])[0]
+        return finalize(det, cfg, counts)
 
 
 def iter_detections(
     models: Models, dataset: Iterable[tuple[Tensor, Any]], cfg: PredictConfig, image_ids: Sequence[int] | None = None,
     progress: bool = True, total: int | None = None,
-) -> Iterator[tuple[int, int, int, Detections]]:
-    """``(image_id, height, width, merged detections)`` per image of ``dataset``, predicted
+) -> Iterator[Detections]:
+    """The merged detections of each image of ``dataset`` (with its id and size), predicted
     ``cfg.batch_size`` images at a time, with a progress bar over images.
 
     Args:
@@ -328,11 +336,9 @@ def iter_detections(
             pbar.update(len(batch))
 
 
-def _run_batch(models: Models, batch: list[tuple[int, Tensor]], cfg: PredictConfig) -> Iterator[tuple[int, int, int, Detections]]:
+def _run_batch(models: Models, batch: list[tuple[int, Tensor]], cfg: PredictConfig) -> Iterator[Detections]:
     with torch.inference_mode():
-        dets = detect(models, [img for _, img in batch], cfg)
-    for (image_id, img), det in zip(batch, dets):
-        yield image_id, int(img.shape[-2]), int(img.shape[-1]), det
+        yield from detect(models, [img for _, img in batch], cfg, [image_id for image_id, _ in batch])
 
 
 def _image_id(meta: Any) -> int:
@@ -354,7 +360,7 @@ def predict_images(
     """COCO result entries of every image of ``dataset`` (see :func:`iter_detections` for what it
     yields), for one model or an ensemble, with ``cfg``'s TTA, tiling and thresholds."""
     entries: list[dict[str, Any]] = []
-    for image_id, h, w, det in iter_detections(models, dataset, cfg, image_ids, progress):
+    for det in iter_detections(models, dataset, cfg, image_ids, progress):
         with torch.inference_mode():
-            entries.extend(finalize(det, h, w, image_id, cfg, counts))
+            entries.extend(finalize(det, cfg, counts))
     return entries

@@ -1,4 +1,5 @@
-"""Learning-rate schedules of the original reports, built from torch's schedulers, and early stopping.
+"""Learning-rate schedules of the original reports, built from torch's schedulers, and the
+early-stopping rule (both driven by the Trainer's hooks, :mod:`cellkit.engine.hooks`).
 
 ========== =====================================================================================
 scheduler  what happens after the warm-up
@@ -31,11 +32,11 @@ from ..config import TrainConfig
 
 
 class Schedule:
-    """Owns every scheduler of a run and the early-stopping state.
+    """Owns every learning-rate scheduler of a run.
 
     Call :meth:`step_iter` after each optimiser step and :meth:`step_epoch` after each epoch
     (with the validation metric when there was a validation); ``step_epoch`` returns True when
-    training should stop early.
+    ReduceLROnPlateau decayed the learning rate.
     """
 
     def __init__(self, optimizer: Optimizer, cfg: TrainConfig) -> None:
@@ -63,11 +64,7 @@ class Schedule:
             )
         self.warmup_epochs = w
         self.epochs_done = 0
-        self.best: float | None = None
-        self.epochs_since_best = 0
-        self.decays_since_best = 0
         self.decays = 0
-        self.stop_reason: str | None = None
 
     @property
     def lr(self) -> float:
@@ -83,39 +80,21 @@ class Schedule:
         """After every epoch, with the validation AP50 when there was a validation.
 
         Returns:
-            True when an early-stopping rule fires (``stop_reason`` says which).
+            True when ReduceLROnPlateau decayed the learning rate (counted in :attr:`decays`).
         """
         before = self.lr
         if self.epoch_scheduler is not None and (self.plateau is None or self.epochs_done < self.warmup_epochs):
             self.epoch_scheduler.step()
         self.epochs_done += 1
-        if metric is None:
+        if metric is None or self.plateau is None or self.epochs_done <= self.warmup_epochs:
             return False
-        improved = self.best is None or metric > self.best
-        if improved:
-            self.best = metric
-            self.epochs_since_best = 0
-            self.decays_since_best = 0
-        else:
-            self.epochs_since_best += 1
-        if self.plateau is not None and self.epochs_done > self.warmup_epochs:
-            self.plateau.step(metric)
-            if self.lr < before * (1 - 1e-9):
-                self.decays += 1
-                if not improved:
-                    self.decays_since_best += 1
-        k, p = self.cfg.early_stop_decays, self.cfg.early_stop_patience
-        if k is not None and self.decays_since_best >= k:
-            self.stop_reason = f"{self.decays_since_best} learning-rate decays without a new best val AP50"
-        elif p is not None and self.epochs_since_best >= p:
-            self.stop_reason = f"{self.epochs_since_best} epochs without a new best val AP50"
-        return self.stop_reason is not None
+        self.plateau.step(metric)
+        decayed = self.lr < before * (1 - 1e-9)
+        self.decays += int(decayed)
+        return decayed
 
     def state_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "epochs_done": self.epochs_done, "best": self.best, "epochs_since_best": self.epochs_since_best,
-            "decays_since_best": self.decays_since_best, "decays": self.decays, "stop_reason": self.stop_reason,
-        }
+        out: dict[str, Any] = {"epochs_done": self.epochs_done, "decays": self.decays}
         for name in ("iter_scheduler", "epoch_scheduler", "plateau"):
             sched = getattr(self, name)
             out[name] = sched.state_dict() if sched is not None else None
@@ -126,8 +105,44 @@ class Schedule:
             sched = getattr(self, name)
             if sched is not None and state.get(name) is not None:
                 sched.load_state_dict(state[name])
-        for key in ("epochs_done", "best", "epochs_since_best", "decays_since_best", "decays", "stop_reason"):
-            setattr(self, key, state[key])
+        self.epochs_done, self.decays = int(state["epochs_done"]), int(state["decays"])
+
+
+class EarlyStopper:
+    """The early-stopping rule of ``train.early_stop_decays`` / ``train.early_stop_patience``.
+
+    Call :meth:`update` after each validated epoch with its metric and whether the learning rate
+    was decayed by the plateau scheduler; it returns the reason to stop, or None.
+    """
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.max_decays = cfg.early_stop_decays
+        self.patience = cfg.early_stop_patience
+        self.best: float | None = None
+        self.epochs_since_best = 0
+        self.decays_since_best = 0
+        self.stop_reason: str | None = None
+
+    def update(self, metric: float, decayed: bool = False) -> str | None:
+        """Record one validated epoch; the reason to stop when a rule fires, else None."""
+        if self.best is None or metric > self.best:
+            self.best, self.epochs_since_best, self.decays_since_best = metric, 0, 0
+        else:
+            self.epochs_since_best += 1
+            self.decays_since_best += int(decayed)
+        k, p = self.max_decays, self.patience
+        if k is not None and self.decays_since_best >= k:
+            self.stop_reason = f"{self.decays_since_best} learning-rate decays without a new best val AP50"
+        elif p is not None and self.epochs_since_best >= p:
+            self.stop_reason = f"{self.epochs_since_best} epochs without a new best val AP50"
+        return self.stop_reason
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("best", "epochs_since_best", "decays_since_best", "stop_reason")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> Optimizer:
@@ -139,15 +154,19 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> Optim
 
 def lr_trajectory(cfg: TrainConfig, metrics: list[float | None] | None = None, iters_per_epoch: int = 1) -> list[float]:
     """The lr each epoch starts with under ``cfg`` for a given sequence of validation metrics,
-    computed on a dummy parameter (what an unbroken run does; used by tests and plots)."""
+    early stopping included, computed on a dummy parameter (what an unbroken run does; used by
+    tests and plots)."""
     opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], cfg)
     sched = Schedule(opt, cfg)
+    stopper = EarlyStopper(cfg)
     out = []
     for e in range(cfg.epochs):
         out.append(sched.lr)
         for _ in range(iters_per_epoch):
             opt.step()  # no gradients: changes nothing, keeps torch's call-order check quiet
             sched.step_iter()
-        if sched.step_epoch(metrics[e] if metrics is not None else None):
+        metric = metrics[e] if metrics is not None else None
+        decayed = sched.step_epoch(metric)
+        if metric is not None and stopper.update(metric, decayed):
             break
     return out

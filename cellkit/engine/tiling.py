@@ -23,7 +23,9 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from .postprocess import RLE, Detections, finite, mask_nms
+from ..evaluation.rle import RLE
+from ..structures.detections import Detections
+from .postprocess import mask_nms
 
 
 @dataclass(frozen=True)
@@ -102,10 +104,9 @@ def place_tile(det: Detections, tile: Tile, index: int, margin: float = 2.0) -> 
     cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
     cy0, cx0, cy1, cx1 = tile.core
     keep = (cx >= cx0) & (cx < cx1) & (cy >= cy0) & (cy < cy1)
-    keep |= ~finite(boxes, det.scores)  # passed on, to be dropped and counted with the others
-    placed = Detections(boxes, det.labels, det.scores, det.masks,
-                        torch.full((len(det),), index, dtype=torch.int64), edge)
-    return placed.select(keep)
+    placed = det.replace(boxes=boxes, tile=torch.full((len(det),), index, dtype=torch.int64), edge=edge)
+    keep |= ~placed.finite()  # passed on, to be dropped and counted with the others
+    return placed[keep]
 
 
 def dedupe_tiles(det: Detections, rles: Sequence[RLE], overlap_thresh: float = 0.5) -> Tensor:

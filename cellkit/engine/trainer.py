@@ -1,6 +1,8 @@
 """The Trainer: one training loop for the CLI, notebooks and torchrun (DDP).
 
-A run directory holds::
+The Trainer owns the loop and the optimiser step; everything else (validation, the learning-rate
+schedule, early stopping, checkpoints, metrics files, plots, logging, notebook curves) is a hook
+(:mod:`cellkit.engine.hooks`). With the default hooks a run directory holds::
 
     config.yaml             the resolved config
     metrics.jsonl           one line per epoch (losses, lr, val AP50/AP, seconds, images/s, memory)
@@ -11,39 +13,36 @@ A run directory holds::
     checkpoints/best.pth    the epoch with the best val AP50: weights, config and history only
     plots/curves.png        loss and AP50 curves
 
-``fit(resume=True)`` continues from ``checkpoints/last.pth`` with the same schedule: the epochs
-already done are not repeated and ``metrics.jsonl`` is rebuilt from the checkpoint's history, so no
-epoch appears twice even if the process died between the two writes.
+``fit(resume=True)`` continues from ``checkpoints/last.pth`` with the same schedule and the hooks'
+saved state: the epochs already done are not repeated and ``metrics.jsonl`` is rebuilt from the
+checkpoint's history, so no epoch appears twice even if the process died between two writes.
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import random
 import resource
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .. import __version__
 from ..config import Config
-from ..data import CellDataset, build_coco, build_train_transforms, collate, train_val_samples
-from ..data.coco import write_json
+from ..data import CellDataset, build_train_transforms, collate, train_val_samples
+from ..data.coco import build_coco, coco_from_dataset, write_json
 from ..data.sampling import RepeatFactorSampler, repeat_factors
 from ..errors import ConfigError, TrainingError
 from ..progress import bar
 from . import distributed as dist_utils
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .devices import resolve_device
-from .schedule import Schedule, build_optimizer
-
-Callback = Callable[["Trainer", dict[str, Any]], None]
+from .hooks import Hook, default_hooks
+from .schedule import build_optimizer
 
 
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
@@ -74,9 +73,14 @@ class Trainer:
     Args:
         cfg: the configuration (``data``, ``model``, ``train``, ``eval``, ``predict``).
         run_dir: where results go (None: nothing is written; handy in notebooks and tests).
+        hooks: extra hooks, appended to :meth:`default_hooks` (None: the defaults alone). Hooks
+            run in order of their ``priority``.
+        train_set: a torch Dataset of ``(image (3, H, W) float32 in [0, 1], target)`` pairs, the
+            target as torchvision's Mask R-CNN takes it (``boxes``, ``labels``, ``masks``,
+            ``image_id``); default: the training split of ``cfg.data`` with its augmentation.
+        val_set: the same for validation (default: the validation split of ``cfg.data``); its
+            ground truth is built from its targets.
         model: a prebuilt model (default: ``cellkit.build_model(cfg)``).
-        callbacks: called as ``callback(trainer, epoch_metrics)`` after every epoch on rank 0
-            (live plots in notebooks).
         progress: show tqdm bars (they stay quiet when stderr is not a terminal).
     """
 
@@ -84,8 +88,10 @@ class Trainer:
         self,
         cfg: Config,
         run_dir: str | os.PathLike[str] | None = None,
+        hooks: Sequence[Hook] | None = None,
+        train_set: Dataset | None = None,
+        val_set: Dataset | None = None,
         model: torch.nn.Module | None = None,
-        callbacks: Sequence[Callback] = (),
         progress: bool = True,
     ) -> None:
         self.cfg = cfg
@@ -94,13 +100,17 @@ class Trainer:
         self.dist = dist_utils.init_distributed(device_type)
         self.device = resolve_device(tc.device, self.dist.local_rank)
         self.run_dir = Path(run_dir) if run_dir is not None and self.dist.is_main else None
-        self.callbacks = list(callbacks)
         self.progress = progress and self.dist.is_main
         seed_everything(tc.seed + self.dist.rank)
 
-        train_samples, val_samples = train_val_samples(cfg.data, cfg.model.num_classes, progress=self.progress)
-        self.train_ds = CellDataset(train_samples, build_train_transforms(cfg.data.augment), cache=cfg.data.cache)
-        self.val_ds = CellDataset(val_samples, None, cache=cfg.data.cache)
+        if train_set is None or val_set is None:
+            train_samples, val_samples = train_val_samples(cfg.data, cfg.model.num_classes, progress=self.progress)
+            if train_set is None:
+                train_set = CellDataset(train_samples, build_train_transforms(cfg.data.augment), cache=cfg.data.cache)
+            if val_set is None:
+                val_set = CellDataset(val_samples, None, cache=cfg.data.cache)
+        self.train_set: Dataset = train_set
+        self.val_set: Dataset = val_set
 
         if model is None:
             from ..models import build_model
@@ -111,7 +121,6 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, tc)
-        self.schedule = Schedule(self.optimizer, tc)
         self.amp_dtype = amp_dtype(tc.amp, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.ddp_model: torch.nn.Module = self.model
@@ -119,48 +128,97 @@ class Trainer:
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
+        self.eval_model: torch.nn.Module = self.model
+        """The weights validation and best.pth use (a hook may swap in averaged weights, e.g. EMA)."""
         self.epoch = 0
+        """Epochs completed."""
+        self.iteration = 0
+        """Optimiser steps taken over the whole run."""
         self.history: list[dict[str, Any]] = []
-        self.best_ap50: float | None = None
+        self.stop_reason: str | None = None
         self.nonfinite_in_a_row = 0
         self._val_gt: dict[str, Any] | None = None
-        self._val_predictions: list[dict[str, Any]] | None = None
         self._loader: DataLoader | None = None
+        self.hooks: list[Hook] = []
+        self.register_hooks([*default_hooks(cfg), *(hooks or ())])
+
+    # ---------------------------------------------------------------------------------------
+    # hooks
+
+    @staticmethod
+    def default_hooks(cfg: Config) -> list[Hook]:
+        """The hooks of a plain run (see :mod:`cellkit.engine.hooks`), then ``cfg.train.hooks``."""
+        return default_hooks(cfg)
+
+    def register_hooks(self, hooks: Iterable[Hook]) -> None:
+        """Add hooks; all hooks are kept sorted by ``priority`` (stable: ties keep their order)."""
+        for h in hooks:
+            if not isinstance(h, Hook):
+                raise ConfigError(f"{h!r} is not a cellkit.engine.hooks.Hook")
+            h.trainer = self
+            self.hooks.append(h)
+        self.hooks.sort(key=lambda h: h.priority)
+
+    def _call(self, method: str, *args: Any) -> None:
+        for h in self.hooks:
+            if h.main_process_only and not self.dist.is_main:
+                continue
+            getattr(h, method)(*args)
+
+    def request_stop(self, reason: str) -> None:
+        """Stop after the current epoch (a hook's early-stopping rule calls this)."""
+        self.stop_reason = reason
 
     # ---------------------------------------------------------------------------------------
     # data
 
+    @property
+    def has_validation(self) -> bool:
+        return len(self.val_set) > 0  # type: ignore[arg-type]
+
     def _sampler(self) -> torch.utils.data.Sampler[int]:
         tc = self.cfg.train
         if tc.sampler == "repeat_factor":
-            factors = repeat_factors(self.train_ds.class_presence(self.cfg.model.num_classes), tc.repeat_threshold)
-            return RepeatFactorSampler(factors, tc.seed, self.dist.world_size, self.dist.rank)
+            if not hasattr(self.train_set, "class_presence"):
+                raise ConfigError("train.sampler: repeat_factor needs a dataset with class_presence() (a CellDataset)")
+            presence = self.train_set.class_presence(self.cfg.model.num_classes)  # type: ignore[attr-defined]
+            return RepeatFactorSampler(repeat_factors(presence, tc.repeat_threshold), tc.seed,
+                                       self.dist.world_size, self.dist.rank)
         # a new shuffle per epoch from (seed, epoch): a resumed run sees the same order
-        return DistributedSampler(self.train_ds, self.dist.world_size, self.dist.rank, shuffle=True, seed=tc.seed)
+        return DistributedSampler(self.train_set, self.dist.world_size, self.dist.rank, shuffle=True, seed=tc.seed)
 
     def train_loader(self) -> DataLoader:
         if self._loader is None:
             workers = self.cfg.data.num_workers
             self._loader = DataLoader(
-                self.train_ds, batch_size=self.cfg.train.batch_size, sampler=self._sampler(), collate_fn=collate,
+                self.train_set, batch_size=self.cfg.train.batch_size, sampler=self._sampler(), collate_fn=collate,
                 num_workers=workers, persistent_workers=workers > 0, pin_memory=self.device.type == "cuda",
             )
         return self._loader
 
     @property
     def val_gt(self) -> dict[str, Any]:
-        """COCO ground truth of the validation split (built once from the dataset cache)."""
+        """COCO ground truth of the validation set (built once: from the decoded label maps of a
+        :class:`~cellkit.data.CellDataset`, from the targets of any other dataset)."""
         if self._val_gt is None:
-            loaded = (self.val_ds.load(i) for i in range(len(self.val_ds)))
-            self._val_gt = build_coco(self.val_ds.samples, self.cfg.model.num_classes, False, loaded)
+            ds = self.val_set
+            if isinstance(ds, CellDataset):
+                loaded = (ds.load(i) for i in range(len(ds)))
+                self._val_gt = build_coco(ds.samples, self.cfg.model.num_classes, False, loaded)
+            else:
+                self._val_gt = coco_from_dataset(ds, self.cfg.model.num_classes)
         return self._val_gt
+
+    @property
+    def lr(self) -> float:
+        """Learning rate of the first parameter group now."""
+        return float(self.optimizer.param_groups[0]["lr"])
 
     # ---------------------------------------------------------------------------------------
     # the loop
 
     def fit(self, resume: bool = False) -> dict[str, Any]:
-        """Train for ``train.epochs`` epochs (or until early stopping) and return the summary."""
-        tc = self.cfg.train
+        """Train for ``train.epochs`` epochs (or until a hook stops it) and return the summary."""
         if resume:
             self._resume()
         t_start = time.time()
@@ -168,30 +226,24 @@ class Trainer:
             self.cfg.save(self.run_dir / "config.yaml")
             for stale in (self.run_dir / "checkpoints").glob(".*.tmp*"):  # left by a process killed mid-write
                 stale.unlink()
-        n_cached = self.train_ds.preload(self.progress) + self.val_ds.preload(self.progress)
-        if self.run_dir is not None and len(self.val_ds):
+        n_cached = sum(ds.preload(self.progress) for ds in (self.train_set, self.val_set) if isinstance(ds, CellDataset))
+        if self.run_dir is not None and self.has_validation:
             write_json(self.val_gt, self.run_dir / "val_gt.json")
-        self._log(f"{len(self.train_ds)} training / {len(self.val_ds)} validation images "
+        self._log(f"{len(self.train_set)} training / {len(self.val_set)} validation images "  # type: ignore[arg-type]
                   f"({n_cached / 2**20:.0f} MB decoded in memory); device {self.device}"
                   + (f", {self.dist.world_size} processes" if self.dist.enabled else ""))
-        stop_reason = self.schedule.stop_reason
+        self._call("before_train")
         try:
-            while self.epoch < tc.epochs and stop_reason is None:
+            while self.epoch < self.cfg.train.epochs and self.stop_reason is None:
+                self._call("before_epoch", self.epoch)
                 metrics = self.train_one_epoch(self.epoch)
-                metrics.update(self._validate_if_due(self.epoch))
-                if self.schedule.step_epoch(metrics.get("val_ap50")):
-                    stop_reason = self.schedule.stop_reason
-                    metrics["stopped"] = stop_reason
                 self.epoch += 1
                 self.history.append(metrics)
-                self._end_of_epoch(metrics)
+                self._call("after_epoch", metrics)
         finally:
             dist_utils.barrier()
-        summary = self.summary(stop_reason, time.time() - t_start)
-        if self.run_dir is not None:
-            write_json(summary, self.run_dir / "metrics.json")
-        if stop_reason:
-            self._log(f"early stop: {stop_reason}")
+        summary = self.summary(time.time() - t_start)
+        self._call("after_train", summary)
         return summary
 
     def train_one_epoch(self, epoch: int) -> dict[str, Any]:
@@ -206,7 +258,7 @@ class Trainer:
         n_batches = len(loader) if tc.iters_per_epoch is None else min(len(loader), tc.iters_per_epoch * tc.accumulate)
         sums: dict[str, float] = defaultdict(float)
         counts = {"images": 0, "batches": 0, "steps": 0, "nonfinite": 0}
-        lr = self.schedule.lr
+        lr = self.lr
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         pbar = bar(total=n_batches, desc=f"epoch {epoch + 1}/{tc.epochs}", enabled=self.progress)
@@ -222,12 +274,13 @@ class Trainer:
                 continue
             self.nonfinite_in_a_row = 0
             self.scaler.scale(loss / tc.accumulate).backward()
+            loss_value = float(loss.detach())
             if (i + 1) % tc.accumulate == 0 or i + 1 == n_batches:
                 self._optimizer_step()
                 counts["steps"] += 1
+                self._call("after_step", {"epoch": epoch, "iteration": self.iteration, "lr": self.lr, "loss": loss_value})
             for k, v in losses.items():
                 sums[k] += float(v.detach())
-            loss_value = float(loss.detach())
             sums["loss"] += loss_value
             counts["images"] += len(images)
             counts["batches"] += 1
@@ -266,7 +319,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.schedule.step_iter()
+        self.iteration += 1
 
     def _skip_nonfinite(self, losses: dict[str, torch.Tensor], epoch: int, batch: int) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -281,78 +334,10 @@ class Trainer:
             )
 
     # ---------------------------------------------------------------------------------------
-    # validation, bookkeeping
+    # state
 
-    def _validate_if_due(self, epoch: int) -> dict[str, Any]:
-        every = self.cfg.train.eval_every
-        last = epoch + 1 == self.cfg.train.epochs
-        if not len(self.val_ds) or every <= 0 or ((epoch + 1) % every and not last):
-            return {}
-        result: dict[str, Any] = {}
-        error: Exception | None = None
-        if self.dist.is_main:
-            try:
-                result = self.validate()
-            except Exception as e:  # every rank waits in broadcast: tell them, then fail together
-                error, result = e, {"error": f"{type(e).__name__}: {e}"}
-        result = dist_utils.broadcast(result)
-        if error is not None:
-            raise error
-        if "error" in result:
-            raise TrainingError(f"validation failed on rank 0: {result['error']}")
-        return result
-
-    def validate(self) -> dict[str, Any]:
-        """Predict the validation split with the current model; COCO segm AP50/AP and timing."""
-        from .validate import evaluate_model
-
-        t0 = time.perf_counter()
-        res, self._val_predictions = evaluate_model(
-            self.model, self.val_ds, self.val_gt, self.cfg, self.device, progress=self.progress
-        )
-        return {"val_ap50": res.ap50, "val_ap": res.ap, "val_ap75": res.ap75, "val_seconds": time.perf_counter() - t0}
-
-    def _end_of_epoch(self, m: dict[str, Any]) -> None:
-        improved = m.get("val_ap50") is not None and (self.best_ap50 is None or m["val_ap50"] > self.best_ap50)
-        if improved:
-            self.best_ap50 = m["val_ap50"]
-        if self.run_dir is not None:
-            state = self.state_dict()
-            save_checkpoint(state, self.run_dir / "checkpoints" / "last.pth")
-            if improved or (self.best_ap50 is None and not (self.run_dir / "checkpoints" / "best.pth").exists()):
-                weights_only = {k: state[k] for k in ("model", "epoch", "config", "history", "best", "cellkit_version")}
-                save_checkpoint(weights_only, self.run_dir / "checkpoints" / "best.pth")
-                if improved and self._val_predictions is not None:
-                    write_json(self._val_predictions, self.run_dir / "val_predictions.json")
-            self._write_metrics()
-            from ..viz.curves import save_history_plot
-
-            save_history_plot(self.history, self.run_dir / "plots" / "curves.png", self.cfg.name)
-        self._log(self.epoch_line(m))
-        if self.dist.is_main:
-            for cb in self.callbacks:
-                cb(self, m)
-
-    def epoch_line(self, m: dict[str, Any]) -> str:
-        """The one-line epoch summary."""
-        parts = [f"epoch {m['epoch']}/{self.cfg.train.epochs}", f"loss {m.get('loss', float('nan')):.4f}",
-                 f"lr {m['lr']:.2e}"]
-        if m.get("val_ap50") is not None:
-            parts.append(f"val AP50 {m['val_ap50']:.4f} AP {m['val_ap']:.4f}")
-        parts += [f"{m['train_seconds']:.0f}s", f"{m['images_per_s']:.2f} img/s", f"mem {m['peak_mem_mb']:.0f} MB"]
-        if m.get("nonfinite_steps"):
-            parts.append(f"{m['nonfinite_steps']} non-finite steps skipped")
-        return " | ".join(parts)
-
-    def _write_metrics(self) -> None:
-        assert self.run_dir is not None
-        path = self.run_dir / "metrics.jsonl"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(h) + "\n" for h in self.history))
-        os.replace(tmp, path)
-
-    def summary(self, stop_reason: str | None, seconds: float) -> dict[str, Any]:
-        """The run's final numbers (also written to ``metrics.json``)."""
+    def summary(self, seconds: float) -> dict[str, Any]:
+        """The run's final numbers (the default hooks write them to ``metrics.json``)."""
         best = max((h for h in self.history if h.get("val_ap50") is not None), key=lambda h: h["val_ap50"], default=None)
         return {
             "name": self.cfg.name,
@@ -361,49 +346,68 @@ class Trainer:
             "best_val_ap": best["val_ap"] if best else None,
             "best_epoch": best["epoch"] if best else None,
             "final": self.history[-1] if self.history else None,
-            "stop_reason": stop_reason,
+            "stop_reason": self.stop_reason,
             "seconds": seconds,
             "backbone": self.cfg.model.backbone,
             "run_dir": str(self.run_dir) if self.run_dir else None,
         }
 
+    def _hook_keys(self) -> list[str]:
+        seen: dict[str, int] = {}
+        keys = []
+        for h in self.hooks:
+            n = seen.get(h.name, 0)
+            seen[h.name] = n + 1
+            keys.append(h.name if n == 0 else f"{h.name}#{n}")
+        return keys
+
     def state_dict(self) -> dict[str, Any]:
-        """The checkpoint dict (see :mod:`cellkit.engine.checkpoint`)."""
+        """The resume checkpoint (``checkpoints/last.pth``; see :mod:`cellkit.engine.checkpoint`)."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
+            "iteration": self.iteration,
             "config": self.cfg.to_dict(),
             "history": self.history,
-            "best": self.best_ap50,
+            "stop_reason": self.stop_reason,
+            "hooks": {k: h.state_dict() for k, h in zip(self._hook_keys(), self.hooks)},
             "rng": rng_state(),
             "cellkit_version": __version__,
         }
 
+    def inference_state(self) -> dict[str, Any]:
+        """The light checkpoint of :attr:`eval_model` (``checkpoints/best.pth``): weights, config, history."""
+        return {"model": self.eval_model.state_dict(), "epoch": self.epoch, "config": self.cfg.to_dict(),
+                "history": self.history, "cellkit_version": __version__}
+
     def _resume(self) -> None:
-        path = (self.run_dir or Path(".")) / "checkpoints" / "last.pth"
         if self.run_dir is None and not self.dist.enabled:
             raise ConfigError("resume needs a run directory")
+        path = (self.run_dir or Path(".")) / "checkpoints" / "last.pth"
         path = dist_utils.broadcast(str(path) if self.dist.is_main else None)
         if not Path(path).is_file():
             self._log(f"nothing to resume at {path}; starting from scratch")
             return
         ckpt = load_checkpoint(path, map_location="cpu")  # load_state_dict moves each tensor where it belongs
+        # hooks first: a scheduler hook builds its schedulers (which set the lr) before the
+        # optimiser's saved state (and lr) is put back
+        states = ckpt.get("hooks") or {}
+        for key, h in zip(self._hook_keys(), self.hooks):
+            if key in states:
+                h.load_state_dict(states[key])
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.schedule.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch = int(ckpt["epoch"])
+        self.iteration = int(ckpt.get("iteration", 0))
         self.history = list(ckpt["history"])
-        self.best_ap50 = ckpt.get("best")
+        self.stop_reason = ckpt.get("stop_reason")
         set_rng_state(ckpt["rng"])  # rank 0's streams; the other ranks draw their own
         if self.dist.rank:
             seed_everything(self.cfg.train.seed + self.dist.rank + 7919 * self.epoch)
-        if self.run_dir is not None:
-            self._write_metrics()
         self._log(f"resumed from {path} after epoch {self.epoch}")
 
     def _log(self, msg: str) -> None:
@@ -412,9 +416,9 @@ class Trainer:
 
 
 def train(cfg: Config, run_dir: str | os.PathLike[str] | None, resume: bool = False, progress: bool = True,
-          callbacks: Iterable[Callback] = ()) -> dict[str, Any]:
+          hooks: Sequence[Hook] = ()) -> dict[str, Any]:
     """Build a :class:`Trainer`, fit, clean up the process group; returns the summary."""
     try:
-        return Trainer(cfg, run_dir, callbacks=list(callbacks), progress=progress).fit(resume=resume)
+        return Trainer(cfg, run_dir, hooks=list(hooks), progress=progress).fit(resume=resume)
     finally:
         dist_utils.cleanup()

@@ -21,7 +21,8 @@ from ..config import PredictConfig
 from ..data.coco import write_json
 from ..errors import DataError
 from ..progress import bar
-from .postprocess import RLE, Detections, detections_to_coco, finite
+from ..evaluation.rle import RLE
+from ..structures.detections import Detections
 from .predict import encode_detections, suppress
 
 THRESHOLDS_FILE = "thresholds.json"
@@ -34,8 +35,6 @@ DEFAULT_MASK_GRID: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)
 DEFAULT_NMS_GRID: tuple[float | None, ...] = (None, 0.3, 0.5, 0.7)
 TUNED_KEYS = ("score_thresh", "mask_thresh", "nms_thresh")
 
-Cached = Sequence[tuple[int, int, int, Detections]]
-"""``(image_id, height, width, merged detections)`` per validation image (see ``iter_detections``)."""
 
 
 @dataclass
@@ -81,35 +80,35 @@ class TuneResult:
         return "\n".join(lines)
 
 
-def encode_cached(cached: Cached, mask_thresh: float, min_score: float) -> list[tuple[int, Detections, list[RLE]]]:
+def encode_cached(cached: Sequence[Detections], mask_thresh: float, min_score: float) -> list[tuple[Detections, list[RLE]]]:
     """Paste and encode every finite detection with ``score >= min_score`` once, at ``mask_thresh``.
 
     Returns:
-        ``(image_id, detections kept, their RLEs)`` per image.
+        ``(detections kept, their RLEs)`` per image.
     """
     out = []
-    for image_id, h, w, det in cached:
-        det = det.select(finite(det.boxes, det.scores))
-        det, rles, _ = encode_detections(det.select(det.scores >= min_score), h, w, mask_thresh)
-        out.append((image_id, det, rles))
+    for det in cached:
+        det = det[det.finite()]
+        det, rles, _ = encode_detections(det[det.scores >= min_score], mask_thresh)
+        out.append((det, rles))
     return out
 
 
 def entries_at(
-    encoded: Sequence[tuple[int, Detections, list[RLE]]], score_thresh: float, nms_thresh: float | None
+    encoded: Sequence[tuple[Detections, list[RLE]]], score_thresh: float, nms_thresh: float | None
 ) -> list[dict[str, Any]]:
     """COCO result entries of encoded detections at one score and NMS threshold (score first,
     then NMS, as :func:`cellkit.engine.predict.finalize` does)."""
     entries: list[dict[str, Any]] = []
-    for image_id, det, rles in encoded:
+    for det, rles in encoded:
         keep = torch.nonzero(det.scores >= score_thresh).flatten()
-        d, r = suppress(det.select(keep), [rles[i] for i in keep.tolist()], nms_thresh)
-        entries.extend(detections_to_coco(image_id, d.boxes, d.labels, d.scores, r))
+        d, r = suppress(det[keep], [rles[i] for i in keep.tolist()], nms_thresh)
+        entries.extend(d.to_coco(rles=r))
     return entries
 
 
 def tune_thresholds(
-    cached: Cached,
+    cached: Sequence[Detections],
     gt: Any,
     current: PredictConfig | None = None,
     score_grid: Sequence[float] = DEFAULT_SCORE_GRID,
@@ -125,15 +124,15 @@ def tune_thresholds(
     """Grid-search score, mask and NMS thresholds on cached detections.
 
     Args:
-        cached: merged detections of the validation images.
+        cached: merged detections of the validation images (with their ids and sizes).
         gt: COCO ground truth of those images (dict, path or COCO), for ``coco_evaluate``.
         current: the thresholds in use before tuning (reported beside the best).
-        metric: an :class:`~cellkit.engine.evaluate.EvalResult` attribute (``ap50``, ``ap``, ``ap75``).
+        metric: an :class:`~cellkit.evaluation.coco.EvalResult` attribute (``ap50``, ``ap``, ``ap75``).
         evaluate: ``coco_evaluate``-compatible callable (default: cellkit's).
     """
     if evaluate is None:
-        from .coco_inputs import load_ground_truth
-        from .evaluate import coco_evaluate as evaluate
+        from ..evaluation.coco import coco_evaluate as evaluate
+        from ..evaluation.inputs import load_ground_truth
 
         gt = load_ground_truth(gt, num_classes)  # validated and indexed once for the whole grid
     table: list[dict[str, Any]] = []
@@ -193,3 +192,38 @@ def load_thresholds(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(d, dict) or not all(k in d for k in TUNED_KEYS):
         raise DataError(path, f"expected keys {', '.join(TUNED_KEYS)}")
     return {f"predict.{k}": d[k] for k in TUNED_KEYS}
+
+
+def tune_run(
+    run_dir: str | os.PathLike[str],
+    checkpoint: str | os.PathLike[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    score_grid: Sequence[float] | None = None,
+    mask_grid: Sequence[float] | None = None,
+    nms_grid: Sequence[float | None] | None = None,
+    metric: str = "ap50",
+    device: str = "auto",
+    progress: bool = True,
+) -> tuple[TuneResult, Path]:
+    """Predict a run's validation split once with its best checkpoint (or ``checkpoint``), grid-search
+    the thresholds and write ``run_dir/thresholds.json``.
+
+    Returns:
+        (the result, the thresholds file).
+
+    Raises:
+        DataError: no such run or checkpoint, or no validation split.
+    """
+    from .checkpoint import model_from_checkpoint
+    from .devices import resolve_device
+    from .split import checkpoint_path, predict_split
+
+    ckpt = checkpoint_path(run_dir, str(checkpoint) if checkpoint is not None else "best")
+    model, cfg, _ = model_from_checkpoint(ckpt, resolve_device(device), overrides)
+    sp = predict_split(model, cfg, "val", run_dir=run_dir, with_gt=True, progress=progress)
+    result = tune_thresholds(
+        sp.detections, sp.gt, cfg.predict, score_grid or DEFAULT_SCORE_GRID, mask_grid or DEFAULT_MASK_GRID,
+        nms_grid or DEFAULT_NMS_GRID, metric, cfg.eval.max_dets, cfg.model.num_classes, cfg.eval.backend, progress,
+    )
+    result.extra.update(checkpoint=str(ckpt), tta=cfg.predict.tta)
+    return result, write_thresholds(result, run_dir)

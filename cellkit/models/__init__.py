@@ -7,7 +7,7 @@
 ``cellkit models`` lists the registered backbones with their trainable-parameter counts.
 
 Only the registry is imported eagerly; torch, torchvision and timm load on first use of anything
-else, so ``cellkit --help`` (which imports :mod:`cellkit.models.cli`) stays fast.
+else, so importing the package stays fast.
 """
 from __future__ import annotations
 

@@ -15,7 +15,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-from .overlay import CLASS_COLORS, STATUS_COLORS, Instance, instances_from_coco, instances_from_label_maps, render
+from ..structures.label_maps import MaskRegion
+from .overlay import CLASS_COLORS, STATUS_COLORS, instances_from_coco, render
 
 
 @dataclass
@@ -32,8 +33,8 @@ class BrowserItem:
 
     name: str
     load_image: Callable[[], np.ndarray]
-    load_gt: Callable[[], list[Instance]] | None = None
-    load_pred: Callable[[], list[Instance]] | None = None
+    load_gt: Callable[[], list[MaskRegion]] | None = None
+    load_pred: Callable[[], list[MaskRegion]] | None = None
     note: str = ""
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -47,10 +48,10 @@ class BrowserItem:
     def image(self) -> np.ndarray:
         return self._get("image", self.load_image)
 
-    def gt(self) -> list[Instance] | None:
+    def gt(self) -> list[MaskRegion] | None:
         return self._get("gt", self.load_gt)
 
-    def pred(self) -> list[Instance] | None:
+    def pred(self) -> list[MaskRegion] | None:
         return self._get("pred", self.load_pred)
 
 
@@ -72,12 +73,12 @@ def items_from_dataset(dataset: Any, predictions: Iterable[dict[str, Any]] | Non
         def load_image(i: int = i) -> np.ndarray:
             return dataset.load(i)[0]
 
-        def load_gt(i: int = i) -> list[Instance]:
-            return instances_from_label_maps(dataset.load(i)[1])
+        def load_gt(i: int = i) -> list[MaskRegion]:
+            return list(dataset.load(i)[1].regions())
 
         load_pred = None
         if by_image is not None:
-            def load_pred(image_id: int = sample.image_id) -> list[Instance]:
+            def load_pred(image_id: int = sample.image_id) -> list[MaskRegion]:
                 return instances_from_coco(by_image.get(image_id, []))
 
         items.append(BrowserItem(sample.name, load_image, load_gt, load_pred, (notes or {}).get(sample.image_id, "")))

@@ -1,8 +1,8 @@
-"""Figures of the error analysis (:mod:`cellkit.analysis.errors`), for notebook 04_error_analysis.
+"""Figures of the error analysis (:class:`cellkit.evaluation.ErrorAnalysis`), for notebook 04_error_analysis.
 
 Every function returns a matplotlib :class:`~matplotlib.figure.Figure` (made with ``pyplot``, like
 :mod:`cellkit.viz.curves`) and never calls ``plt.show()``; close figures you do not keep
-(``plt.close(fig)``). Only :func:`worst_images_figure` imports :mod:`cellkit.viz.overlay` (and so torch).
+(``plt.close(fig)``).
 """
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from ..analysis.errors import ERROR_NAMES, ERROR_TYPES, SPECIAL_TYPES, ErrorReport, SizeRecall, ThresholdPoint
+from ..evaluation.curves import ThresholdPoint
+from ..evaluation.operating import SizeRecall
+from ..evaluation.tide import ERROR_NAMES, ERROR_TYPES, SPECIAL_TYPES, ErrorReport
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .overlay import Instance
+    from ..structures.label_maps import MaskRegion
 
 __all__ = [
     "plot_ap_vs_threshold",
@@ -40,7 +42,7 @@ def plot_tide(report: ErrorReport, title: str = "") -> Figure:
     special oracles (every false positive / false negative).
 
     Args:
-        report: from :func:`cellkit.analysis.errors.tide_decomposition`.
+        report: from :func:`cellkit.evaluation.ErrorAnalysis.tide`.
     """
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 1.3]})
     delta = report.delta
@@ -77,7 +79,7 @@ def plot_pr_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: s
 
     Args:
         curves: class name -> ``(recall (101,), precision (101,))`` from
-            :func:`cellkit.analysis.errors.pr_curves`; classes whose precision is all NaN (no
+            :meth:`cellkit.evaluation.ErrorAnalysis.pr_curves`; classes whose precision is all NaN (no
             ground truth) are listed as such.
     """
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
@@ -100,7 +102,7 @@ def plot_pr_curves(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], title: s
 def plot_confusion_matrix(
     matrix: np.ndarray, class_names: Sequence[str] | None = None, normalize: bool = False, title: str = ""
 ) -> Figure:
-    """Heatmap of :func:`cellkit.analysis.errors.confusion_matrix` with the counts written in.
+    """Heatmap of :meth:`cellkit.evaluation.ErrorAnalysis.confusion_matrix` with the counts written in.
 
     Args:
         matrix: ``(C + 1, C + 1)`` int: rows ground-truth class + background, columns predicted
@@ -138,7 +140,7 @@ def plot_recall_by_size(table: SizeRecall, per_class: bool = True, title: str = 
     """Recall per area bin (bars), all classes together and per class, instance counts on top.
 
     Args:
-        table: from :func:`cellkit.analysis.errors.recall_by_size`.
+        table: from :meth:`cellkit.evaluation.ErrorAnalysis.recall_by_size`.
         per_class: also draw one bar per class (classes without instances are left out).
 
     Empty bins below the smallest and above the largest instance are not drawn.
@@ -179,7 +181,7 @@ def plot_score_histograms(
 
     Args:
         tp_scores, fp_scores: ``(n,)`` float scores, from
-            :func:`cellkit.analysis.errors.score_distributions`.
+            :meth:`cellkit.evaluation.ErrorAnalysis.score_distributions`.
         bins: number of equal-width bins.
         log: counts on a log scale (many low-score false positives at a near-zero threshold).
     """
@@ -202,7 +204,7 @@ def plot_ap_vs_threshold(points: Sequence[ThresholdPoint], title: str = "") -> F
     """AP50 against the score threshold, the predictions kept on a twin axis.
 
     Args:
-        points: from :func:`cellkit.analysis.errors.ap50_vs_score_threshold`.
+        points: from :meth:`cellkit.evaluation.ErrorAnalysis.ap50_vs_score_threshold`.
     """
     fig, ax = plt.subplots(figsize=(6, 3.8))
     thr = [p.threshold for p in points]
@@ -225,7 +227,7 @@ def plot_ap_vs_threshold(points: Sequence[ThresholdPoint], title: str = "") -> F
 
 def worst_images_figure(
     images: Sequence[np.ndarray],
-    instances_by_image: Sequence[Sequence["Instance"]],
+    instances_by_image: Sequence[Sequence["MaskRegion"]],
     titles: Sequence[str],
     ncols: int = 3,
     mode: str = "outline",
@@ -236,7 +238,8 @@ def worst_images_figure(
     Args:
         images: ``(H, W, 3)`` uint8/uint16 images.
         instances_by_image: per image, instances with ``status`` set (from
-            :func:`cellkit.analysis.errors.status_instances`).
+            :meth:`cellkit.evaluation.ErrorAnalysis.status_entries` through
+            :func:`cellkit.viz.overlay.instances_from_coco`).
         titles: one caption per image (e.g. ``ImageScore.title()``).
         ncols: panels per row.
         mode: ``"outline"``, ``"fill"`` or ``"both"`` (see :func:`cellkit.viz.overlay.render`).

@@ -5,31 +5,31 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
+from ..engine.hooks import Hook
 from .curves import plot_history
 
 
-class LiveCurves:
-    """A Trainer callback that redraws the loss and AP50 curves in the notebook after each epoch.
+class LiveCurves(Hook):
+    """A Trainer hook that redraws the loss and AP50 curves in the notebook after each epoch.
 
     Works in JupyterLab (the figure updates in place) and under papermill (the last drawing stays
-    in the executed notebook). Outside IPython it does nothing.
-
-    Usage::
-
-        live = LiveCurves()
-        Trainer(cfg, run_dir, callbacks=[live]).fit()
+    in the executed notebook). Outside IPython it does nothing. The Trainer adds it by itself when
+    it runs inside a Jupyter kernel.
     """
+
+    priority = 90
+    main_process_only = True
 
     def __init__(self, title: str = "") -> None:
         self.title = title
         self._handle: Any = None
 
-    def __call__(self, trainer: Any, metrics: dict[str, Any]) -> None:
+    def after_epoch(self, metrics: dict[str, Any]) -> None:
         try:
             from IPython.display import display
         except ImportError:  # pragma: no cover
             return
-        fig = plot_history(trainer.history, self.title or trainer.cfg.name)
+        fig = plot_history(self.trainer.history, self.title or self.trainer.cfg.name)
         if self._handle is None:
             self._handle = display(fig, display_id=True)
         else:

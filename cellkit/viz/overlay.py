@@ -1,18 +1,18 @@
 """Masks drawn on images: outlines or fills, coloured by class (or by TP/FP/FN status).
 
-Instances are kept as small box-region masks (:class:`Instance`), so drawing 1000 cells on a large
-image costs the sum of their boxes, not 1000 full-size masks.
+Instances are kept as small box-region masks (:class:`~cellkit.structures.MaskRegion`: ground truth
+from :meth:`LabelMaps.regions`, predictions from :func:`instances_from_coco`), so drawing 1000 cells
+on a large image costs the sum of their boxes, not 1000 full-size masks.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 import scipy.ndimage as ndi
 from pycocotools import mask as mask_utils
 
-from ..data.instances import LabelMaps
+from ..structures.label_maps import MaskRegion
 
 CLASS_COLORS: dict[int, tuple[int, int, int]] = {
     1: (255, 215, 0),  # gold
@@ -23,41 +23,7 @@ CLASS_COLORS: dict[int, tuple[int, int, int]] = {
 STATUS_COLORS: dict[str, tuple[int, int, int]] = {"tp": (0, 230, 118), "fp": (255, 23, 68), "fn": (0, 176, 255)}
 
 
-@dataclass
-class Instance:
-    """One cell: its mask inside its box, where the box sits, its class and (for predictions) score.
-
-    Attributes:
-        mask: ``(h, w)`` bool, the instance inside its bounding box.
-        top, left: position of ``mask[0, 0]`` in the image.
-        label: class (1-based).
-        score: detection score (1.0 for ground truth).
-        status: optional "tp" / "fp" / "fn" for error views.
-    """
-
-    mask: np.ndarray
-    top: int
-    left: int
-    label: int
-    score: float = 1.0
-    status: str | None = None
-
-    @property
-    def area(self) -> int:
-        return int(self.mask.sum())
-
-
-def instances_from_label_maps(maps: LabelMaps) -> list[Instance]:
-    """Every instance of packed label maps (ground truth)."""
-    out = []
-    for layer in maps.layers:
-        for idx, sl in enumerate(ndi.find_objects(layer)):
-            if sl is not None:
-                out.append(Instance(layer[sl] == idx + 1, sl[0].start, sl[1].start, int(maps.labels[idx + 1])))
-    return out
-
-
-def instances_from_coco(anns: Iterable[dict[str, Any]]) -> list[Instance]:
+def instances_from_coco(anns: Iterable[dict[str, Any]]) -> list[MaskRegion]:
     """Instances of COCO annotations or results with RLE segmentations (decoded one at a time)."""
     out = []
     for a in anns:
@@ -66,14 +32,14 @@ def instances_from_coco(anns: Iterable[dict[str, Any]]) -> list[Instance]:
         if len(rows) == 0:
             continue
         t, b, le, r = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-        out.append(Instance(m[t:b, le:r].copy(), int(t), int(le), int(a["category_id"]), float(a.get("score", 1.0)),
-                            a.get("status")))
+        out.append(MaskRegion(m[t:b, le:r].copy(), int(t), int(le), int(a["category_id"]), float(a.get("score", 1.0)),
+                              a.get("status")))
     return out
 
 
 def render(
     image: np.ndarray,
-    instances: Sequence[Instance],
+    instances: Sequence[MaskRegion],
     mode: str = "outline",
     classes: Iterable[int] = (1, 2, 3, 4),
     color_by: str = "class",

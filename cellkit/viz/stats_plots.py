@@ -8,7 +8,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..analysis.stats import DatasetStats
-from .overlay import CLASS_COLORS, instances_from_label_maps, render
+from .overlay import CLASS_COLORS, render
 
 
 def _color(k: int) -> tuple[float, ...]:
@@ -66,7 +66,7 @@ def plot_examples(dataset: Any, picks: dict[str, int] | Sequence[int], mode: str
     fig, axes = plt.subplots(1, len(picks), figsize=(5.2 * len(picks), 5.2), squeeze=False)
     for ax, (title, i) in zip(axes[0], picks.items()):
         image, maps = dataset.load(i)
-        ax.imshow(render(image, instances_from_label_maps(maps), mode=mode))
+        ax.imshow(render(image, list(maps.regions()), mode=mode))
         counts = maps.class_counts()
         ax.set_title(f"{title}: {image.shape[0]}x{image.shape[1]} px, {counts.sum()} cells\n"
                      + " ".join(f"c{k + 1}:{n}" for k, n in enumerate(counts)), fontsize=9)

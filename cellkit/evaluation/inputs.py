@@ -3,8 +3,8 @@
 Ground truth is validated (and, where safe, completed) before pycocotools sees it; predictions are
 *sanitised* before ``COCO.loadRes``: entries that would crash or silently corrupt the evaluation
 (NaN/Inf boxes or scores, zero-size boxes, empty masks, unknown image or category ids, masks of the
-wrong size) are dropped and counted by reason. Used by :mod:`cellkit.engine.evaluate` and
-:mod:`cellkit.analysis.cellmetrics`.
+wrong size) are dropped and counted by reason. Used by :mod:`cellkit.evaluation.coco` and
+:mod:`cellkit.evaluation.cellmetrics`.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import json
 import math
 import numbers
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from ..errors import DataError
+from .rle import rle_string_ok, to_rle
 
 PathLike = str | os.PathLike[str]
 
@@ -45,8 +45,6 @@ AREA_RANGES: dict[str, tuple[float, float]] = {
 }
 """pycocotools' default area ranges (px^2) for the AP breakdown by object size."""
 
-# characters of pycocotools' compressed RLE string: chr(48) .. chr(48 + 63)
-_RLE_CHARS = re.compile(r"^[0-o]*$")
 
 
 def read_json(path: PathLike, what: str = "JSON file") -> Any:
@@ -229,16 +227,6 @@ def load_ground_truth(gt: Any, num_classes: int = 4, need_masks: bool = True) ->
     return GroundTruth(dataset, source, notes)
 
 
-def to_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]:
-    """A compressed RLE (pycocotools form) of a COCO segmentation: RLE (str/bytes or list counts)
-    or polygons, for an image of ``height x width``."""
-    if isinstance(segmentation, list):  # polygons
-        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
-    if isinstance(segmentation, Mapping) and isinstance(segmentation.get("counts"), list):  # uncompressed RLE
-        return mask_utils.frPyObjects(dict(segmentation), height, width)
-    return dict(segmentation)
-
-
 # --------------------------------------------------------------------------------------------
 # predictions
 
@@ -398,30 +386,6 @@ def _readable_rle(seg: Any, h: int, w: int) -> dict[str, Any] | None:
     return rle
 
 
-def rle_string_ok(counts: str) -> bool:
-    """Whether ``counts`` is lexically a pycocotools compressed RLE string: characters ``'0'..'o'``
-    and a final character that does not announce a continuation. (pycocotools' ``area`` and
-    ``toBbox`` read any string without complaint; ``decode`` checks the run lengths.)"""
-    if not _RLE_CHARS.match(counts):
-        return False
-    return not counts or not (ord(counts[-1]) - 48) & 0x20
-
-
-def rle_decodes(rle: Mapping[str, Any]) -> bool:
-    """Whether pycocotools decodes ``rle`` (run lengths summing to exactly ``H * W``)."""
-    counts = rle.get("counts")
-    if isinstance(counts, str):
-        if not rle_string_ok(counts):
-            return False
-    elif not isinstance(counts, bytes):
-        return False
-    try:
-        mask_utils.decode(dict(rle))
-    except (ValueError, TypeError):
-        return False
-    return True
-
-
 def count_beyond_cap(preds: Sequence[Mapping[str, Any]], cap: int) -> int:
     """How many predictions COCOeval ignores with at most ``cap`` detections per image and class."""
     per = Counter((p["image_id"], p["category_id"]) for p in preds)
@@ -449,3 +413,40 @@ def _short(x: Any, n: int = 120) -> str:
     s = repr(x)
     return s if len(s) <= n else s[: n - 3] + "..."
 
+
+# --------------------------------------------------------------------------------------------
+# both at once
+
+
+def prepare(
+    gt: Any, predictions: Any, num_classes: int = 4, iou_type: str = "segm"
+) -> tuple[GroundTruth, list[dict[str, Any]], dict[str, int]]:
+    """Ground truth and sanitised predictions, read once (every evaluation function accepts them again).
+
+    Args:
+        gt: COCO ground truth (json path, dict, pycocotools ``COCO`` or :class:`GroundTruth`);
+            with masks when ``iou_type`` is ``"segm"``.
+        predictions: COCO result dicts, or a json path to a list of them.
+        num_classes: categories ``1..num_classes``.
+
+    Returns:
+        ``(ground, kept, dropped)``: the validated ground truth, the predictions
+        :func:`sanitize_predictions` keeps (fresh dicts) and the count of those it dropped, by reason.
+    """
+    ground = load_ground_truth(gt, num_classes, need_masks=iou_type == "segm")
+    kept, dropped = sanitize_predictions(load_predictions(predictions), ground.images, num_classes, iou_type,
+                                         ground.category_ids)
+    return ground, kept, dropped
+
+
+def gt_rle(ann: Mapping[str, Any], images: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+    """The compressed RLE (str counts) of a ground-truth annotation's segmentation.
+
+    Args:
+        images: image id -> image entry with ``height`` and ``width`` (``GroundTruth.images``).
+    """
+    im = images[int(ann["image_id"])]
+    rle = to_rle(ann["segmentation"], int(im["height"]), int(im["width"]))
+    if isinstance(rle.get("counts"), bytes):
+        rle = {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
+    return rle

@@ -14,7 +14,7 @@ the textbook way and reads the numbers off ``eval["precision"]`` itself:
   empty masks, unknown image or category ids are dropped and counted); an empty list gives AP 0.
 
 :func:`evaluate_predictions` evaluates segm and bbox at once and adds the cell-tool metrics of
-:mod:`cellkit.analysis.cellmetrics`; it is what ``cellkit evaluate`` prints.
+:mod:`cellkit.evaluation.cellmetrics`; it is what ``cellkit evaluate`` prints.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Literal, Sequence
 import numpy as np
 
 from ..errors import CellkitError
-from .coco_inputs import (
+from .inputs import (
     AREA_RANGES,
     DROP_REASONS,
     GroundTruth,
@@ -38,7 +38,7 @@ from .coco_inputs import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..analysis.cellmetrics import CellMetrics
+    from .cellmetrics import CellMetrics
 
 __all__ = [
     "BACKENDS",
@@ -233,7 +233,7 @@ def coco_evaluate(
 
     Args:
         gt: COCO ground truth: a json path, a dict, a pycocotools ``COCO`` or a
-            :class:`~cellkit.engine.coco_inputs.GroundTruth`.
+            :class:`~cellkit.evaluation.inputs.GroundTruth`.
         predictions: a list of COCO result dicts ``{image_id, category_id, score, bbox [x, y, w, h],
             segmentation (RLE)}`` or a json path to one.
         iou_type: ``"segm"`` (mask IoU, the scored metric) or ``"bbox"``.
@@ -268,7 +268,7 @@ def evaluate_predictions(
     add the cell-tool metrics (precision, recall, F1, TP/(TP+FP+FN) at ``iou_threshold`` for
     predictions scoring at least ``score_threshold``; masks, so only when ``"segm"`` is asked for).
 
-    Arguments as in :func:`coco_evaluate`; see :func:`cellkit.analysis.cellmetrics.cell_metrics`
+    Arguments as in :func:`coco_evaluate`; see :func:`cellkit.evaluation.cellmetrics.cell_metrics`
     for the last two.
     """
     return _evaluate(gt, predictions, tuple(iou_types), max_dets, backend, num_classes,
@@ -305,7 +305,7 @@ def _evaluate(
     results = {t: runner.result(t, max_dets, dropped) for t in iou_types}
     cells = None
     if cell_metrics and "segm" in iou_types:
-        from ..analysis.cellmetrics import cell_metrics as _cell_metrics
+        from .cellmetrics import cell_metrics as _cell_metrics
 
         cells = _cell_metrics(ground, kept, iou_threshold=iou_threshold, score_threshold=score_threshold,
                               num_classes=num_classes)

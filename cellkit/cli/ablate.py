@@ -1,11 +1,10 @@
-"""``cellkit ablate GRID.yaml --out DIR``: run an ablation grid through the training notebook.
-
-Heavy imports (papermill, torch, matplotlib) happen inside the command, so ``cellkit --help`` stays fast.
-"""
+"""``cellkit ablate GRID.yaml --out DIR``: run an ablation grid through the training notebook."""
 from __future__ import annotations
 
 import argparse
 from typing import Any
+
+from .common import add_data, add_no_progress, add_set, non_negative_int
 
 
 def add_commands(sub: Any) -> None:
@@ -20,34 +19,25 @@ def add_commands(sub: Any) -> None:
     )
     p.add_argument("grid", metavar="GRID", help="grid YAML file, or a grid name from configs/grids/")
     p.add_argument("--out", metavar="DIR", help="output folder (default: runs/grids/<grid name>)")
-    p.add_argument("--jobs", "-j", type=_non_negative_int, default=1, metavar="N",
+    p.add_argument("--jobs", "-j", type=non_negative_int, default=1, metavar="N",
                    help="runs in parallel (default 1; 0: one per GPU). With GPUs each job gets its own "
                    "CUDA_VISIBLE_DEVICES; on CPU the cores are split between the jobs")
     p.add_argument("--gpus", metavar="IDS", help="comma-separated GPU ids to use (default: all visible)")
-    p.add_argument("--data", metavar="DIR", help="dataset folder (hw3 layout) for every run; default: the grid's, "
-                   "else the built-in synthetic dataset")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key in every run, e.g. --set train.epochs=20 (repeatable)")
+    add_data(p, help="dataset folder (hw3 layout) for every run; default: the grid's, else the built-in synthetic dataset")
+    add_set(p)
     p.add_argument("--notebook", metavar="PATH", help="the notebook each run executes (default: the grid's, "
                    "else notebooks/02_training.ipynb)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their resolved settings; run nothing")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_no_progress(p)
     p.set_defaults(func=cmd_ablate)
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text}")
-    return value
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
     import dataclasses
     from pathlib import Path
 
-    from .ablation import expand_grid, format_results_table, load_grid, run_action, run_grid
-    from .config import parse_set_args
+    from ..ablation import expand_grid, format_plan, format_results_table, load_grid, run_action, run_grid
+    from ..config import parse_set_args
 
     grid = load_grid(args.grid)
     if args.notebook:
@@ -72,40 +62,3 @@ def cmd_ablate(args: argparse.Namespace) -> int:
               f"(see {out}/<run>/error.txt)")
         return 1
     return 0
-
-
-def format_plan(grid: Any, runs: list[Any], actions: list[str], out: Any) -> str:
-    """The dry-run listing: each run, what would happen to it, its config and key settings."""
-    import dataclasses
-
-    from .ablation import attention_of, scheduler_label
-
-    lines = [f"grid {grid.name}: {len(runs)} runs -> {out}",
-             f"notebook: {grid.notebook}" + ("" if grid.notebook.is_file() else "  (MISSING)")]
-    if runs and runs[0].data:
-        lines.append(f"data: {runs[0].data}")
-    common = {k: v for k, v in runs[0].overrides.items() if all(k in r.overrides and r.overrides[k] == v for r in runs)}
-    if common and len(runs) > 1:
-        lines.append("every run: " + " ".join(f"{k}={_short(v)}" for k, v in common.items()))
-    else:
-        common = {}
-    width = max(len(r.name) for r in runs)
-    words = {"skip": "finished, skip", "resume": "resume", "run": "run", "replace": "settings changed, run again"}
-    for r, action in zip(runs, actions):
-        cfg = r.cfg
-        lines.append(f"  {r.name:<{width}}  [{words[action]}]  config {r.config}")
-        if cfg is not None:
-            m, t = cfg.model, cfg.train
-            lines.append(f"  {'':<{width}}    backbone {m.backbone} (attention {attention_of(m.backbone)}), "
-                         f"weights {m.weights}, {t.optimizer} lr {t.lr:g}, "
-                         f"scheduler {scheduler_label(dataclasses.asdict(t))}, {t.epochs} epochs")
-        own = {k: v for k, v in r.overrides.items() if k not in common}
-        if own:
-            lines.append(f"  {'':<{width}}    " + " ".join(f"{k}={_short(v)}" for k, v in own.items()))
-    return "\n".join(lines)
-
-
-def _short(v: Any) -> str:
-    import json
-
-    return v if isinstance(v, str) else json.dumps(v)

@@ -25,7 +25,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 from pycocotools import mask as mask_utils
-from scipy.optimize import linear_sum_assignment
+
+from .inputs import gt_rle, prepare
 
 __all__ = ["CellMetrics", "ClassCounts", "cell_metrics", "match_masks"]
 
@@ -168,6 +169,8 @@ def match_masks(
     # sum of IoU shares can outweigh one more pair
     n = max(sub_ok.shape)
     cost = -(sub_ok * (1.0 + sub_iou / (2.0 * n)))
+    from scipy.optimize import linear_sum_assignment  # here: scipy.optimize takes ~1 s to import
+
     r, c = linear_sum_assignment(cost)
     keep = sub_ok[r, c]
     r, c = rows_ok[r[keep]], cols_ok[c[keep]]
@@ -196,18 +199,11 @@ def cell_metrics(
     Returns:
         A :class:`CellMetrics`. Crowd instances (``iscrowd=1``) are left out of the ground truth.
     """
-    from ..engine.coco_inputs import load_ground_truth, load_predictions, sanitize_predictions
-
-    ground = load_ground_truth(gt, num_classes, need_masks=True)
-    images = ground.images
-    kept, _ = sanitize_predictions(load_predictions(predictions), images, num_classes, "segm", ground.category_ids)
+    ground, kept, _ = prepare(gt, predictions, num_classes)
     gts: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
     for a in ground.dataset["annotations"]:
         if not a.get("iscrowd", 0):
-            im = images[int(a["image_id"])]
-            gts[int(a["image_id"]), int(a["category_id"])].append(
-                _gt_rle(a["segmentation"], int(im["height"]), int(im["width"]))
-            )
+            gts[int(a["image_id"]), int(a["category_id"])].append(gt_rle(a, ground.images))
     preds: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
     for p in kept:
         if p["score"] >= score_threshold:
@@ -223,15 +219,6 @@ def cell_metrics(
     for c in per_class.values():
         overall.add(c)
     return CellMetrics(float(iou_threshold), float(score_threshold), per_class, overall)
-
-
-def _gt_rle(seg: Any, h: int, w: int) -> dict[str, Any]:
-    from ..engine.coco_inputs import to_rle
-
-    rle = to_rle(seg, h, w)
-    if isinstance(rle.get("counts"), bytes):
-        rle = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
-    return rle
 
 
 def _ratio(a: float, b: float) -> float:

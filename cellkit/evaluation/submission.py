@@ -23,7 +23,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from ..errors import DataError
-from .coco_inputs import read_json, rle_decodes
+from .inputs import read_json
+from .rle import rle_decodes
 
 PathLike = str | os.PathLike[str]
 SUBMISSION_NAME = "test-results.json"

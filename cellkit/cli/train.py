@@ -1,31 +1,42 @@
-"""``cellkit train``: the Trainer from the command line (also under torchrun)."""
+"""``cellkit train`` (also under torchrun) and ``cellkit demo``."""
 from __future__ import annotations
 
 import argparse
 import time
 from pathlib import Path
+from typing import Any
+
+from .common import add_config, add_no_progress, add_out, config_from_args
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: Any) -> None:
+    p = sub.add_parser("demo", help="synthesise a dataset, train the CPU demo recipe, evaluate, report")
+    add_out(p, "demo folder (default: runs/demo)", default="runs/demo")
+    add_config(p, data=False)
+    p.set_defaults(func=cmd_demo)
+
     p = sub.add_parser(
         "train", help="train Mask R-CNN (synthetic data without --data); torchrun -m cellkit train ... for DDP",
         description="Train Mask R-CNN. Without --data it trains on the built-in synthetic dataset. "
         "Multi-GPU: torchrun --nproc_per_node N -m cellkit train ...",
     )
-    p.add_argument("--config", "-c", metavar="FILE", help="YAML config (see configs/)")
-    p.add_argument("--data", metavar="DIR", help="dataset folder (hw3 layout)")
-    p.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/<name>-<time>)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.lr=0.001 (repeatable)")
+    add_config(p)
+    add_out(p, "run directory (default: runs/<name>-<time>)", metavar="RUN_DIR")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pth")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_no_progress(p)
     p.set_defaults(func=cmd_train)
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..config import parse_set_args
+    from ..demo import run_demo
+
+    return run_demo(args.out, config=args.config, overrides=parse_set_args(args.overrides))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..cli import config_from_args
+    from ..engine.trainer import train
     from ..errors import ConfigError
-    from .trainer import train
 
     if args.resume and not args.out:
         raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")

@@ -1,12 +1,15 @@
-"""``cellkit evaluate`` and ``cellkit check-submission`` (heavy imports stay inside the commands)."""
+"""``cellkit evaluate`` and ``cellkit check-submission``: no torch unless ``evaluate --run`` predicts."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from typing import Any
+
+from .common import add_no_progress, positive_int
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: Any) -> None:
     """Add ``evaluate`` and ``check-submission`` to the ``cellkit`` subcommands."""
     p = sub.add_parser(
         "evaluate", help="COCO segm AP50 (the scored metric), AP, per-class AP, bbox AP and cell metrics",
@@ -20,7 +23,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--pred", metavar="PRED.json", help="COCO results: a list of {image_id, category_id, score, bbox, segmentation}")
     src.add_argument("--run", metavar="RUN_DIR", help="a training run: predict its validation split, then evaluate")
     src.add_argument("--checkpoint", default="best", help="with --run: best, last or a .pth path (default: best)")
-    p.add_argument("--max-dets", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--max-dets", type=positive_int, default=None, metavar="N",
                    help="detections kept per image and class (default 1000, eval.max_dets); pycocotools' default is 100")
     p.add_argument("--iou-type", choices=("segm", "bbox", "both"), default="both",
                    help="mask AP, box AP or both (default: both; segm AP50 is the headline)")
@@ -32,9 +35,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--score-threshold", type=float, default=0.5, metavar="S",
                    help="cell-tool metrics count only predictions scoring at least this (default 0.5); COCO AP uses all")
     p.add_argument("--no-cell-metrics", action="store_true", help="skip precision/recall/F1 at one IoU")
-    p.add_argument("--num-classes", type=_positive_int, default=4, help="categories 1..N (default 4)")
+    p.add_argument("--num-classes", type=positive_int, default=4, help="categories 1..N (default 4)")
     p.add_argument("--json", action="store_true", help="print the same as machine-readable JSON (only JSON on stdout)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (with --run)")
+    add_no_progress(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
@@ -45,20 +48,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("file", metavar="FILE", help="test-results.json (or a zip holding it)")
     p.add_argument("--ids", required=True, metavar="JSON",
                    help="test_image_name_to_ids.json, or the dataset folder that holds it")
-    p.add_argument("--num-classes", type=_positive_int, default=4, help="categories 1..N (default 4)")
+    p.add_argument("--num-classes", type=positive_int, default=4, help="categories 1..N (default 4)")
     p.add_argument("--limit", type=int, default=100, metavar="N", help="print at most N problems (0: all; default 100)")
     p.add_argument("--json", action="store_true", help="print the problems as JSON")
     p.set_defaults(func=cmd_check_submission)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -71,7 +64,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.run:
         if args.gt or args.pred:
             raise CellkitError("give either --run or --gt and --pred, not both")
-        from .run_eval import evaluate_run
+        from ..engine.split import evaluate_run
 
         report = evaluate_run(
             args.run, checkpoint=args.checkpoint, max_dets=args.max_dets, backend=args.backend, iou_types=iou_types,
@@ -81,7 +74,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         if not (args.gt and args.pred):
             raise CellkitError("give --gt GT.json and --pred PRED.json (or --run RUN_DIR)")
-        from .evaluate import evaluate_predictions
+        from ..evaluation.coco import evaluate_predictions
 
         report = evaluate_predictions(
             args.gt, args.pred, iou_types=iou_types,  # type: ignore[arg-type]
@@ -101,7 +94,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_check_submission(args: argparse.Namespace) -> int:
     """``cellkit check-submission``: exit 0 valid, 1 problems found (CellkitError -> 2 in cli.main)."""
-    from .submission import check_submission, summarize_problems
+    from ..evaluation.submission import check_submission, summarize_problems
 
     problems = check_submission(args.file, args.ids, num_classes=args.num_classes)
     errors = [p for p in problems if p.severity == "error"]

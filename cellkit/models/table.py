@@ -1,36 +1,13 @@
-"""``cellkit models``: the registered backbones, their trainable-parameter counts and weights.
+"""The backbone table of ``cellkit models``: registered backbones, trainable-parameter counts, weights.
 
-Heavy imports (torch, torchvision, timm) happen inside the command, so ``cellkit --help`` stays fast.
+Heavy imports (torch, torchvision, timm) happen inside the functions.
 """
 from __future__ import annotations
 
-import argparse
-import json
 from typing import Any
 
 PARAM_LIMIT = 200_000_000
 """The task's rule: under 200M trainable parameters."""
-
-
-def add_commands(sub: Any) -> None:
-    """Add the ``models`` subcommand to the ``cellkit`` parser's subparsers."""
-    from ..cli import _config_args
-
-    p = sub.add_parser("models", help="list the backbones with trainable-parameter counts and available weights")
-    _config_args(p, data=False)
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_models)
-
-
-def cmd_models(args: argparse.Namespace) -> int:
-    from ..cli import config_from_args
-
-    rows = backbone_table(config_from_args(args))
-    if args.json:
-        print(json.dumps(rows, indent=1))
-    else:
-        print(format_table(rows))
-    return 0
 
 
 def backbone_table(cfg: Any = None) -> list[dict[str, Any]]:

@@ -1,0 +1,57 @@
+"""``cellkit synth``, ``cellkit convert`` and ``cellkit stats``: the dataset."""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from .common import add_config, add_data, add_out, config_from_args
+
+
+def add_commands(sub: Any) -> None:
+    p = sub.add_parser("synth", help="write the built-in synthetic dataset in the real on-disk layout")
+    add_out(p, "output folder", required=True)
+    p.add_argument("--train", type=int, default=40, help="training images (default 40)")
+    p.add_argument("--test", type=int, default=8, help="test images (default 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-size", type=int, default=None, help="cap on each image side in px")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("convert", help="write COCO train_gt.json / val_gt.json for a dataset")
+    add_data(p, required=True, help="dataset folder (hw3 layout)")
+    add_out(p, "output folder", required=True)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0, help="split seed")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("stats", help="dataset statistics: images, instances per class, sizes")
+    add_config(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_stats)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from ..data.synth import write_synthetic
+
+    out = write_synthetic(args.out, args.train, args.test, args.seed, args.max_size)
+    print(f"wrote {args.train} training and {args.test} test images to {out}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from ..data.coco import convert
+
+    train, val = convert(args.data, args.out, args.val_fraction, args.seed)
+    for p in (train, val):
+        d = json.loads(p.read_text())
+        print(f"{p}: {len(d['images'])} images, {len(d['annotations'])} instances")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from ..analysis.stats import dataset_stats, format_stats
+
+    cfg = config_from_args(args)
+    stats = dataset_stats(cfg.data, num_classes=cfg.model.num_classes)
+    print(json.dumps(stats.to_dict(), indent=1) if args.json else format_stats(stats))
+    return 0

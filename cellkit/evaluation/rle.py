@@ -1,0 +1,114 @@
+"""COCO run-length encoding helpers (pycocotools underneath): encode masks and box regions, read
+any COCO segmentation as a compressed RLE, check RLE strings, measure areas. No torch."""
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+RLE = dict[str, Any]
+"""``{"size": [H, W], "counts": str}`` (compressed, column-major, as COCO results carry it)."""
+
+# characters of pycocotools' compressed RLE string: chr(48) .. chr(48 + 63)
+_RLE_CHARS = re.compile(r"^[0-o]*$")
+
+
+def encode_mask(mask: np.ndarray) -> dict[str, Any]:
+    """RLE of a full-size ``(H, W)`` binary mask, with ``counts`` as str (JSON-ready)."""
+    rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def encode_region(region: np.ndarray, top: int, left: int, height: int, width: int) -> dict[str, Any]:
+    """RLE (str counts) of the ``height x width`` mask that equals ``region`` at ``(top, left)``
+    and 0 elsewhere, computed from the region alone (no full-size buffer).
+
+    The same RLE as pycocotools' ``encode`` of the full mask, without allocating it: memory and
+    time follow the region's size, not the image's (1000 cells of a 2000 x 2000 image encode in
+    0.05 s instead of 1.5 s through a full-size buffer; benchmarks/paste_memory.py). Runs follow
+    the column-major order of COCO RLE; each region column is framed by a 0 above and below (the
+    pixels outside the region), and a change at the bottom of one column that the top of the next
+    undoes (full-height regions) cancels out. pycocotools turns the run lengths into its string.
+
+    Args:
+        region: ``(h, w)`` bool/uint8; parts outside the image are clipped.
+        top, left: position of ``region[0, 0]`` in the image (may be negative).
+    """
+    h, w = region.shape
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + h, height), min(left + w, width)
+    total = height * width
+    counts: list[int] = [total]
+    if y1 > y0 and x1 > x0:
+        r = region[y0 - top : y1 - top, x0 - left : x1 - left]
+        rh = r.shape[0]
+        framed = np.zeros((r.shape[1], rh + 2), dtype=np.int8)
+        framed[:, 1:-1] = r.T
+        col, row = np.divmod(np.flatnonzero(np.diff(framed.ravel())) + 1, rh + 2)
+        pos = (x0 + col) * height + y0 + row - 1  # image index of the first pixel after each change
+        twin = np.flatnonzero(pos[1:] == pos[:-1])
+        keep = np.ones(len(pos), dtype=bool)
+        keep[twin] = False
+        keep[twin + 1] = False
+        pos = pos[keep]
+        if len(pos):
+            counts = np.diff(np.concatenate([[0], pos[pos < total], [total]])).tolist()
+    rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def to_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]:
+    """A compressed RLE (pycocotools form) of a COCO segmentation: RLE (str/bytes or list counts)
+    or polygons, for an image of ``height x width``."""
+    if isinstance(segmentation, list):  # polygons
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if isinstance(segmentation, Mapping) and isinstance(segmentation.get("counts"), list):  # uncompressed RLE
+        return mask_utils.frPyObjects(dict(segmentation), height, width)
+    return dict(segmentation)
+
+
+def rle_string_ok(counts: str) -> bool:
+    """Whether ``counts`` is lexically a pycocotools compressed RLE string: characters ``'0'..'o'``
+    and a final character that does not announce a continuation. (pycocotools' ``area`` and
+    ``toBbox`` read any string without complaint; ``decode`` checks the run lengths.)"""
+    if not _RLE_CHARS.match(counts):
+        return False
+    return not counts or not (ord(counts[-1]) - 48) & 0x20
+
+
+def rle_decodes(rle: Mapping[str, Any]) -> bool:
+    """Whether pycocotools decodes ``rle`` (run lengths summing to exactly ``H * W``)."""
+    counts = rle.get("counts")
+    if isinstance(counts, str):
+        if not rle_string_ok(counts):
+            return False
+    elif not isinstance(counts, bytes):
+        return False
+    try:
+        mask_utils.decode(dict(rle))
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def rle_areas(rles: Sequence[RLE]) -> np.ndarray:
+    """``(N,)`` int64 pixel counts of RLEs.
+
+    pycocotools' ``area`` of a list fails beyond 255 masks under numpy 2 (it sizes a uint8 array
+    from the count), so it is called on chunks of at most 255.
+    """
+    out = [np.asarray(mask_utils.area(list(rles[i : i + 255])), dtype=np.int64) for i in range(0, len(rles), 255)]
+    return np.concatenate(out) if out else np.zeros((0,), dtype=np.int64)
+
+
+def mask_iou(dts: Sequence[Mapping[str, Any]], gts: Sequence[Mapping[str, Any]], crowd: bool = False) -> np.ndarray:
+    """``(len(dts), len(gts))`` float64 mask IoU of two lists of RLEs (pycocotools' ``iou``;
+    ``crowd``: intersection over the area of the ``dts`` mask)."""
+    if not len(dts) or not len(gts):
+        return np.zeros((len(dts), len(gts)))
+    iou = mask_utils.iou(list(dts), list(gts), [int(crowd)] * len(gts))
+    return np.asarray(iou, dtype=np.float64).reshape(len(dts), len(gts))
