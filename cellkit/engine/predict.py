@@ -8,7 +8,10 @@ The pipeline for one image::
     -> cross-tile duplicate removal -> optional mask NMS -> COCO result entries
 
 Masks stay at the mask head's ``M x M`` resolution until the last step, where each one is pasted
-into its box only and RLE-encoded at once (see :mod:`cellkit.engine.postprocess`).
+into its box only and RLE-encoded at once (see :mod:`cellkit.engine.postprocess`), in the mask
+geometry the model was trained in (``model.mask_geometry``, read from the model by
+:func:`~cellkit.models.mask_geometry.mask_geometry_of`; the functions below that paste take it as
+``geometry``, ``torchvision`` when not given, which is what a plain torchvision model needs).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from torchvision.models.detection.transform import resize_boxes
 
 from ..config import PredictConfig
 from ..errors import ConfigError
+from ..models.mask_geometry import MaskGeometry, mask_geometry_of
 from ..progress import bar
 from .postprocess import (
     RLE, Detections, DropCounts, detections_to_coco, finite, flip_detections, flip_image, mask_nms,
@@ -160,13 +164,15 @@ def detect_views(models: Models, crops: Sequence[Tensor], cfg: PredictConfig) ->
     return out
 
 
-def merge_views(views: Sequence[Detections], cfg: PredictConfig, height: int, width: int) -> Detections:
+def merge_views(
+    views: Sequence[Detections], cfg: PredictConfig, height: int, width: int, geometry: MaskGeometry = "torchvision"
+) -> Detections:
     """Merge the views of one crop (``height x width``) into one set of detections.
 
     ``cfg.tta_merge == "wbf"``: :func:`~cellkit.engine.postprocess.weighted_fusion` at box IoU
     ``cfg.tta_iou``; ``"nms"``: class-wise mask NMS (RLE IoU ``> cfg.tta_iou``, masks thresholded
-    at ``cfg.mask_thresh``). Non-finite detections pass through untouched (dropped and counted
-    later). One view is returned as it is.
+    at ``cfg.mask_thresh``, pasted in ``geometry``). Non-finite detections pass through untouched
+    (dropped and counted later). One view is returned as it is.
     """
     if len(views) == 1:
         return views[0]
@@ -176,7 +182,7 @@ def merge_views(views: Sequence[Detections], cfg: PredictConfig, height: int, wi
     if cfg.tta_merge == "wbf":
         merged = weighted_fusion(good, len(views), cfg.tta_iou)
     else:
-        rles = paste_and_encode(good.boxes, good.masks, height, width, cfg.mask_thresh)
+        rles = paste_and_encode(good.boxes, good.masks, height, width, cfg.mask_thresh, geometry=geometry)
         merged = good.select(mask_nms(rles, good.scores, cfg.tta_iou, labels=good.labels))
     return Detections.cat([merged, bad])
 
@@ -225,10 +231,11 @@ def detect(models: Models, images: Sequence[Tensor], cfg: PredictConfig) -> list
         else:
             crops.append(img)
             owners.append((i, 0, None))
+    geometry = mask_geometry_of(models)
     per_crop = detect_views(models, crops, cfg)
     parts: list[list[Detections]] = [[] for _ in images]
     for crop, views, (i, t_idx, tile) in zip(crops, per_crop, owners):
-        merged = merge_views(views, cfg, int(crop.shape[-2]), int(crop.shape[-1]))
+        merged = merge_views(views, cfg, int(crop.shape[-2]), int(crop.shape[-1]), geometry)
         parts[i].append(merged if tile is None else place_tile(merged, tile, t_idx))
     return [p[0] if len(p) == 1 and p[0].tile is None else Detections.cat(p) for p in parts]
 
@@ -238,14 +245,14 @@ def detect(models: Models, images: Sequence[Tensor], cfg: PredictConfig) -> list
 
 
 def encode_detections(
-    det: Detections, height: int, width: int, mask_thresh: float
+    det: Detections, height: int, width: int, mask_thresh: float, geometry: MaskGeometry = "torchvision"
 ) -> tuple[Detections, list[RLE], int]:
-    """Paste and RLE-encode finite detections; drop those whose mask is empty.
+    """Paste (in ``geometry``) and RLE-encode finite detections; drop those whose mask is empty.
 
     Returns:
         (the detections kept, their RLEs, number of empty masks dropped).
     """
-    rles = paste_and_encode(det.boxes, det.masks, height, width, mask_thresh)
+    rles = paste_and_encode(det.boxes, det.masks, height, width, mask_thresh, geometry=geometry)
     if not rles:
         return det, rles, 0
     nonempty = torch.as_tensor(rle_areas(rles) > 0)
@@ -266,16 +273,18 @@ def suppress(det: Detections, rles: list[RLE], nms_thresh: float | None) -> tupl
 
 
 def finalize(
-    det: Detections, height: int, width: int, image_id: int, cfg: PredictConfig, counts: DropCounts | None = None
+    det: Detections, height: int, width: int, image_id: int, cfg: PredictConfig, counts: DropCounts | None = None,
+    geometry: MaskGeometry = "torchvision",
 ) -> list[dict[str, Any]]:
     """COCO result entries of one image's merged detections: drop non-finite ones (counted),
-    ``score >= cfg.score_thresh``, paste at ``cfg.mask_thresh``, drop empty masks (counted),
-    remove cross-tile duplicates and apply ``cfg.nms_thresh``."""
+    ``score >= cfg.score_thresh``, paste at ``cfg.mask_thresh`` in ``geometry`` (the model's:
+    :func:`~cellkit.models.mask_geometry.mask_geometry_of`), drop empty masks (counted), remove
+    cross-tile duplicates and apply ``cfg.nms_thresh``."""
     ok = finite(det.boxes, det.scores)
     nonfinite = int((~ok).sum())
     det = det.select(ok)
     det = det.select(det.scores >= cfg.score_thresh)
-    det, rles, empty = encode_detections(det, height, width, cfg.mask_thresh)
+    det, rles, empty = encode_detections(det, height, width, cfg.mask_thresh, geometry)
     det, rles = suppress(det, rles, cfg.nms_thresh)
     if counts is not None:
         counts.add(int(image_id), nonfinite=nonfinite, empty=empty)
@@ -297,7 +306,8 @@ def predict_image(
     """
     with torch.inference_mode():
         det = detect(models, [image], cfg)[0]
-        return finalize(det, int(image.shape[-2]), int(image.shape[-1]), image_id, cfg, counts)
+        h, w = int(image.shape[-2]), int(image.shape[-1])
+        return finalize(det, h, w, image_id, cfg, counts, mask_geometry_of(models))
 
 
 def iter_detections(
@@ -305,7 +315,8 @@ def iter_detections(
     progress: bool = True, total: int | None = None,
 ) -> Iterator[tuple[int, int, int, Detections]]:
     """``(image_id, height, width, merged detections)`` per image of ``dataset``, predicted
-    ``cfg.batch_size`` images at a time, with a progress bar over images.
+    ``cfg.batch_size`` images at a time, with a progress bar over images. Paste the masks in the
+    models' geometry (``finalize(..., geometry=mask_geometry_of(models))``).
 
     Args:
         dataset: yields ``(image (3, H, W) float, meta)``; ``meta`` is a
@@ -354,7 +365,8 @@ def predict_images(
     """COCO result entries of every image of ``dataset`` (see :func:`iter_detections` for what it
     yields), for one model or an ensemble, with ``cfg``'s TTA, tiling and thresholds."""
     entries: list[dict[str, Any]] = []
+    geometry = mask_geometry_of(models)
     for image_id, h, w, det in iter_detections(models, dataset, cfg, image_ids, progress):
         with torch.inference_mode():
-            entries.extend(finalize(det, h, w, image_id, cfg, counts))
+            entries.extend(finalize(det, h, w, image_id, cfg, counts, geometry))
     return entries

@@ -144,6 +144,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from ..config import parse_set_args
     from ..data import CellDataset, build_coco, train_val_samples
     from ..errors import DataError
+    from ..models.mask_geometry import mask_geometry_of
     from .checkpoint import model_from_checkpoint
     from .devices import resolve_device
     from .predict import iter_detections
@@ -168,7 +169,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     result = tune_thresholds(
         cached, gt, cfg.predict, args.score_grid or DEFAULT_SCORE_GRID, args.mask_grid or DEFAULT_MASK_GRID,
         args.nms_grid or DEFAULT_NMS_GRID, args.metric, cfg.eval.max_dets, cfg.model.num_classes,
-        cfg.eval.backend, progress,
+        cfg.eval.backend, progress, geometry=mask_geometry_of(model),
     )
     print(result.format())
     path = write_thresholds(result, run, checkpoint=str(ckpt), tta=cfg.predict.tta)

@@ -20,6 +20,7 @@ import torch
 from ..config import PredictConfig
 from ..data.coco import write_json
 from ..errors import DataError
+from ..models.mask_geometry import MaskGeometry
 from ..progress import bar
 from .postprocess import RLE, Detections, detections_to_coco, finite
 from .predict import encode_detections, suppress
@@ -81,8 +82,11 @@ class TuneResult:
         return "\n".join(lines)
 
 
-def encode_cached(cached: Cached, mask_thresh: float, min_score: float) -> list[tuple[int, Detections, list[RLE]]]:
-    """Paste and encode every finite detection with ``score >= min_score`` once, at ``mask_thresh``.
+def encode_cached(
+    cached: Cached, mask_thresh: float, min_score: float, geometry: MaskGeometry = "torchvision"
+) -> list[tuple[int, Detections, list[RLE]]]:
+    """Paste (in ``geometry``, the model's) and encode every finite detection with
+    ``score >= min_score`` once, at ``mask_thresh``.
 
     Returns:
         ``(image_id, detections kept, their RLEs)`` per image.
@@ -90,7 +94,7 @@ def encode_cached(cached: Cached, mask_thresh: float, min_score: float) -> list[
     out = []
     for image_id, h, w, det in cached:
         det = det.select(finite(det.boxes, det.scores))
-        det, rles, _ = encode_detections(det.select(det.scores >= min_score), h, w, mask_thresh)
+        det, rles, _ = encode_detections(det.select(det.scores >= min_score), h, w, mask_thresh, geometry)
         out.append((image_id, det, rles))
     return out
 
@@ -121,6 +125,7 @@ def tune_thresholds(
     backend: str = "pycocotools",
     progress: bool = True,
     evaluate: Callable[..., Any] | None = None,
+    geometry: MaskGeometry = "torchvision",
 ) -> TuneResult:
     """Grid-search score, mask and NMS thresholds on cached detections.
 
@@ -130,6 +135,8 @@ def tune_thresholds(
         current: the thresholds in use before tuning (reported beside the best).
         metric: an :class:`~cellkit.engine.evaluate.EvalResult` attribute (``ap50``, ``ap``, ``ap75``).
         evaluate: ``coco_evaluate``-compatible callable (default: cellkit's).
+        geometry: the mask geometry of the model that made ``cached``
+            (:func:`~cellkit.models.mask_geometry.mask_geometry_of`): how masks are pasted.
     """
     if evaluate is None:
         from .coco_inputs import load_ground_truth
@@ -140,7 +147,7 @@ def tune_thresholds(
     points = len(mask_grid) * len(nms_grid) * len(score_grid)
     with bar(total=points, desc="threshold grid", enabled=progress) as pbar:
         for mt in mask_grid:
-            encoded = encode_cached(cached, mt, min(score_grid))
+            encoded = encode_cached(cached, mt, min(score_grid), geometry)
             for nt in nms_grid:
                 for st in score_grid:
                     entries = entries_at(encoded, st, nt)
