@@ -6,10 +6,10 @@ Two conventions, chosen by ``model.mask_geometry``:
 ``(x + 0.5, y + 0.5)``; cell ``j`` of an ``M x M`` mask of box ``(x0, y0, x1, y1)`` covers
 ``[x0 + j w / M, x0 + (j + 1) w / M]`` (``w = x1 - x0``), likewise in y. Training targets are
 the ground-truth masks sampled at the cell centres by ``roi_align(..., aligned=True)``
-(:func:`exact_mask_targets`); the paste (:func:`paste_masks`, :func:`paste_region(s)
-<paste_regions>`) samples
-the mask bilinearly at every pixel centre inside the box, the cell values sitting at the cell
-centres (``grid_sample`` with ``align_corners=False``), and is zero outside the box. The two are
+(:func:`exact_mask_targets`); the paste (:func:`paste_masks`, :func:`paste_region`,
+:func:`paste_regions`) samples the mask bilinearly at every pixel centre inside the box, the cell
+values sitting at the cell centres (``grid_sample`` with ``align_corners=False``), and is zero
+outside the box. The two are
 inverse to each other up to the resolution of the mask: a mask sampled at a box and pasted back
 at the same box lands where it came from. Detectron2's ``_do_paste_mask`` samples the same way
 but lets the mask fade to zero over the outer half cell *inside* the box (zero padding); here the
