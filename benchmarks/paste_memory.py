@@ -10,6 +10,8 @@ RSS just before the variant starts (imports and inputs excluded).
   twice N x H x W x 4 bytes), ``> 0.5``, ``encode_mask`` per mask.
 * ``torchvision-chunked``: the same, 50 masks at a time (what a careful caller does by hand).
 * ``lean``: :func:`cellkit.engine.postprocess.paste_and_encode` (box-region paste, one reused buffer).
+* ``lean-exact``: the same in the exact mask geometry (``geometry="exact"``, cellkit's default
+  for its models; :mod:`cellkit.models.mask_geometry`).
 * ``predict``: :func:`cellkit.engine.predict.predict_image` with a random-weight ResNet-18 FPN
   Mask R-CNN at full resolution (2000 px input, no tiling) returning N detections: model time,
   post-processing time and peak memory of the whole prediction.
@@ -82,6 +84,8 @@ def run_variant(variant: str, n: int, size: int, threads: int) -> dict:
             del pasted
     elif variant == "lean":
         rles = paste_and_encode(boxes, probs, size, size, 0.5)
+    elif variant == "lean-exact":
+        rles = paste_and_encode(boxes, probs, size, size, 0.5, geometry="exact")
     else:
         raise SystemExit(f"unknown variant {variant}")
     elapsed = time.perf_counter() - t
@@ -98,6 +102,7 @@ def run_predict(n: int, size: int) -> dict:
     from cellkit.data import image_to_tensor
     from cellkit.data.synth import synth_image
     from cellkit.engine import predict as P
+    from cellkit.models.mask_geometry import mask_geometry_of
 
     cfg = cellkit.load_config(None, {
         "model.backbone": "resnet18", "model.min_size": size, "model.max_size": size,
@@ -114,7 +119,7 @@ def run_predict(n: int, size: int) -> dict:
     with torch.inference_mode():
         det = P.detect(model, [image], pc)[0]
         t1 = time.perf_counter()
-        entries = P.finalize(det, size, size, 1, pc)
+        entries = P.finalize(det, size, size, 1, pc, geometry=mask_geometry_of(model))
     t2 = time.perf_counter()
     return {"variant": "predict", "n": len(det), "size": size, "time_s": t2 - t0, "model_s": t1 - t0,
             "post_s": t2 - t1, "peak_mb": _maxrss_mb() - base, "n_rles": len(entries)}
@@ -128,7 +133,7 @@ def child(variant: str, n: int, size: int, threads: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--variant", choices=("torchvision", "torchvision-chunked", "lean", "predict"))
+    ap.add_argument("--variant", choices=("torchvision", "torchvision-chunked", "lean", "lean-exact", "predict"))
     ap.add_argument("--n", type=int, default=1000, help="detections (default 1000)")
     ap.add_argument("--n-full", type=int, default=100, help="detections for torchvision's full paste (default 100)")
     ap.add_argument("--size", type=int, default=2000, help="image side in px (default 2000)")
@@ -138,7 +143,8 @@ def main() -> None:
     if args.variant:
         print(json.dumps(run_variant(args.variant, args.n, args.size, args.threads)))
         return
-    runs = [("torchvision", args.n_full), ("lean", args.n_full), ("torchvision-chunked", args.n), ("lean", args.n)]
+    runs = [("torchvision", args.n_full), ("lean", args.n_full), ("torchvision-chunked", args.n), ("lean", args.n),
+            ("lean-exact", args.n)]
     if not args.no_predict:
         runs.append(("predict", args.n))
     rows = [child(v, n, args.size, args.threads) for v, n in runs]

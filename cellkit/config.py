@@ -128,6 +128,8 @@ class ModelConfig:
     """Mask loss: torchvision's per-pixel BCE, or BCE plus a soft Dice term (``loss_mask_dice``)."""
     dice_weight: float = 1.0
     """Weight of the Dice term when ``mask_loss`` is ``bce+dice``."""
+    mask_geometry: Literal["exact", "torchvision"] = "exact"
+    """Mask targets and paste: exact (RoIAlign aligned=True targets, paste at pixel centres, no extra pixel) or torchvision's (aligned=False targets, paste one pixel wider); training and prediction alike."""
 
 
 @dataclass

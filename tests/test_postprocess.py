@@ -1,4 +1,5 @@
-"""Lean paste + encode against torchvision's own paste, COCO conversion, mask NMS, flips, fusion."""
+"""Lean paste + encode against torchvision's own paste (the ``torchvision`` mask geometry; the
+``exact`` one is in test_mask_geometry.py), COCO conversion, mask NMS, flips, fusion."""
 from __future__ import annotations
 
 import math
@@ -41,7 +42,7 @@ def test_paste_and_encode_equals_torchvision_on_model_output(sample_image):
     out = raw_detections(model, [sample_image])[0]
     assert len(out["boxes"]) == 60 and out["masks"].shape[1:] == (1, 28, 28)
     for thresh in (0.5, 0.3):
-        ours = paste_and_encode(out["boxes"], out["masks"], h, w, thresh)
+        ours = paste_and_encode(out["boxes"], out["masks"], h, w, thresh, geometry="torchvision")
         ref = torchvision_rles(out["boxes"], out["masks"], h, w, thresh)
         assert ours == ref
         assert all(isinstance(r["counts"], str) and r["size"] == [h, w] for r in ours)
@@ -67,6 +68,8 @@ def hand_made_boxes(h: int, w: int, n: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("m", [28, 56])
 def test_paste_and_encode_equals_torchvision_on_hand_made_boxes(m):
+    """The default (and ``model.mask_geometry: torchvision``) paste is torchvision's, bit for bit;
+    the exact geometry is tested against an analytic disc in test_mask_geometry.py."""
     h, w = 97, 131
     boxes = hand_made_boxes(h, w, 120, seed=m)
     probs = torch.rand(len(boxes), 1, m, m, generator=torch.Generator().manual_seed(1))

@@ -113,6 +113,6 @@ def test_to_coco_pastes_at_the_image_size_and_counts_drops(dets: Detections) -> 
     entries = bad.to_coco(0.5, counts=counts)
     assert counts.nonfinite == 1 and counts.empty == 1 and len(entries) == len(dets) - 2
     ok = bad[torch.arange(2, len(dets))]
-    rles = paste_and_encode(ok.boxes, ok.masks, 120, 140, 0.5)
+    rles = paste_and_encode(ok.boxes, ok.masks, 120, 140, 0.5, geometry=ok.geometry)
     assert entries == detections_to_coco(7, ok.boxes, ok.labels, ok.scores, rles)
     assert all(e["image_id"] == 7 and e["segmentation"]["size"] == [120, 140] for e in entries)

@@ -74,7 +74,11 @@ def model_from_checkpoint(
     ckpt = load_checkpoint(path)
     if "config" not in ckpt:
         raise DataError(path, "checkpoint has no config; cannot rebuild its model")
-    cfg = Config.from_dict(ckpt["config"])
+    stored = dict(ckpt["config"])
+    if isinstance(stored.get("model"), Mapping) and "mask_geometry" not in stored["model"]:
+        # saved before model.mask_geometry existed: trained on torchvision's targets, so paste like torchvision
+        stored["model"] = {**stored["model"], "mask_geometry": "torchvision"}
+    cfg = Config.from_dict(stored)
     if overrides:
         cfg = cfg.replace(overrides)
     cfg = cfg.replace({"model.weights": "none"})  # the checkpoint supplies every weight

@@ -26,6 +26,7 @@ from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 from torchvision.ops import box_iou
 
 from ..evaluation.rle import RLE, encode_region, rle_areas
+from ..models.mask_geometry import MaskGeometry, check_geometry, paste_regions
 from ..structures.detections import Detections, resize_masks
 
 
@@ -64,13 +65,17 @@ def finite(boxes: Tensor, scores: Tensor) -> Tensor:
 
 
 def paste_and_encode(
-    boxes: Tensor, mask_probs: Tensor, height: int, width: int, mask_thresh: float = 0.5, padding: int = 1
+    boxes: Tensor, mask_probs: Tensor, height: int, width: int, mask_thresh: float = 0.5, padding: int = 1,
+    geometry: MaskGeometry = "torchvision",
 ) -> list[RLE]:
     """RLE of each mask pasted into a ``height x width`` image and thresholded, one box at a time.
 
-    Bit for bit equal to ``paste_masks_in_image(mask_probs, boxes, (height, width), padding) >
-    mask_thresh`` then :func:`cellkit.data.coco.encode_mask` per mask, with peak memory of one
-    box-size float mask instead of ``N`` full-size float masks.
+    ``geometry="torchvision"``: bit for bit equal to ``paste_masks_in_image(mask_probs, boxes,
+    (height, width), padding) > mask_thresh`` then :func:`cellkit.evaluation.rle.encode_mask` per
+    mask. ``geometry="exact"``: bit for bit :func:`cellkit.models.mask_geometry.paste_masks`
+    ``> mask_thresh`` (no padding, no extra pixel; ``padding`` is ignored). Either way peak
+    memory is one box-size float mask instead of ``N`` full-size float masks. Detections paste in
+    their own geometry (:attr:`cellkit.structures.Detections.geometry`, the model's).
 
     Args:
         boxes: ``(N, 4)`` float xyxy in pixels of the original image (finite).
@@ -78,12 +83,16 @@ def paste_and_encode(
         height, width: size of the original image.
         mask_thresh: a pixel is foreground where its pasted probability is ``> mask_thresh``.
         padding: torchvision's paste padding (1 in Mask R-CNN).
+        geometry: ``torchvision`` or ``exact`` (see :mod:`cellkit.models.mask_geometry`).
 
     Returns:
         N RLE dicts ``{"size": [height, width], "counts": str}``, in the order of ``boxes``.
     """
     if boxes.shape[0] == 0:
         return []
+    if check_geometry(geometry) == "exact":
+        return [encode_region(region, top, left, height, width)
+                for region, top, left in paste_regions(mask_probs, boxes, height, width, mask_thresh)]
     masks, scale = expand_masks(mask_probs, padding=padding)
     int_boxes = expand_boxes(boxes, scale).to(dtype=torch.int64).tolist()
     out = []

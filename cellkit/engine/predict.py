@@ -8,7 +8,10 @@ The pipeline for one image::
     -> cross-tile duplicate removal -> optional mask NMS -> COCO result entries
 
 Masks stay at the mask head's ``M x M`` resolution until the last step, where each one is pasted
-into its box only and RLE-encoded at once (see :mod:`cellkit.engine.postprocess`).
+into its box only and RLE-encoded at once (see :mod:`cellkit.engine.postprocess`), in the mask
+geometry the model was trained in (``model.mask_geometry``, read from the model by
+:func:`~cellkit.models.mask_geometry.mask_geometry_of` and carried by each
+:class:`~cellkit.structures.Detections`).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from torchvision.models.detection.transform import resize_boxes
 
 from ..config import PredictConfig
 from ..errors import ConfigError
+from ..models.mask_geometry import mask_geometry_of
 from ..progress import bar
 from ..evaluation.rle import RLE, rle_areas
 from ..structures.detections import Detections
@@ -147,6 +151,7 @@ def detect_views(models: Models, crops: Sequence[Tensor], cfg: PredictConfig) ->
     if cfg.batch_size < 1:
         raise ConfigError(f"predict.batch_size must be at least 1, got {cfg.batch_size}")
     out: list[list[Detections]] = [[] for _ in crops]
+    geometry = mask_geometry_of(models)
     for model in _as_list(models):
         for view in tta_views(cfg):
             with scaled_input_size(model, view.scale):
@@ -155,7 +160,7 @@ def detect_views(models: Models, crops: Sequence[Tensor], cfg: PredictConfig) ->
                     raw = raw_detections(model, [flip_image(c, view.flip) for c in chunk])
                     for k, (crop, r) in enumerate(zip(chunk, raw)):
                         h, w = int(crop.shape[-2]), int(crop.shape[-1])
-                        det = Detections.from_output(r, image_size=(h, w)).to("cpu")
+                        det = Detections.from_output(r, image_size=(h, w), geometry=geometry).to("cpu")
                         out[start + k].append(flip_detections(det, view.flip, h, w))
     return out
 
@@ -176,7 +181,7 @@ def merge_views(views: Sequence[Detections], cfg: PredictConfig, height: int, wi
     if cfg.tta_merge == "wbf":
         merged = weighted_fusion(good, len(views), cfg.tta_iou)
     else:
-        rles = paste_and_encode(good.boxes, good.masks, height, width, cfg.mask_thresh)
+        rles = paste_and_encode(good.boxes, good.masks, height, width, cfg.mask_thresh, geometry=good.geometry)
         merged = good[mask_nms(rles, good.scores, cfg.tta_iou, labels=good.labels)]
     return Detections.cat([merged, bad])
 
@@ -247,14 +252,14 @@ def detect(models: Models, images: Sequence[Tensor], cfg: PredictConfig,
 
 
 def encode_detections(det: Detections, mask_thresh: float) -> tuple[Detections, list[RLE], int]:
-    """Paste finite detections into their ``image_size`` image and RLE-encode them; drop those
-    whose mask is empty.
+    """Paste finite detections into their ``image_size`` image (in their mask geometry) and
+    RLE-encode them; drop those whose mask is empty.
 
     Returns:
         (the detections kept, their RLEs, number of empty masks dropped).
     """
     height, width = det.image_size
-    rles = paste_and_encode(det.boxes, det.masks, height, width, mask_thresh)
+    rles = paste_and_encode(det.boxes, det.masks, height, width, mask_thresh, geometry=det.geometry)
     if not rles:
         return det, rles, 0
     nonempty = torch.as_tensor(rle_areas(rles) > 0)

@@ -2,18 +2,22 @@
 
 :class:`DiceRoIHeads` is torchvision's ``RoIHeads`` plus one loss: it adds ``loss_mask_dice``
 (``dice_weight`` x soft Dice of the ground-truth class's mask logits against the same targets
-torchvision's BCE uses) to the loss dict. torchvision's BCE ``loss_mask`` is unchanged, and
-inference is exactly ``RoIHeads``'. It keeps torchvision's code path: it records the sampled
-proposals from ``select_training_samples`` and the mask logits from a forward hook on
-``mask_predictor``, both public extension points, rather than copying ``RoIHeads.forward``.
+the BCE ``loss_mask`` uses, in ``model.mask_geometry``) to the loss dict. Inference is exactly
+``RoIHeads``'. It is a :class:`~cellkit.models.roi_heads.MaskRoIHeads` (which keeps
+torchvision's code path: it records the sampled proposals from ``select_training_samples`` and
+the mask logits from a forward hook on ``mask_predictor``, rather than copying
+``RoIHeads.forward``) with the Dice term switched on.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
-from torchvision.models.detection.roi_heads import RoIHeads, project_masks_on_boxes
+from torchvision.models.detection.roi_heads import RoIHeads
+
+from .mask_geometry import MaskGeometry, mask_targets
+from .roi_heads import MaskRoIHeads, soft_dice
 
 
 def dice_loss(
@@ -23,8 +27,9 @@ def dice_loss(
     gt_labels: list[Tensor],
     mask_matched_idxs: list[Tensor],
     eps: float = 1.0,
+    geometry: MaskGeometry = "torchvision",
 ) -> Tensor:
-    """Mean soft Dice loss over positive RoIs (the same targets as torchvision's ``maskrcnn_loss``).
+    """Mean soft Dice loss over positive RoIs (the same targets as ``loss_mask`` in ``geometry``).
 
     Args:
         mask_logits: ``(R, C, M, M)`` float, R positive RoIs over the batch, C classes + background.
@@ -33,6 +38,7 @@ def dice_loss(
         gt_labels: per image ``(N_i,)`` int64 classes.
         mask_matched_idxs: per image ``(R_i,)`` int64 index of each RoI's ground-truth instance.
         eps: smoothing added to numerator and denominator.
+        geometry: the targets' geometry; ``torchvision``: those of torchvision's ``maskrcnn_loss``.
 
     Returns:
         scalar float tensor in [0, 1) (0 for a batch without positive RoIs, still connected to the graph).
@@ -40,81 +46,33 @@ def dice_loss(
     size = mask_logits.shape[-1]
     labels = torch.cat([gl[idx] for gl, idx in zip(gt_labels, mask_matched_idxs)], dim=0)
     targets = torch.cat(
-        [project_masks_on_boxes(m, p, i, size) for m, p, i in zip(gt_masks, proposals, mask_matched_idxs)], dim=0
+        [mask_targets(m, p, i, size, geometry) for m, p, i in zip(gt_masks, proposals, mask_matched_idxs)], dim=0
     )
     if targets.numel() == 0:
         return mask_logits.sum() * 0
     probs = mask_logits[torch.arange(labels.shape[0], device=labels.device), labels].sigmoid()
-    inter = (probs * targets).flatten(1).sum(1)
-    total = probs.flatten(1).sum(1) + targets.flatten(1).sum(1)
-    return (1 - (2 * inter + eps) / (total + eps)).mean()
+    return soft_dice(probs, targets, eps)
 
 
-class DiceRoIHeads(RoIHeads):
+class DiceRoIHeads(MaskRoIHeads):
     """``RoIHeads`` that also returns ``loss_mask_dice`` in training (see the module docstring).
+
+    A :class:`~cellkit.models.roi_heads.MaskRoIHeads` with the Dice term on; its targets (and
+    ``loss_mask``'s) follow ``mask_geometry``.
 
     Args:
         *args, **kwargs: ``RoIHeads``' arguments.
         dice_weight: factor of the Dice term.
+        mask_geometry: ``exact`` or ``torchvision`` (see :mod:`cellkit.models.mask_geometry`).
     """
 
-    def __init__(self, *args: Any, dice_weight: float = 1.0, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.dice_weight = float(dice_weight)
-        self._sampled: Optional[tuple[list[Tensor], list[Tensor], list[Tensor]]] = None
+    def __init__(self, *args: Any, dice_weight: float = 1.0, mask_geometry: MaskGeometry = "exact",
+                 **kwargs: Any) -> None:
+        super().__init__(*args, mask_geometry=mask_geometry, dice_weight=dice_weight, **kwargs)
 
     @classmethod
-    def from_roi_heads(cls, heads: RoIHeads, dice_weight: float) -> "DiceRoIHeads":
+    def from_roi_heads(  # type: ignore[override]
+        cls, heads: RoIHeads, dice_weight: float, mask_geometry: MaskGeometry = "exact"
+    ) -> "DiceRoIHeads":
         """The same heads (same modules, same knobs) with the Dice term added."""
-        new = cls(
-            heads.box_roi_pool,
-            heads.box_head,
-            heads.box_predictor,
-            heads.proposal_matcher.high_threshold,
-            heads.proposal_matcher.low_threshold,
-            heads.fg_bg_sampler.batch_size_per_image,
-            heads.fg_bg_sampler.positive_fraction,
-            heads.box_coder.weights,
-            heads.score_thresh,
-            heads.nms_thresh,
-            heads.detections_per_img,
-            heads.mask_roi_pool,
-            heads.mask_head,
-            heads.mask_predictor,
-            dice_weight=dice_weight,
-        )
-        new.train(heads.training)
-        return new
-
-    def select_training_samples(self, proposals: list[Tensor], targets: Optional[list[dict[str, Tensor]]]) -> Any:
-        out = super().select_training_samples(proposals, targets)
-        self._sampled = (out[0], out[1], out[2])  # proposals, matched_idxs, labels
-        return out
-
-    def forward(  # type: ignore[override]
-        self,
-        features: dict[str, Tensor],
-        proposals: list[Tensor],
-        image_shapes: list[tuple[int, int]],
-        targets: Optional[list[dict[str, Tensor]]] = None,
-    ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
-        if not self.training:
-            return super().forward(features, proposals, image_shapes, targets)
-        logits: list[Tensor] = []
-        hook = self.mask_predictor.register_forward_hook(lambda _m, _i, out: logits.append(out))
-        try:
-            result, losses = super().forward(features, proposals, image_shapes, targets)
-        finally:
-            hook.remove()
-            sampled, self._sampled = self._sampled, None
-        assert sampled is not None and targets is not None and len(logits) == 1
-        props, matched_idxs, labels = sampled
-        positive = [torch.where(lab > 0)[0] for lab in labels]
-        losses["loss_mask_dice"] = self.dice_weight * dice_loss(
-            logits[0],
-            [p[i] for p, i in zip(props, positive)],
-            [t["masks"] for t in targets],
-            [t["labels"] for t in targets],
-            [m[i] for m, i in zip(matched_idxs, positive)],
-        )
-        return result, losses
+        return super().from_roi_heads(heads, dice_weight=dice_weight, mask_geometry=mask_geometry)

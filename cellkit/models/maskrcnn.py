@@ -20,6 +20,7 @@ from torchvision.ops.poolers import initLevelMapper
 from ..config import Config, ModelConfig
 from ..errors import ConfigError
 from .losses import DiceRoIHeads
+from .roi_heads import MaskRoIHeads
 from .registry import BackboneSpec, create_backbone
 from .transform import ResizeTransform
 from .weights import load_coco, load_file, weights_path
@@ -39,8 +40,12 @@ def build_model(cfg: Config | ModelConfig) -> MaskRCNN:
     image ``boxes`` ``(N, 4)`` float32 xyxy, ``labels`` ``(N,)`` int64 in 1..num_classes,
     ``scores`` ``(N,)`` float32 and ``masks`` ``(N, 1, H, W)`` float32 probabilities at the input
     size. Images are ``(3, H, W)`` float32 in [0, 1] (the model normalises them itself).
-    ``model.transform`` is a :class:`~cellkit.models.transform.ResizeTransform`; ``backbone``,
-    ``rpn`` and ``roi_heads`` are torchvision's modules.
+    ``model.transform`` is a :class:`~cellkit.models.transform.ResizeTransform`; ``backbone``
+    and ``rpn`` are torchvision's modules, ``roi_heads`` a
+    :class:`~cellkit.models.roi_heads.MaskRoIHeads` (torchvision's ``RoIHeads`` whose mask loss
+    follows ``model.mask_geometry``, stored as ``roi_heads.mask_geometry`` for prediction). The
+    full-size ``masks`` of ``model(images)`` are torchvision's paste whatever the geometry;
+    cellkit's prediction (:mod:`cellkit.engine.predict`) pastes in the model's geometry.
 
     Weights: ``imagenet`` loads into the backbone while it is built; ``coco`` and a file path load
     every tensor that fits after assembly (predictors always have ``num_classes + 1`` outputs
@@ -118,7 +123,9 @@ def assemble(spec: BackboneSpec, m: ModelConfig) -> MaskRCNN:
         m.min_size, m.max_size, m.image_mean, m.image_std, resize_mode=m.resize_mode, scale=m.scale
     )
     if m.mask_loss == "bce+dice":
-        model.roi_heads = DiceRoIHeads.from_roi_heads(model.roi_heads, m.dice_weight)
+        model.roi_heads = DiceRoIHeads.from_roi_heads(model.roi_heads, m.dice_weight, m.mask_geometry)
+    else:  # the mask loss follows mask_geometry; prediction reads roi_heads.mask_geometry to paste
+        model.roi_heads = MaskRoIHeads.from_roi_heads(model.roi_heads, mask_geometry=m.mask_geometry)
     return model
 
 

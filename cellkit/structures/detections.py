@@ -27,6 +27,9 @@ class Detections:
         edge: ``(N,)`` bool, True where the box touches an inner tile border, or None.
         image_id: COCO id of the image (0 when unknown).
         image_size: ``(height, width)`` of the image the boxes refer to ((0, 0) when unknown).
+        geometry: how the masks map onto their boxes, the mask geometry of the model that made
+            them (``"exact"`` or ``"torchvision"``, see :mod:`cellkit.models.mask_geometry`):
+            every paste of these masks uses it.
 
     Indexing with int64 indices or a bool mask (``det[keep]``) selects detections, keeping the
     image id and size; :meth:`cat` concatenates, :meth:`to` moves the tensors, :meth:`to_coco`
@@ -41,6 +44,7 @@ class Detections:
     edge: Tensor | None = None
     image_id: int = 0
     image_size: tuple[int, int] = (0, 0)
+    geometry: str = "exact"
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -69,33 +73,40 @@ class Detections:
                 "tile": self.tile, "edge": self.edge}
 
     @classmethod
-    def empty(cls, mask_size: int = 28, image_id: int = 0, image_size: tuple[int, int] = (0, 0)) -> "Detections":
+    def empty(cls, mask_size: int = 28, image_id: int = 0, image_size: tuple[int, int] = (0, 0),
+              geometry: str = "exact") -> "Detections":
         """No detections (masks ``(0, 1, mask_size, mask_size)``)."""
         return cls(torch.zeros((0, 4)), torch.zeros((0,), dtype=torch.int64), torch.zeros((0,)),
-                   torch.zeros((0, 1, mask_size, mask_size)), image_id=image_id, image_size=image_size)
+                   torch.zeros((0, 1, mask_size, mask_size)), image_id=image_id, image_size=image_size,
+                   geometry=geometry)
 
     @classmethod
-    def from_output(cls, out: dict[str, Tensor], image_id: int = 0, image_size: tuple[int, int] = (0, 0)) -> "Detections":
+    def from_output(cls, out: dict[str, Tensor], image_id: int = 0, image_size: tuple[int, int] = (0, 0),
+                    geometry: str = "exact") -> "Detections":
         """From a :func:`cellkit.engine.predict.raw_detections` dict (``boxes/labels/scores/masks``)."""
         return cls(out["boxes"].float(), out["labels"].long(), out["scores"].float(), out["masks"].float(),
-                   image_id=image_id, image_size=image_size)
+                   image_id=image_id, image_size=image_size, geometry=geometry)
 
     @classmethod
     def cat(cls, parts: Sequence["Detections"]) -> "Detections":
         """Concatenate detections of one image; masks of different resolutions are resampled to the
-        largest. The image id and size are the first part's (parts of different images are an error)."""
+        largest. The image id and size are the first part's (parts of different images, or of
+        different mask geometries, are an error)."""
         parts = list(parts)
         if not parts:
             return cls.empty()
         first = parts[0]
         if any(p.image_id != first.image_id for p in parts):
             raise ValueError(f"cannot concatenate detections of images {sorted({p.image_id for p in parts})}")
+        if any(p.geometry != first.geometry for p in parts):
+            raise ValueError(f"cannot concatenate masks of geometries {sorted({p.geometry for p in parts})}")
         size = max(p.mask_size for p in parts)
         masks = [p.masks if p.mask_size == size else resize_masks(p.masks, size) for p in parts]
         tile = None if any(p.tile is None for p in parts) else torch.cat([p.tile for p in parts])  # type: ignore[misc]
         edge = None if any(p.edge is None for p in parts) else torch.cat([p.edge for p in parts])  # type: ignore[misc]
         return cls(torch.cat([p.boxes for p in parts]), torch.cat([p.labels for p in parts]),
-                   torch.cat([p.scores for p in parts]), torch.cat(masks), tile, edge, first.image_id, first.image_size)
+                   torch.cat([p.scores for p in parts]), torch.cat(masks), tile, edge, first.image_id, first.image_size,
+                   first.geometry)
 
     def finite(self) -> Tensor:
         """``(N,)`` bool: detections whose 4 box coordinates and score are all finite."""
@@ -105,8 +116,8 @@ class Detections:
                 counts: "DropCounts | None" = None) -> list[dict[str, Any]]:
         """COCO result entries ``{image_id, category_id, score, bbox [x, y, w, h], segmentation}``.
 
-        Masks are pasted into the ``image_size`` image one box at a time and RLE-encoded at
-        ``mask_thresh`` (see :func:`cellkit.engine.postprocess.paste_and_encode`) unless ``rles``
+        Masks are pasted (in :attr:`geometry`) into the ``image_size`` image one box at a time and
+        RLE-encoded at ``mask_thresh`` (see :func:`cellkit.engine.postprocess.paste_and_encode`) unless ``rles``
         (one per detection) are given. Non-finite detections and empty masks are left out and
         counted in ``counts``.
         """
@@ -119,7 +130,7 @@ class Detections:
             if counts is not None:
                 counts.add(self.image_id, nonfinite=int((~ok).sum()))
             h, w = self.image_size
-            rles = paste_and_encode(det.boxes, det.masks, h, w, mask_thresh)
+            rles = paste_and_encode(det.boxes, det.masks, h, w, mask_thresh, geometry=self.geometry)
         return detections_to_coco(det.image_id, det.boxes, det.labels, det.scores, rles, counts)
 
 
