@@ -1,9 +1,10 @@
 """Ablation grids: many runs of the training notebook through papermill, one table at the end.
 
-A grid spec (a YAML file, a grid name from ``configs/grids/``, or a dict) names the runs::
+A grid spec (a YAML file, a grid name from the shipped grids ``cellkit/recipes/grids/``, linked as
+``configs/grids/``, or a dict) names the runs::
 
     name: tiny                       # the grid's name
-    notebook: notebooks/02_training.ipynb   # the default; relative to the grid file, the cwd or the repo
+    notebook: notebooks/02_training.ipynb   # the default (shipped in the package); else relative to the grid file or the cwd
     config: demo                     # base recipe of every run (recipe name or YAML path)
     overrides: {train.epochs: 1}     # dotted keys applied to every run
     data: null                       # dataset folder (hw3 layout); null: the synthetic dataset
@@ -50,14 +51,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
-from .config import RECIPES, Config, load_config, resolve_config_path
+from .config import Config, load_config, resolve_config_path
 from .errors import CellkitError, ConfigError, DataError
-
-REPO = RECIPES.parent
-"""The repository root (``configs/`` and ``notebooks/`` live here)."""
-GRIDS = RECIPES / "grids"
-"""The shipped grids (``cellkit ablate tiny`` finds ``configs/grids/tiny.yaml``)."""
-DEFAULT_NOTEBOOK = REPO / "notebooks" / "02_training.ipynb"
+from .resources import GRIDS, NOTEBOOKS
+from .resources import TRAINING_NOTEBOOK as DEFAULT_NOTEBOOK
 
 GRID_KEYS = ("name", "description", "notebook", "kernel", "config", "overrides", "data", "grid", "runs")
 RUN_KEYS = ("name", "config", "overrides", "reported")
@@ -421,7 +418,7 @@ def _run_one(r: RunSpec, notebook: Path, kernel: str, resume: bool, gpu: str | N
     _write_status(r, {"status": RUNNING, "started": _now(started), "device": f"cuda:{gpu}" if gpu else "cpu",
                       "resumed": resume})
     job = {
-        "notebook": str(notebook), "output": str(r.folder / notebook.name), "cwd": str(notebook.parent),
+        "notebook": str(notebook), "output": str(r.folder / notebook.name), "cwd": str(r.folder),
         "kernel": kernel, "parameters": r.parameters(resume), "outcome": str(outcome_path),
     }
     _write_json(r.folder / "job.json", job)
@@ -722,10 +719,11 @@ def _resolve_notebook(ref: Any, base: Path) -> Path:
     p = Path(str(ref)).expanduser()
     if p.is_absolute():
         return p
-    for candidate in (base / p, Path.cwd() / p, REPO / p):
+    shipped = NOTEBOOKS.parent / p if p.parts and p.parts[0] == "notebooks" else NOTEBOOKS / p
+    for candidate in (base / p, Path.cwd() / p, shipped):
         if candidate.is_file():
             return candidate.resolve()
-    return (REPO / p).resolve()
+    return shipped
 
 
 def _notebook_kernel(notebook: Path) -> str:

@@ -22,6 +22,7 @@ from typing import Any, Literal, Mapping, Union
 import yaml
 
 from .errors import ConfigError
+from .resources import RECIPES
 
 # --------------------------------------------------------------------------------------------
 # sections
@@ -282,7 +283,8 @@ def load_config(
 
     Args:
         path: a YAML file (may hold ``_base_: other.yaml``, relative to itself), a recipe name from
-            the repository's ``configs/`` folder (``"demo"``, ``"ablation/resnet50_cbam"``), or
+            the package's recipes (``cellkit/recipes``, linked as ``configs/`` in the repository:
+            ``"demo"``, ``"ablation/resnet50_cbam"``), or
             None for the defaults.
         overrides: dotted keys to values, e.g. ``{"train.lr": 1e-3}``; ``train__lr`` works too
             (papermill parameter names). String values are parsed as YAML (``"1e-3"`` -> 0.001).
@@ -294,12 +296,10 @@ def load_config(
     return _build(data, [overrides or {}])
 
 
-RECIPES = Path(__file__).resolve().parents[1] / "configs"
-"""The repository's ``configs/`` folder (recipes addressable by name)."""
 
 
 def resolve_config_path(path: str | os.PathLike[str]) -> Path:
-    """``path`` itself when it exists, else the recipe ``configs/<path>.yaml`` of that name."""
+    """``path`` itself when it exists, else the recipe ``<path>.yaml`` of that name (:data:`RECIPES`)."""
     p = Path(path).expanduser()
     if p.is_file():
         return p

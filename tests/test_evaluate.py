@@ -237,3 +237,41 @@ def test_cli_evaluate_bad_input(real_gt: dict, tmp_path: Path, case: str, capsys
         args, msg = ["--run", str(tmp_path)], "checkpoint not found"
     assert main(["evaluate", *args]) == 2
     assert msg in capsys.readouterr().err
+
+
+def test_evaluate_and_check_submission_never_import_torch(datasets: dict, tmp_path: Path) -> None:
+    # the evaluation package and both commands run without torch (they start in a fraction of a second)
+    gt, preds = datasets["real"]
+    gt_path, pred_path = write(gt, tmp_path / "gt.json"), write(preds, tmp_path / "pred.json")
+    ids = write([{"id": im["id"], "file_name": f"{im['id']}.tif", "height": im["height"], "width": im["width"]}
+                 for im in gt["images"]], tmp_path / "ids.json")
+    code = (
+        "import sys\n"
+        "from cellkit.cli import main\n"
+        f"assert main(['evaluate', '--gt', {gt_path!r}, '--pred', {pred_path!r}, '--json']) == 0\n"
+        f"assert main(['check-submission', {pred_path!r}, '--ids', {ids!r}]) in (0, 1)\n"
+        "import cellkit.evaluation\n"
+        "print('torch loaded:', sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("torch loaded: []")
+    assert '"ap50"' in r.stdout and "valid" in r.stdout
+
+
+def test_evaluator_processes_pieces_like_one_list(datasets: dict) -> None:
+    from cellkit.evaluation import COCOEvaluator, EvaluationError
+
+    gt, preds = datasets["synth"]
+    ev = COCOEvaluator(gt, ("segm", "bbox"), max_dets=1000, backend="pycocotools")
+    for start in range(0, len(preds), 7):  # batch by batch, as prediction produces them
+        ev.process(preds[start : start + 7])
+    report = ev.evaluate()
+    whole = evaluate_predictions(gt, preds, max_dets=1000, backend="pycocotools", cell_metrics=False)
+    assert report.results["segm"].ap50 == whole.results["segm"].ap50
+    assert report.results["bbox"].ap == whole.results["bbox"].ap and len(ev.predictions) == len(preds)
+    ev.reset()
+    assert ev.evaluate().results["segm"].n_predictions == 0  # reset forgets what was processed
+    ev.fail("CUDA out of memory")
+    with pytest.raises(EvaluationError, match="rank 0: CUDA out of memory"):
+        ev.evaluate()

@@ -94,6 +94,16 @@ def test_run_directory_and_lr_read_back(tmp_path: Path) -> None:
     assert (run / "val_predictions.json").read_bytes() == before
     assert (run / "val_predictions_last.json").is_file() and report.cells is None
 
+    # predict_split from the best checkpoint reproduces the best epoch's validation exactly
+    from cellkit.engine.checkpoint import model_from_checkpoint
+    from cellkit.engine.split import predict_split
+
+    model, run_cfg, _ = model_from_checkpoint(run / "checkpoints/best.pth")
+    sp = predict_split(model, run_cfg, run_dir=run, with_gt=True, progress=False)
+    assert sp.gt == str(run / "val_gt.json") and [d.image_id for d in sp.detections] == [im["id"] for im in gt["images"]]
+    again = sp.evaluate(iou_types=("segm",), cell_metrics=False).results["segm"]
+    assert again.ap50 == pytest.approx(best["val_ap50"], abs=1e-9)
+
 
 def test_user_datasets_from_a_notebook(tmp_path: Path) -> None:
     # any torch Dataset of (image, target) pairs trains and validates; the validation ground truth
