@@ -1,22 +1,36 @@
 # cellkit: `make demo` runs the main job on the built-in synthetic dataset, `make test` the suite.
+# Both install the exact versions of requirements.lock (refresh it with `make lock`); pyproject.toml
+# keeps version ranges for library users.
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+LOCK   := requirements.lock
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test install notebooks-clean screenshots benchmarks clean help
+.PHONY: demo test install lock notebooks-clean screenshots benchmarks clean help
 
 help:
-	@echo "make demo   - create $(VENV), install cellkit, run the demo job on synthetic data (CPU, < 10 min)"
+	@echo "make demo   - create $(VENV), install cellkit ($(LOCK)), run the demo job on synthetic data (CPU, < 10 min)"
 	@echo "make test   - create $(VENV) if missing, run the whole test suite"
+	@echo "make lock   - re-resolve pyproject.toml's ranges in a fresh venv and write the exact versions to $(LOCK)"
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=23.2"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet --upgrade "pip>=23.2"
+	.lock-venv/bin/python -m pip install --quiet ".[dev]"
+	( echo "# exact versions behind every figure in docs/ (make lock regenerates this file from pyproject.toml)"; \
+	  .lock-venv/bin/python -m pip freeze --all --exclude-editable | grep -v -E '^(pip==|cellkit( |==))' ) > $(LOCK)
+	rm -rf .lock-venv build cellkit.egg-info
 
 demo: $(STAMP)
 	$(PY) -m cellkit demo --out runs/demo
@@ -25,7 +39,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 notebooks-clean: $(STAMP)
-	$(VENV)/bin/jupyter nbconvert --clear-output --inplace notebooks/*.ipynb
+	$(VENV)/bin/jupyter nbconvert --clear-output --inplace cellkit/notebooks/*.ipynb
 
 screenshots: $(STAMP)
 	$(PY) docs/make_figures.py
@@ -35,6 +49,7 @@ benchmarks: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/eval_speed.py
 	$(PY) benchmarks/paste_memory.py
+	$(PY) benchmarks/mask_roundtrip.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,7 +1,7 @@
 """cellkit: a workbench for instance segmentation of stained cell microscopy images with Mask R-CNN."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .config import Config, load_config
 from .errors import CellkitError, ConfigError, DataError

@@ -9,7 +9,7 @@ import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from cellkit.data import convert, load_sample, read_label_map, scan_train, split_samples
+from cellkit.data import convert, read_label_map, scan_train, split_samples
 from cellkit.evaluation.rle import encode_mask, encode_region
 
 

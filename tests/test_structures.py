@@ -9,7 +9,7 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from cellkit.data import build_coco, load_sample, scan_train
+from cellkit.data import load_sample, scan_train
 from cellkit.engine.postprocess import DropCounts, detections_to_coco, paste_and_encode
 from cellkit.structures import Detections, LabelMaps, MaskRegion
 from predict_helpers import gt_detections

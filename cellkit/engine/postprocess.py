@@ -27,7 +27,7 @@ from torchvision.ops import box_iou
 
 from ..evaluation.rle import RLE, encode_region, rle_areas
 from ..models.mask_geometry import MaskGeometry, check_geometry, paste_regions
-from ..structures.detections import Detections, resize_masks
+from ..structures.detections import Detections
 
 
 

@@ -39,7 +39,7 @@ from ..data.sampling import RepeatFactorSampler, repeat_factors
 from ..errors import ConfigError, TrainingError
 from ..progress import bar
 from . import distributed as dist_utils
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import load_checkpoint, rng_state, set_rng_state
 from .devices import resolve_device
 from .hooks import Hook, default_hooks
 from .schedule import build_optimizer
