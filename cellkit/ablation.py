@@ -311,7 +311,8 @@ def run_grid(
     running (the workers, their papermill subprocesses and kernels die with the runner).
 
     The rows (see :func:`collect_results`) carry an extra ``action`` (see :func:`run_action`):
-    ``run``, ``resume``, ``skip`` or ``replace``.
+    ``run``, ``resume``, ``skip`` or ``replace``. A local cluster's workers are spawned processes
+    that import the main module again: in a script, call this under ``if __name__ == "__main__":``.
 
     Args:
         spec: see :func:`load_grid`.
@@ -394,6 +395,9 @@ def _run_grid_locked(g: GridSpec, runs: list[RunSpec], out: Path, kernel: str, c
                 client, None, "the given client", any("GPU" in (w.get("resources") or {}) for w in info.values()),
                 _threads_per_worker(client, info)))
         else:
+            if cspec.kind == "local":  # no more local workers than runs left to do
+                n = cspec.workers or max(1, len(visible_gpus() if gpus is None else gpus))
+                cspec = dataclasses.replace(cspec, workers=min(n, len(todo)))
             opened = open_cluster(cspec, gpus, retries)
         with opened as cl:
             ledger.append("grid-started", cluster=cl.description, runs=[r.name for _, r in todo])

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-from .errors import ConfigError
+from .errors import CellkitError, ConfigError
 
 __all__ = ["Cluster", "ClusterSpec", "open_cluster", "parse_cluster"]
 
@@ -109,7 +109,13 @@ def open_cluster(spec: "str | ClusterSpec | None", gpus: Sequence[int | str] | N
     logging.getLogger("distributed").setLevel(logging.WARNING)  # keep worker restarts, drop the chatter
     with dask.config.set({"distributed.scheduler.allowed-failures": int(retries)}):
         if cs.kind == "local":
-            cluster, desc = _local_cluster(cs.workers, gpus)
+            try:
+                cluster, desc = _local_cluster(cs.workers, gpus)
+            except RuntimeError as e:  # a worker process could not start
+                raise CellkitError(
+                    f"the local cluster's worker processes did not start ({e}). They are spawned and import "
+                    "the main script again: a script that calls run_grid must do so under "
+                    "`if __name__ == \"__main__\":`") from e
         elif cs.kind == "slurm":
             cluster, desc = _slurm_cluster(cs.workers)
         else:
@@ -119,7 +125,8 @@ def open_cluster(spec: "str | ClusterSpec | None", gpus: Sequence[int | str] | N
                 client = Client(cluster)
             else:
                 try:
-                    client = Client(cs.address, timeout="20s")
+                    _probe(cs.address)
+                    client = Client(cs.address, timeout="30s")
                 except (OSError, TimeoutError) as e:
                     raise ConfigError(f"cluster {cs.address}: no dask scheduler answers there ({e}); start one with "
                                       "`dask scheduler` and workers with `dask worker ADDRESS`") from None
@@ -138,6 +145,19 @@ def open_cluster(spec: "str | ClusterSpec | None", gpus: Sequence[int | str] | N
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _probe(address: str) -> None:
+    """Fail at once (OSError) when nothing listens at a ``tcp://`` address (dask would retry for its
+    whole connect timeout)."""
+    scheme, _, rest = address.partition("://")
+    if scheme != "tcp":
+        return
+    host, _, port = rest.rstrip("/").rpartition(":")
+    import socket
+
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=10):
+        pass
 
 
 def _local_cluster(n: int | None, gpus: Sequence[int | str] | None) -> tuple[Any, str]:

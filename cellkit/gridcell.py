@@ -303,7 +303,7 @@ def run_cell(job: CellJob) -> dict[str, Any]:
         RunInterrupted: the papermill worker or its kernel was killed; the retry resumes.
         CellBusy: the lock stayed held longer than ``job.lock_timeout``.
     """
-    from .ablation import FAILED, OK, _move_aside, _write_status, read_history, run_action
+    from .ablation import FAILED, OK, _move_aside, read_history, run_action
 
     r = job.run
     ledger = Ledger(job.out_dir)

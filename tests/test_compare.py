@@ -48,12 +48,21 @@ def construct(gt: dict, seed: int) -> tuple[list[dict], list[dict], list[str]]:
 
 @pytest.fixture(scope="module")
 def constructed(synth_gt: dict) -> tuple[dict, list, list, list]:
+    """8 synthetic images (classes 1-3)."""
     a, b, roles = construct(synth_gt, 7)
     return synth_gt, a, b, roles
 
 
-def test_counts_are_the_construction(constructed: tuple) -> None:
-    gt, a, b, roles = constructed
+@pytest.fixture(scope="module")
+def constructed_real(real_gt: dict) -> tuple[dict, list, list, list]:
+    """The real sample image (161 cells of classes 1 and 2)."""
+    a, b, roles = construct(real_gt, 8)
+    return real_gt, a, b, roles
+
+
+@pytest.mark.parametrize("which", ["constructed", "constructed_real"])
+def test_counts_are_the_construction(which: str, request: pytest.FixtureRequest) -> None:
+    gt, a, b, roles = request.getfixturevalue(which)
     cmp = compare_predictions(gt, a, b, names=("A", "B"), max_dets=1000)
     assert list(cmp.category) == roles
     assert cmp.counts() == {c: roles.count(c) for c in CATEGORIES}
@@ -87,10 +96,11 @@ def test_counts_are_the_construction(constructed: tuple) -> None:
     assert json.loads(json.dumps(cmp.to_dict()))["counts"] == cmp.counts()
 
 
-def test_dropping_known_cells_explains_the_whole_difference(constructed: tuple) -> None:
+@pytest.mark.parametrize("which", ["constructed", "constructed_real"])
+def test_dropping_known_cells_explains_the_whole_difference(which: str, request: pytest.FixtureRequest) -> None:
     # B = A without its predictions of 12 cells A finds (matches and duplicates): exactly those are
     # "A only", and they account for the whole AP50 difference (what is left of the two runs is the same)
-    gt, a, _, roles = constructed
+    gt, a, _, roles = request.getfixturevalue(which)
     rng = np.random.default_rng(3)
     found = [k for k, r in enumerate(roles) if r in ("both", "a_only")]
     dropped = set(rng.choice(found, size=12, replace=False).tolist())
