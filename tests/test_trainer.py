@@ -371,8 +371,12 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     assert all(m["steps"] == 2 for m in lines)
     assert r.stdout.count("epoch 1/2 |") == 1
     assert load_checkpoint(run / "checkpoints/last.pth")["epoch"] == 2
-    assert {p.name for p in run.iterdir()} <= {"checkpoints", "config.yaml", "metrics.json", "metrics.jsonl",
-                                               "plots", "val_gt.json", "val_predictions.json"}
+    names = {p.name for p in run.iterdir()}
+    events = {n for n in names if n.startswith("events.out.tfevents.")}
+    assert len(events) == 1  # rank 0 alone writes TensorBoard events
+    assert names - events <= {"checkpoints", "config.yaml", "metrics.json", "metrics.jsonl", "plots", "val_gt.json",
+                              "val_predictions.json"}
+    assert_tensorboard_equals_history(run, lines)
     # each rank predicted its own shard of the 3 validation images; rank 0 gathered all of them
     gt_ids = {im["id"] for im in json.loads((run / "val_gt.json").read_text())["images"]}
     pred_ids = {p["image_id"] for p in json.loads((run / "val_predictions.json").read_text())}
