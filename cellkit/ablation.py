@@ -14,23 +14,30 @@ A grid spec (a YAML file, a grid name from the shipped grids ``cellkit/recipes/g
     runs:                            # explicit runs (each crossed with the grid when both are given)
       - {name: cbam, config: ablation/resnet50_cbam, overrides: {train.lr: 0.001}, reported: 0.3617}
 
-Each run executes the notebook with papermill in its own kernel (a separate worker process, so
-every run gets its own environment: ``CUDA_VISIBLE_DEVICES`` when there are GPUs, a share of the CPU
-threads otherwise) into ``OUT/<run name>/``::
+Each run is one task on a Dask distributed cluster (:mod:`cellkit.cluster`: a LocalCluster by
+default, a running scheduler, or SLURM) that executes the notebook with papermill in its own
+kernel (a separate process, so every run gets its own environment: ``CUDA_VISIBLE_DEVICES`` when
+there are GPUs, a share of the CPU threads otherwise) into ``OUT/<run name>/``
+(:mod:`cellkit.gridcell`)::
 
     OUT/grid.json                    the expanded grid (run order, settings)
+    OUT/ledger.jsonl                 append-only: every start (attempt n), finish, failure, retry
     OUT/<name>/02_training.ipynb     the executed notebook
     OUT/<name>/config.yaml           the resolved config of the run
-    OUT/<name>/run/                  the run directory (metrics.json, metrics.jsonl, checkpoints/ ...)
-    OUT/<name>/status.json           ok / failed / running, times, the error of a failed run
+    OUT/<name>/run/                  the run directory (metrics.json, metrics.jsonl, checkpoints/,
+                                     TensorBoard event files ...)
+    OUT/<name>/status.json           ok / failed / running / interrupted, times, the error of a failed run
     OUT/<name>/error.txt             the failing cell's error and traceback (failed runs only)
-    OUT/<name>/log.txt               the worker's log (cell outputs)
+    OUT/<name>/log.txt               the worker's log (cell outputs), every attempt
     OUT/<name>/job.json              the papermill call (notebook, kernel, parameters)
     OUT/results.json, results.md     the results table; OUT/ap50.png, OUT/curves.png its plots
+    OUT/.locks/                      the runner's and each run's lock (fcntl)
 
 A run whose ``status.json`` says ok with the same settings and whose ``run/metrics.json`` is valid
 is skipped on re-run; a failed or interrupted run is resumed from its last checkpoint; a run whose
-settings changed is started again (the old folder is kept as ``<name>.replaced-<time>``).
+settings changed is started again (the old folder is kept as ``<name>.replaced-<time>``). A run
+whose worker dies is retried (``retries``) and resumes; the runner may be killed and started
+again: nothing keeps running behind it and no run executes twice at once.
 """
 from __future__ import annotations
 
@@ -39,12 +46,9 @@ import difflib
 import itertools
 import json
 import os
-import queue
 import re
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -286,97 +290,204 @@ def _short(v: Any) -> str:
 def run_grid(
     spec: "str | os.PathLike[str] | Mapping[str, Any] | GridSpec",
     out_dir: str | os.PathLike[str],
-    jobs: int = 1,
+    jobs: int | None = None,
     gpus: Sequence[int | str] | None = None,
     data: str | os.PathLike[str] | None = None,
     extra_overrides: Mapping[str, Any] | None = None,
     progress: bool = True,
+    cluster: "str | Any | None" = None,
+    retries: int = 2,
+    lock_timeout: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every cell of the grid through papermill and return the results table rows.
+    """Run every cell of the grid on a Dask cluster and return the results table rows.
 
-    Each run's notebook executes in its own kernel; finished runs are skipped, failed ones are
-    recorded (``status.json``, ``error.txt``) and the grid goes on. The rows (see
-    :func:`collect_results`) carry an extra ``action`` (see :func:`run_action`): ``run``,
-    ``resume``, ``skip`` or ``replace``.
+    Each run is one task: it executes the notebook through papermill in its own kernel and folder.
+    Finished runs are skipped, failed ones recorded (``status.json``, ``error.txt``) and the grid
+    goes on. A run whose worker dies (or whose kernel is killed) is retried up to ``retries`` times
+    and the retry resumes from the run's ``checkpoints/last.pth``. Everything that happens is
+    appended to ``OUT/ledger.jsonl`` (see :class:`cellkit.gridcell.Ledger`). The runner itself may
+    be killed and started again on the same folder: finished runs are skipped, the interrupted one
+    resumes, a run never executes twice at once (``OUT/.locks/<run>.lock``) and nothing is left
+    running (the workers, their papermill subprocesses and kernels die with the runner).
+
+    The rows (see :func:`collect_results`) carry an extra ``action`` (see :func:`run_action`):
+    ``run``, ``resume``, ``skip`` or ``replace``. A local cluster's workers are spawned processes
+    that import the main module again: in a script, call this under ``if __name__ == "__main__":``.
 
     Args:
         spec: see :func:`load_grid`.
-        out_dir: the grid's output folder.
-        jobs: runs in parallel (0: one per GPU, or 1 without GPUs).
-        gpus: GPU ids to spread the jobs over (default: the visible CUDA devices); each job gets
-            one in ``CUDA_VISIBLE_DEVICES``. Without GPUs the CPU cores are split between the jobs.
+        out_dir: the grid's output folder (on a file system every worker sees, for a remote cluster).
+        jobs: shorthand for ``cluster="local:N"`` (0: one worker per GPU).
+        gpus: GPU ids a local cluster spreads its workers over (default: the visible CUDA devices);
+            each worker gets one in ``CUDA_VISIBLE_DEVICES``. Without GPUs the CPU cores are split
+            between the workers.
         data: dataset folder for every run (else the grid's ``data``, else synthetic data).
         extra_overrides: dotted keys applied to every run after the grid's own.
-        progress: a bar over the runs and one line per finished run.
+        progress: a bar over the runs and one line per event (start, retry, finish).
+        cluster: ``local`` (default), ``local:N``, ``tcp://HOST:PORT`` or ``slurm[:N]``
+            (:func:`cellkit.cluster.parse_cluster`), or an open ``distributed.Client``.
+        retries: how often a run whose processes were killed is started again.
+        lock_timeout: seconds a task waits for an earlier attempt of its run that still holds the
+            run's lock (None: until it ends).
 
     Raises:
-        CellkitError: an invalid grid or config (before any run starts), or a missing notebook.
+        CellkitError: an invalid grid or config (before any run starts), a missing notebook, a
+            malformed cluster spec, or another live runner on the same folder.
     """
+    from .cluster import parse_cluster
+    from .gridcell import CellLock
+
     g = load_grid(spec)
     out = Path(out_dir).expanduser().resolve()
     runs = expand_grid(g, out, data=data, extra_overrides=extra_overrides)
     if not g.notebook.is_file():
         raise CellkitError(f"{g.notebook}: notebook not found (set 'notebook:' in the grid or pass --notebook)")
     kernel = g.kernel or _notebook_kernel(g.notebook)
+    client = None
+    if cluster is not None and not isinstance(cluster, str) and hasattr(cluster, "submit"):
+        client = cluster
+    elif jobs is not None and cluster is None:
+        cluster = f"local:{jobs}" if jobs > 0 else "local"
+    cspec = parse_cluster(cluster) if client is None else None
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise ConfigError(f"retries must be a non-negative integer, got {retries!r}")
     out.mkdir(parents=True, exist_ok=True)
+    runner_lock = CellLock(out / ".locks" / "runner.lock")
+    try:
+        runner_lock.acquire(timeout=0, cluster=str(cspec or client))
+    except CellkitError:
+        h = runner_lock.holder() or {}
+        raise CellkitError(f"{out}: this grid is being run by pid {h.get('pid', '?')} on {h.get('host', '?')} "
+                           f"(since {h.get('since', '?')}); wait for it or stop it first") from None
+    try:
+        return _run_grid_locked(g, runs, out, kernel, client, cspec, gpus, progress, retries, lock_timeout)
+    finally:
+        runner_lock.release()
+
+
+def _run_grid_locked(g: GridSpec, runs: list[RunSpec], out: Path, kernel: str, client: Any, cspec: Any,
+                     gpus: Sequence[int | str] | None, progress: bool, retries: int,
+                     lock_timeout: float | None) -> list[dict[str, Any]]:
+    import contextlib
+
+    from .cluster import Cluster, _threads_per_worker, open_cluster
+    from .gridcell import CellJob, Ledger, run_cell
+    from .progress import bar
+
+    ledger = Ledger(out)
     _write_json(out / "grid.json", {
         "name": g.name, "source": str(g.source) if g.source else None, "notebook": str(g.notebook),
         "kernel": kernel, "runs": [{"name": r.name, "reported": r.reported, **r.settings()} for r in runs],
     })
-
-    slots: "queue.Queue[str | None]" = queue.Queue()
-    gpu_ids = visible_gpus() if gpus is None else [str(x) for x in gpus]
-    if jobs <= 0:
-        jobs = max(1, len(gpu_ids))
     plan = [(r, run_action(r)) for r in runs]
-    for r, action in plan:
-        if action == "replace" and r.folder is not None:
-            _move_aside(r.folder)
-    todo = [(r, action) for r, action in plan if action != "skip"]
-    jobs = max(1, min(jobs, len(todo) or 1))
-    for i in range(jobs):
-        slots.put(gpu_ids[i % len(gpu_ids)] if gpu_ids else None)
-    threads = max(1, _cpu_count() // jobs)
-
-    from .progress import bar
-
     actions = {r.name: action for r, action in plan}
+    todo = [(i, r) for i, (r, action) in enumerate(plan) if action != "skip"]
     say = _say if progress else (lambda msg: None)
     pbar = bar(total=len(runs), desc=f"grid {g.name}", enabled=progress, leave=True, unit="run")
     for r, action in plan:
         if action == "skip":
             say(f"{r.name}: finished before, skipped")
             pbar.update(1)
-
-    def job(r: RunSpec, action: str) -> dict[str, Any]:
-        slot = slots.get()
-        try:
-            return _run_one(r, g.notebook, kernel, action == "resume", slot, threads)
-        finally:
-            slots.put(slot)
-
-    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="cellkit-ablate") as ex:
-        futures = {ex.submit(job, r, action): r for r, action in todo}
-        try:
-            for fut in as_completed(futures):
-                r = futures[fut]
-                try:
-                    status = fut.result()
-                except Exception as e:  # a bug in this module, not in the run: record it all the same
-                    status = _write_status(r, {"status": FAILED, "error": f"{type(e).__name__}: {e}"})
-                say(_status_line(r, status))
-                pbar.update(1)
-        except KeyboardInterrupt:
-            ex.shutdown(wait=True, cancel_futures=True)
-            raise
-        finally:
-            pbar.close()
+    if todo:
+        if client is not None:
+            info = client.scheduler_info()["workers"]
+            opened = contextlib.nullcontext(Cluster(
+                client, None, "the given client", any("GPU" in (w.get("resources") or {}) for w in info.values()),
+                _threads_per_worker(client, info)))
+        else:
+            if cspec.kind == "local":  # no more local workers than runs left to do
+                n = cspec.workers or max(1, len(visible_gpus() if gpus is None else gpus))
+                cspec = dataclasses.replace(cspec, workers=min(n, len(todo)))
+            opened = open_cluster(cspec, gpus, retries)
+        with opened as cl:
+            ledger.append("grid-started", cluster=cl.description, runs=[r.name for _, r in todo])
+            say(f"grid {g.name}: {len(todo)} of {len(runs)} runs on {cl.description}")
+            threads = {a: cl.threads_for(a) for a in cl.threads}
+            default_threads = min(threads.values(), default=cl.threads_for(None))
+            futures = {}
+            for i, r in todo:
+                job = CellJob(r, str(out), str(g.notebook), kernel, threads, default_threads, lock_timeout)
+                fut = cl.client.submit(run_cell, job, key=f"cellkit-{r.name}-{os.urandom(4).hex()}", pure=False,
+                                       retries=retries, priority=len(runs) - i,
+                                       resources={"GPU": 1} if cl.gpu_resources else None)
+                futures[fut] = r
+            try:
+                _follow(futures, ledger, say, pbar)
+            except BaseException:
+                for fut in futures:
+                    fut.cancel()
+                raise
+            finally:
+                pbar.close()
+                ledger.append("grid-finished")
+    else:
+        pbar.close()
 
     rows = collect_results(out)
     for row in rows:
         row["action"] = actions.get(row["name"])
     save_plots(out, rows)
     return rows
+
+
+def _follow(futures: dict[Any, RunSpec], ledger: Any, say: Any, pbar: Any) -> None:
+    """Wait for the tasks; print each run's events from the ledger as they happen and its final line."""
+    from distributed import wait
+
+    seen = len(ledger.read())
+    pending = set(futures)
+    while pending:
+        try:
+            done, pending = wait(pending, timeout=1.0, return_when="FIRST_COMPLETED")
+        except TimeoutError:  # distributed raises the builtin since 2023
+            done = set()
+        events = ledger.read(seen)
+        seen += len(events)
+        for e in events:
+            line = _event_line(e)
+            if line:
+                say(line)
+        for fut in done:
+            r = futures[fut]
+            if fut.status == "finished":
+                status = fut.result()
+                if status.get("action") == "skip":
+                    say(f"{r.name}: finished elsewhere meanwhile, skipped")
+                else:
+                    say(_status_line(r, status))
+            else:
+                exc = fut.exception()
+                err = _task_error(exc)
+                ledger.append("failed", r.name, error=err)
+                previous = _read_json(r.folder / "status.json") or {} if r.folder else {}
+                status = _write_status(r, {**{k: v for k, v in previous.items() if k not in ("name", "settings")},
+                                           "status": FAILED, "error": err, "interrupted": False})
+                if r.folder is not None:
+                    (r.folder / "error.txt").write_text(err + f"\n\nlog: {r.folder / 'log.txt'}\n")
+                say(_status_line(r, status))
+            pbar.update(1)
+
+
+def _task_error(exc: BaseException | None) -> str:
+    name = type(exc).__name__
+    if name == "KilledWorker":
+        return "KilledWorker: the workers running this run died too many times (the scheduler's allowed-failures)"
+    return f"{name}: {exc}"
+
+
+def _event_line(e: Mapping[str, Any]) -> str | None:
+    """The progress line of a ledger event (None: not worth a line)."""
+    run, ev = e.get("run"), e.get("event")
+    if ev == "started":
+        what = (f"resuming after epoch {e.get('epochs_done')}" if e.get("action") == "resume" else "started")
+        more = f" (attempt {e['attempt']})" if (e.get("attempt") or 1) > 1 else ""
+        return f"{run}: {what}{more} on {e.get('worker') or e.get('host')}"
+    if ev == "waiting":
+        h = e.get("holder") or {}
+        return f"{run}: waiting for an earlier attempt (pid {h.get('pid', '?')} on {h.get('host', '?')}) to end"
+    if ev == "interrupted":
+        return f"{run}: attempt {e.get('attempt')} interrupted ({_one_line(e.get('error'), 120)}); retrying"
+    return None
 
 
 def run_action(r: RunSpec) -> str:
@@ -405,68 +516,6 @@ def _move_aside(folder: Path) -> None:
     folder.rename(target)
 
 
-def _run_one(r: RunSpec, notebook: Path, kernel: str, resume: bool, gpu: str | None, threads: int) -> dict[str, Any]:
-    """Execute one run in a worker process (its own environment and kernel); returns its status."""
-    assert r.folder is not None and r.run_dir is not None
-    r.folder.mkdir(parents=True, exist_ok=True)
-    (r.folder / "error.txt").unlink(missing_ok=True)
-    outcome_path = r.folder / ".outcome.json"
-    outcome_path.unlink(missing_ok=True)
-    if r.cfg is not None:
-        r.cfg.save(r.folder / "config.yaml")
-    started = time.time()
-    _write_status(r, {"status": RUNNING, "started": _now(started), "device": f"cuda:{gpu}" if gpu else "cpu",
-                      "resumed": resume})
-    job = {
-        "notebook": str(notebook), "output": str(r.folder / notebook.name), "cwd": str(r.folder),
-        "kernel": kernel, "parameters": r.parameters(resume), "outcome": str(outcome_path),
-    }
-    _write_json(r.folder / "job.json", job)
-    env = _job_env(gpu, threads)
-    with open(r.folder / "log.txt", "ab") as log:
-        log.write(f"\n== {_now(started)} {'resuming' if resume else 'running'} {r.name} "
-                  f"({'GPU ' + gpu if gpu else f'CPU, {threads} threads'})\n".encode())
-        log.flush()
-        proc = subprocess.run([sys.executable, "-m", "cellkit.ablation", "--worker", str(r.folder / "job.json")],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    outcome = _read_json(outcome_path) or {
-        "status": FAILED, "ename": "WorkerError",
-        "evalue": f"the papermill worker exited with code {proc.returncode} without a result; see log.txt",
-    }
-    outcome_path.unlink(missing_ok=True)
-    status: dict[str, Any] = {
-        "status": outcome.get("status", FAILED), "started": _now(started), "finished": _now(time.time()),
-        "wall_seconds": round(time.time() - started, 1), "started_unix": started, "finished_unix": time.time(),
-        "device": f"cuda:{gpu}" if gpu else "cpu",
-        "resumed": resume, "notebook": str(r.folder / notebook.name), "returncode": proc.returncode,
-    }
-    if status["status"] == OK and not _valid_metrics(r.run_dir / "metrics.json"):
-        status.update(status=FAILED, ename="MissingMetrics",
-                      evalue=f"the notebook finished but {r.run_dir / 'metrics.json'} is missing or invalid")
-    elif status["status"] != OK:
-        status.update(status=FAILED, ename=outcome.get("ename"), evalue=outcome.get("evalue"),
-                      cell=outcome.get("cell"), cell_index=outcome.get("cell_index"))
-    if status["status"] == FAILED:
-        status["error"] = f"{status.get('ename') or 'Error'}: {status.get('evalue') or ''}".strip()
-        where = f" (notebook cell In [{status['cell']}])" if status.get("cell") is not None else ""
-        text = f"{status['error']}{where}\n\n{outcome.get('traceback') or ''}\nlog: {r.folder / 'log.txt'}\n"
-        (r.folder / "error.txt").write_text(text)
-    return _write_status(r, status)
-
-
-def _job_env(gpu: str | None, threads: int) -> dict[str, str]:
-    """The worker's (and its kernel's) environment: one GPU or a share of the CPU threads."""
-    env = dict(os.environ)
-    if gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = gpu
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env.setdefault(var, str(threads))
-    env.setdefault("CELLKIT_PROGRESS", "0")  # no tqdm widgets in the executed notebooks
-    pkg_root = str(Path(__file__).resolve().parents[1])  # the kernel imports this cellkit
-    env["PYTHONPATH"] = os.pathsep.join([pkg_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    return env
-
-
 def visible_gpus() -> list[str]:
     """Ids of the CUDA devices this process may use (as ``CUDA_VISIBLE_DEVICES`` entries)."""
     try:
@@ -481,13 +530,6 @@ def visible_gpus() -> list[str]:
     return listed[:count] if listed else [str(i) for i in range(count)]
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 # --------------------------------------------------------------------------------------------
 # the worker (python -m cellkit.ablation --worker JOB.json): papermill in a process of its own
 
@@ -498,6 +540,10 @@ def _worker(job_path: str) -> int:
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
+    from .gridcell import PARENT, die_with_parent
+
+    parent = os.environ.get(PARENT)
+    die_with_parent(int(parent) if parent and parent.isdigit() else None)  # no orphan if the task's worker dies
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
     job = json.loads(Path(job_path).read_text())
     print(f"python {sys.executable}; kernel {job['kernel']}; parameters {json.dumps(job['parameters'])}", flush=True)
@@ -527,8 +573,9 @@ def collect_results(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     One row per run (in the grid's order; every ``<name>/status.json`` folder when there is no
     ``grid.json``): ``name, backbone, base_backbone, attention, scheduler, epochs_run,
     best_val_ap50, best_val_ap, best_epoch, stop_reason, seconds, wall_seconds, status, error,
-    reported, run_dir``. Numbers come from each run's ``metrics.json`` (from ``metrics.jsonl``
-    when the run stopped before writing it); the settings from its resolved ``config.yaml``.
+    reported, run_dir, attempts`` (times the run was started, from ``ledger.jsonl``). Numbers come
+    from each run's ``metrics.json`` (from ``metrics.jsonl`` when the run stopped before writing
+    it); the settings from its resolved ``config.yaml``.
     """
     out = Path(out_dir)
     grid = _read_json(out / "grid.json")
@@ -537,7 +584,12 @@ def collect_results(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     else:
         folders = sorted(p.parent for p in out.glob("*/status.json"))
         entries = [(f.name, None) for f in folders if ".replaced-" not in f.name]
+    from .gridcell import Ledger
+
+    attempts = {run: s["attempts"] for run, s in Ledger(out).summary().items()}
     rows = [_result_row(out / name, name, reported) for name, reported in entries]
+    for row in rows:
+        row["attempts"] = attempts.get(row["name"], 0)
     _write_json(out / "results.json", rows)
     (out / "results.md").write_text(format_results_table(rows, title=f"Grid {grid['name']}" if grid else "") + "\n")
     return rows
@@ -617,12 +669,14 @@ def scheduler_label(train: Mapping[str, Any]) -> str:
 def format_results_table(rows: Sequence[Mapping[str, Any]], title: str = "") -> str:
     """A markdown table like report 000's: backbone, attention, scheduler, epochs, AP50 (best in bold)."""
     with_reported = any(r.get("reported") is not None for r in rows)
+    with_attempts = any((r.get("attempts") or 0) > 1 for r in rows)
     head = ["Run", "Backbone", "Attention", "Scheduler", "Epochs", "Best val AP50", "Best val AP", "Best epoch",
-            "Train time"] + (["Reported"] if with_reported else []) + ["Status"]
+            "Train time"] + (["Reported"] if with_reported else []) + ["Status"] + (["Attempts"] if with_attempts else [])
     best = max((r["best_val_ap50"] for r in rows if r.get("best_val_ap50") is not None), default=None)
     lines = ([f"## {title}", ""] if title else []) + [
         "| " + " | ".join(head) + " |",
-        "|" + "|".join("---:" if h in ("Epochs", "Best val AP50", "Best val AP", "Best epoch", "Train time", "Reported")
+        "|" + "|".join("---:" if h in ("Epochs", "Best val AP50", "Best val AP", "Best epoch", "Train time", "Reported",
+                                       "Attempts")
                        else "---" for h in head) + "|",
     ]
     for r in rows:
@@ -635,6 +689,8 @@ def format_results_table(rows: Sequence[Mapping[str, Any]], title: str = "") -> 
         if with_reported:
             cells.append(_fmt(r.get("reported")))
         cells.append(r.get("status") or PENDING)
+        if with_attempts:
+            cells.append(_fmt(r.get("attempts")))
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     failed = [r for r in rows if r.get("status") == FAILED]
     if failed:

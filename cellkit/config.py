@@ -178,6 +178,10 @@ class TrainConfig:
     eval_every: int = 1
     hooks: tuple[str, ...] = ()
     """Extra trainer hooks as import paths ``module:Class`` (appended to the defaults; see ``cellkit.engine.hooks``)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files into the run directory (``tensorboard --logdir RUN_OR_GRID_DIR``)."""
+    tensorboard_images: int = 2
+    """Validation images drawn with their predictions into TensorBoard at every evaluation (0: none)."""
     seed: int = 0
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1`` ..."""

@@ -105,7 +105,7 @@ def ablation(args: argparse.Namespace) -> None:
     grid = {"name": "readme", "config": "demo",
             "overrides": {"train.epochs": 4, "train.eval_every": 2, "train.iters_per_epoch": 6},
             "grid": {"model.backbone": ["resnet18", "mobilenet_v3_large"], "train.scheduler": ["constant", "cosine"]}}
-    rows = run_grid(grid, REPO / "runs" / "grids" / "readme", jobs=1)
+    rows = run_grid(grid, REPO / "runs" / "grids" / "readme", cluster="local:1")
     fig = plot_ablation_bars(rows, "demo recipe, 4 short epochs")
     _save(fig, "tour_03_bars.png")
     _save(plot_ablation_curves({r["name"]: read_history(r["run_dir"]) for r in rows if r.get("run_dir")}),

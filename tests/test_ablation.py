@@ -1,23 +1,30 @@
-"""Ablation grids: expansion and validation, real papermill runs (parallel), skipping, failures, CLI."""
+"""Ablation grids: expansion and validation, real papermill runs on a Dask LocalCluster (parallel,
+a worker and the runner killed with -9, retries that resume, no orphans, the ledger, TensorBoard
+events), skipping, failures, locks, cluster specs, CLI."""
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import nbformat
+import psutil
 import pytest
 import yaml
+from tb_helpers import assert_tensorboard_equals_history
 
 from cellkit.ablation import (
-    GRIDS, attention_of, collect_results, expand_grid, format_results_table, load_grid, run_action, run_grid,
-    scheduler_label,
+    GRIDS, attention_of, collect_results, expand_grid, format_results_table, load_grid, read_history, run_action,
+    run_grid, scheduler_label,
 )
 from cellkit.cli import main
-from cellkit.errors import ConfigError
+from cellkit.cluster import ClusterSpec, open_cluster, parse_cluster
+from cellkit.errors import CellkitError, ConfigError
+from cellkit.gridcell import CellBusy, CellLock
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_NOTEBOOK = REPO / "notebooks" / "02_training.ipynb"
@@ -37,13 +44,29 @@ resume = False
 interactive = False
 n_show = 2'''
 
-STANDIN_BODY = '''import os, sys
+STANDIN_BODY = '''import json, os, sys, time
+from pathlib import Path
 print("KERNEL_PREFIX", sys.prefix)
 print("KERNEL_OMP", os.environ.get("OMP_NUM_THREADS"))
 import cellkit
+from cellkit.engine.hooks import Hook
 from cellkit.engine.trainer import train
+
+
+class PauseOnFirstAttempt(Hook):
+    """With CELLKIT_TEST_PAUSE=1: after epoch 1 of a run's first attempt, say so (with this
+    kernel's pid) and wait to be killed."""
+    priority = 95  # after the checkpoint, metrics and TensorBoard hooks: epoch 1 is on disk
+
+    def after_epoch(self, metrics):
+        if os.environ.get("CELLKIT_TEST_PAUSE") == "1" and os.environ.get("CELLKIT_GRID_ATTEMPT") == "1":
+            if metrics["epoch"] == 1:
+                Path(run_dir).parent.joinpath("paused.json").write_text(json.dumps({"kernel_pid": os.getpid()}))
+                time.sleep(900)
+
+
 summary = train(cellkit.load_config(config, {**overrides, **({"data.root": data} if data else {})}), run_dir,
-                resume=resume, progress=False)
+                resume=resume, progress=False, hooks=[PauseOnFirstAttempt()])
 print("BEST", summary["best_val_ap50"])'''
 
 
@@ -103,7 +126,7 @@ def test_explicit_runs_crossed_with_a_grid_and_paths_relative_to_the_grid_file(t
     assert runs[0].cfg.model.backbone == "resnet50_cbam" and runs[1].cfg.train.seed == 1
     assert runs[2].config == str((tmp_path / "sub" / "mine.yaml").resolve())  # absolute: the kernel runs elsewhere
     assert runs[2].cfg.model.backbone == "mobilenet_v3_large" and runs[3].overrides == {"train.lr": 0.01, "train.seed": 1}
-    assert load_grid(grid).notebook == REAL_NOTEBOOK  # the default, relative to the repository
+    assert load_grid(grid).notebook.resolve() == REAL_NOTEBOOK.resolve()  # the default: the shipped notebook
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -187,69 +210,322 @@ def test_cli_dry_run_and_invalid_input(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 # --------------------------------------------------------------------------------------------
-# real runs through papermill
+# real runs through papermill on a Dask LocalCluster: a worker and then the runner killed with -9
+
+RUNS = ["resnet18", "mobilenet_v3_large"]
+
+
+def ledger(out: Path) -> list[dict]:
+    path = out / "ledger.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def events(out: Path, event: str, run: str | None = None) -> list[dict]:
+    return [e for e in ledger(out) if e["event"] == event and (run is None or e["run"] == run)]
+
+
+def wait_for(pred, timeout: float, proc: subprocess.Popen | None = None, what: str = "") -> None:
+    t0 = time.time()
+    while not pred():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the runner ended early while waiting for {what}")
+        if time.time() - t0 > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def alive(pids: list[int]) -> list[int]:
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
 
 
 @pytest.fixture(scope="module")
-def tiny_grid(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The shipped tiny grid (2 runs) through a stand-in notebook, 2 jobs in parallel."""
+def killed_grid(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The tiny grid (2 runs of 2 epochs) on a LocalCluster of 2 worker processes on 127.0.0.1,
+    started with `cellkit ablate --cluster local:2`. Both runs pause after epoch 1 of their first
+    attempt; then the worker of resnet18 is killed with -9 (its retry resumes and finishes), then
+    the runner itself is killed with -9 while mobilenet_v3_large is still in its first attempt, and
+    the grid is run again."""
     tmp = tmp_path_factory.mktemp("ablate")
     notebook = write_standin(tmp)
     grid = tmp / "tiny.yaml"
-    grid.write_text(yaml.safe_dump({"name": "tiny", "notebook": str(notebook), "config": "demo", "overrides": TINY,
-                                    "grid": {"model.backbone": ["resnet18", "mobilenet_v3_large"]}}))
+    grid.write_text(yaml.safe_dump({"name": "tiny", "notebook": str(notebook), "config": "demo",
+                                    "overrides": {**TINY, "train.epochs": 2}, "grid": {"model.backbone": RUNS}}))
     out = tmp / "out"
+    facts: dict = {"grid": grid, "out": out, "notebook": notebook}
+    env = {**os.environ, "CELLKIT_TEST_PAUSE": "1"}
+    log = open(tmp / "runner.log", "w")
     t0 = time.time()
-    rows = run_grid(grid, out, jobs=2, progress=False)
-    return {"grid": grid, "out": out, "rows": rows, "notebook": notebook, "seconds": time.time() - t0}
+    runner = subprocess.Popen([sys.executable, "-m", "cellkit", "ablate", str(grid), "--out", str(out),
+                               "--cluster", "local:2", "--retries", "2"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    tree: list[int] = []
+    try:
+        # 1. both runs in their first attempt, paused after epoch 1
+        wait_for(lambda: all((out / r / "paused.json").is_file() for r in RUNS), 900, runner, "both runs to pause")
+        first = {e["run"]: e for e in events(out, "started")}
+        facts["first"] = first
+        victim = first["resnet18"]
+        kernel = json.loads((out / "resnet18" / "paused.json").read_text())["kernel_pid"]
+        facts["victim"] = {"worker": victim["pid"], "papermill": victim["child_pid"], "kernel": kernel}
+        # the kernel, its papermill process and the worker are one chain, each tagged with the cell
+        assert psutil.Process(kernel).ppid() == victim["child_pid"]
+        assert psutil.Process(victim["child_pid"]).ppid() == victim["pid"]
+        assert psutil.Process(kernel).environ()["CELLKIT_GRID_CELL"] == str(out / ".locks" / "resnet18.lock")
+        os.kill(victim["pid"], signal.SIGKILL)
+        t_kill = time.time()
+        wait_for(lambda: not alive([victim["child_pid"], kernel]), 30, runner, "the killed worker's processes to end")
+        facts["victim_gone_after"] = time.time() - t_kill
+        # 2. the retry resumes after epoch 1 and finishes; the other run is still in its first attempt
+        wait_for(lambda: events(out, "finished", "resnet18"), 900, runner, "the retry to finish")
+        assert not events(out, "finished", "mobilenet_v3_large")
+        # 3. the runner killed with -9: every process it started ends (workers, papermill, kernels)
+        tree = [p.pid for p in psutil.Process(runner.pid).children(recursive=True)]
+        facts["tree"] = tree
+        facts["mobilenet_kernel"] = json.loads((out / "mobilenet_v3_large" / "paused.json").read_text())["kernel_pid"]
+        os.kill(runner.pid, signal.SIGKILL)
+        runner.wait()
+        t_kill = time.time()
+        wait_for(lambda: not alive(tree), 60, None, "the runner's processes to end")
+        facts["tree_gone_after"] = time.time() - t_kill
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+        for pid in alive(tree):
+            os.kill(pid, signal.SIGKILL)
+        log.close()
+    facts["log"] = (tmp / "runner.log").read_text()
+    facts["first_seconds"] = time.time() - t0
+    # 4. the grid again, in this process: resnet18 is skipped, mobilenet_v3_large resumes
+    facts["rows"] = run_grid(grid, out, cluster="local:2", progress=False)
+    return facts
 
 
 @pytest.mark.slow
-def test_tiny_grid_runs_in_parallel_kernels(tiny_grid: dict) -> None:
-    out, rows = tiny_grid["out"], tiny_grid["rows"]
-    assert [r["name"] for r in rows] == ["resnet18", "mobilenet_v3_large"]
-    assert all(r["status"] == "ok" and r["action"] == "run" for r in rows), rows
-    statuses = [json.loads((out / r["name"] / "status.json").read_text()) for r in rows]
-    # both ran at once: each started before the other finished
-    assert statuses[0]["started_unix"] < statuses[1]["finished_unix"] and statuses[1]["started_unix"] < statuses[0]["finished_unix"]
+def test_a_killed_worker_is_retried_and_resumes(killed_grid: dict) -> None:
+    out, v = killed_grid["out"], killed_grid["victim"]
+    assert killed_grid["victim_gone_after"] < 10  # its papermill process and kernel did not keep training
+    started = events(out, "started", "resnet18")
+    assert [(e["attempt"], e["action"], e["epochs_done"]) for e in started] == [(1, "run", 0), (2, "resume", 1)]
+    assert started[1]["pid"] != v["worker"] and started[1]["t"] > started[0]["t"]
+    assert [e["attempt"] for e in events(out, "finished", "resnet18")] == [2]
+    log = (out / "resnet18" / "log.txt").read_text()
+    assert "attempt 2: resuming resnet18" in log and "after epoch 1" in log  # the Trainer resumed from last.pth
+    assert "resnet18: resuming after epoch 1 (attempt 2)" in killed_grid["log"]  # the runner said so
+
+
+@pytest.mark.slow
+def test_a_killed_runner_leaves_nothing_running_and_the_rerun_finishes(killed_grid: dict) -> None:
+    out, rows = killed_grid["out"], killed_grid["rows"]
+    assert killed_grid["tree_gone_after"] < 30
+    assert killed_grid["mobilenet_kernel"] in killed_grid["tree"]  # the kernels were in the tree that ended
+    assert [(r["name"], r["action"], r["status"], r["attempts"]) for r in rows] == [
+        ("resnet18", "skip", "ok", 2), ("mobilenet_v3_large", "resume", "ok", 2)]
+    started = events(out, "started", "mobilenet_v3_large")
+    assert [(e["attempt"], e["action"], e["epochs_done"]) for e in started] == [(1, "run", 0), (2, "resume", 1)]
+    assert not events(out, "started", "resnet18")[2:]  # the finished run was not started again
+    for name in RUNS:
+        # each epoch once, in metrics.jsonl and in the TensorBoard events (the interrupted attempt's purged)
+        lines = read_history(out / name / "run")
+        assert [m["epoch"] for m in lines] == [1, 2]
+        assert_tensorboard_equals_history(out / name / "run", lines)
+        assert json.loads((out / name / "status.json").read_text())["status"] == "ok"
+    md = (out / "results.md").read_text()
+    table = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ") and "| Run |" not in line]
+    assert table == RUNS and "Attempts" in md  # each run once
+    # the lock files say who held them last; nothing holds them now
+    for name in RUNS + ["runner"]:
+        CellLock(out / ".locks" / f"{name}.lock").acquire(timeout=0).release()
+
+
+@pytest.mark.slow
+def test_runs_ran_in_parallel_kernels_and_the_table_reads_their_files(killed_grid: dict) -> None:
+    out, rows = killed_grid["out"], killed_grid["rows"]
+    first = killed_grid["first"]
+    assert {e["worker"] for e in first.values()} and len({e["pid"] for e in first.values()}) == 2  # 2 workers at once
     for r in rows:
         executed = out / r["name"] / "standin.ipynb"
         text = stream_text(executed)
         assert f"KERNEL_PREFIX {sys.prefix}\n" in text  # the kernel runs this venv's interpreter
-        if "OMP_NUM_THREADS" not in os.environ:  # the cores are split between the 2 jobs
-            assert f"KERNEL_OMP {max(1, len(os.sched_getaffinity(0)) // 2)}" in text
-        # the table is read back from each run's own files
+        if "OMP_NUM_THREADS" not in os.environ:  # the cores are split between the workers
+            workers = 2 if r["name"] == "resnet18" else 1  # the re-run started one worker for its one run
+            assert f"KERNEL_OMP {max(1, len(os.sched_getaffinity(0)) // workers)}" in text
         metrics = json.loads((out / r["name"] / "run" / "metrics.json").read_text())
         assert r["backbone"] == metrics["backbone"] == r["name"]
         assert r["best_val_ap50"] == metrics["best_val_ap50"] and f"BEST {metrics['best_val_ap50']}" in text
-        assert r["epochs_run"] == 1 and r["best_epoch"] == 1 and r["attention"] == "none" and r["scheduler"] == "cosine"
-        assert (out / r["name"] / "run" / "metrics.jsonl").is_file() and not (out / r["name"] / "error.txt").exists()
+        assert r["epochs_run"] == 2 and r["attention"] == "none" and r["scheduler"] == "cosine"
+        assert not (out / r["name"] / "error.txt").exists()
     assert json.loads((out / "results.json").read_text()) == collect_results(out)
     md = (out / "results.md").read_text()
-    assert "| Run | Backbone | Attention | Scheduler |" in md and "| mobilenet_v3_large | mobilenet_v3_large | none | cosine | 1 |" in md
+    assert "| Run | Backbone | Attention | Scheduler |" in md and "| mobilenet_v3_large | mobilenet_v3_large | none | cosine | 2 |" in md
     for png in ("ap50.png", "curves.png"):
         assert (out / png).stat().st_size > 5000
 
 
 @pytest.mark.slow
-def test_rerun_skips_finished_runs(tiny_grid: dict) -> None:
-    out = tiny_grid["out"]
-    executed = [out / name / "standin.ipynb" for name in ("resnet18", "mobilenet_v3_large")]
+def test_rerun_skips_finished_runs(killed_grid: dict) -> None:
+    out = killed_grid["out"]
+    executed = [out / name / "standin.ipynb" for name in RUNS]
     mtimes = [p.stat().st_mtime_ns for p in executed]
     t0 = time.time()
-    rows = run_grid(tiny_grid["grid"], out, jobs=2, progress=False)
+    rows = run_grid(killed_grid["grid"], out, jobs=2, progress=False)
     assert [r["action"] for r in rows] == ["skip", "skip"] and all(r["status"] == "ok" for r in rows)
     assert [p.stat().st_mtime_ns for p in executed] == mtimes
-    assert time.time() - t0 < min(10.0, tiny_grid["seconds"])
+    assert time.time() - t0 < 10.0  # no cluster is started when nothing is left to run
     # the command line on the same folder: nothing runs, the table is printed, exit status 0
-    r = subprocess.run([sys.executable, "-m", "cellkit", "ablate", str(tiny_grid["grid"]), "--out", str(out), "--jobs", "2"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "cellkit", "ablate", str(killed_grid["grid"]), "--out", str(out),
+                        "--jobs", "2"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "resnet18: finished before, skipped" in r.stdout and "| resnet18 | resnet18 | none | cosine | 1 |" in r.stdout
+    assert "resnet18: finished before, skipped" in r.stdout and "| resnet18 | resnet18 | none | cosine | 2 |" in r.stdout
     assert [p.stat().st_mtime_ns for p in executed] == mtimes
     # a changed setting is a different run: it does not count as finished
-    [first, _] = expand_grid(tiny_grid["grid"], out, extra_overrides={"train.lr": 0.01})
+    [first, _] = expand_grid(killed_grid["grid"], out, extra_overrides={"train.lr": 0.01})
     assert run_action(first) == "replace"
+
+
+def test_a_second_live_runner_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from cellkit.gridcell import CellLock; "
+        f"CellLock({str(out / '.locks' / 'runner.lock')!r}).acquire(); print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        spec = {"name": "g", "config": "demo", "overrides": TINY, "runs": [{"name": "a"}]}
+        with pytest.raises(CellkitError, match=f"this grid is being run by pid {holder.pid}"):
+            run_grid(spec, out, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (out / "a").exists()
+
+
+def test_the_lock_outlives_a_killed_holder_while_its_child_runs(tmp_path: Path) -> None:
+    # a task's papermill subprocess inherits the lock: killing the task's process (-9) does not
+    # free the run for a second attempt while the first one's training process still runs
+    path = tmp_path / "cell.lock"
+    code = (
+        "import subprocess, sys, time; from cellkit.gridcell import CellLock\n"
+        f"lock = CellLock({str(path)!r}).acquire()\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], pass_fds=(lock.fd,))\n"
+        "print(child.pid, flush=True); time.sleep(60)\n"
+    )
+    task = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(task.stdout.readline())
+    try:
+        with pytest.raises(CellBusy, match=f"held by pid {task.pid}"):
+            CellLock(path).acquire(timeout=0.3)
+        task.kill()
+        task.wait()
+        with pytest.raises(CellBusy):  # the child still holds it
+            CellLock(path).acquire(timeout=0.3)
+    finally:
+        os.kill(child, signal.SIGKILL)
+    lock = CellLock(path).acquire(timeout=10)  # free once the last holder is gone
+    assert lock.holder()["pid"] == os.getpid()
+    lock.release()
+
+
+def test_papermill_worker_dies_with_its_parent(tmp_path: Path) -> None:
+    # die_with_parent (PR_SET_PDEATHSIG): a process that called it is killed when its parent dies
+    code = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; from cellkit.gridcell import die_with_parent; "
+        "die_with_parent(); print(1, flush=True); time.sleep(60)'], stdout=subprocess.PIPE, text=True)\n"
+        "child.stdout.readline(); print(child.pid, flush=True); time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    assert alive([child])
+    parent.kill()
+    parent.wait()
+    t0 = time.time()
+    while alive([child]) and time.time() - t0 < 10:
+        time.sleep(0.1)
+    assert not alive([child])
+
+
+def test_cluster_specs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse_cluster(None) == parse_cluster("local") == ClusterSpec("local")
+    assert parse_cluster("local:3") == ClusterSpec("local", 3)
+    assert parse_cluster("tcp://10.0.0.5:8786") == ClusterSpec("address", address="tcp://10.0.0.5:8786")
+    assert parse_cluster("slurm:4") == ClusterSpec("slurm", 4)
+    for bad in ("locl", "local:0", "tcp://host", "8786"):
+        with pytest.raises(ConfigError, match="expected local, local:N, tcp://HOST:PORT|at least 1"):
+            parse_cluster(bad)
+    assert main(["ablate", "tiny", "--dry-run", "--out", str(tmp_path / "o"), "--jobs", "3"]) == 0
+    assert "cluster: local:3, retries 2" in capsys.readouterr().out
+    assert main(["ablate", "tiny", "--dry-run", "--cluster", "tcp:/x"]) == 2
+    assert "expected local, local:N, tcp://HOST:PORT" in capsys.readouterr().err
+    assert main(["ablate", "tiny", "--dry-run", "--cluster", "local:2", "--jobs", "2"]) == 2
+    assert "give --cluster or --jobs, not both" in capsys.readouterr().err
+    try:
+        import dask_jobqueue  # noqa: F401
+    except ImportError:  # the optional extra is missing: one line saying how to get it
+        assert main(["ablate", "tiny", "--out", str(tmp_path / "s"), "--cluster", "slurm"]) == 2
+        assert "pip install 'cellkit[slurm]'" in capsys.readouterr().err
+    # a scheduler that is not there: a clear error, not a hang
+    t0 = time.time()
+    assert main(["ablate", "tiny", "--out", str(tmp_path / "t"), "--cluster", "tcp://127.0.0.1:9"]) == 2
+    assert "no dask scheduler answers there" in capsys.readouterr().err and time.time() - t0 < 60
+
+
+@pytest.mark.slow
+def test_a_running_scheduler_with_gpu_workers(tmp_path: Path) -> None:
+    # the README's several-machines setup on one machine: `dask scheduler`, a `dask worker` with
+    # --resources GPU=1; --cluster tcp://HOST:PORT connects, sees the GPU resource, and runs tasks
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    bindir = Path(sys.executable).parent
+    procs = [subprocess.Popen([str(bindir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--no-dashboard"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        procs.append(subprocess.Popen([str(bindir / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "1",
+                                       "--resources", "GPU=1", "--no-dashboard"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        t0 = time.time()
+        while True:
+            try:
+                with open_cluster(address) as cl:
+                    if cl.threads:
+                        break
+            except ConfigError:
+                pass
+            assert time.time() - t0 < 120, "the scheduler and worker did not come up"
+            time.sleep(1)
+        with open_cluster(address) as cl:
+            assert cl.gpu_resources and len(cl.threads) == 1 and cl.spec == ClusterSpec("address", address=address)
+            fut = cl.client.submit(os.getpid, resources={"GPU": 1}, pure=False)
+            assert fut.result(timeout=60) != os.getpid()
+        assert all(p.poll() is None for p in procs)  # connecting did not close someone else's cluster
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.mark.slow
+def test_local_cluster_gives_each_worker_one_gpu(tmp_path: Path) -> None:
+    # with GPUs (here: ids given, no CUDA needed) each worker gets its own CUDA_VISIBLE_DEVICES and
+    # the resource GPU=1, and tasks ask for it
+    with open_cluster("local:3", gpus=["4", "7"]) as cl:
+        seen = cl.client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
+        assert sorted(seen.values()) == ["4", "4", "7"] and cl.gpu_resources
+        info = cl.client.scheduler_info()["workers"]
+        assert all(w["resources"] == {"GPU": 1} for w in info.values())
+        assert set(cl.threads) == set(info) and all(n >= 1 for n in cl.threads.values())
 
 
 @pytest.mark.slow

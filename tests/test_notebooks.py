@@ -12,6 +12,7 @@ import papermill as pm
 import pytest
 
 from cellkit.data import load_sample, resolve_root, scan_train
+from cellkit.evaluation import ErrorAnalysis
 from cellkit.evaluation.coco import coco_evaluate
 from cellkit.workbench import notebook_config
 
@@ -95,12 +96,29 @@ def test_error_analysis(trained_run: Path, tmp_path: Path) -> None:
 
 def test_ablation_grid(tmp_path: Path) -> None:
     grid = {"name": "nb", "config": "demo", "overrides": TINY, "grid": {"train.scheduler": ["constant", "cosine"]}}
-    nb = execute("03_ablation", tmp_path, grid=grid, out_dir=str(tmp_path / "grid"), jobs=2, interactive=False,
-                 results_json=str(tmp_path / "rows.json"))
+    nb = execute("03_ablation", tmp_path, grid=grid, out_dir=str(tmp_path / "grid"), cluster="local:2", interactive=False,
+                 results_json=str(tmp_path / "rows.json"), comparison_json=str(tmp_path / "comparison.json"))
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert sorted(r["name"] for r in rows) == ["constant", "cosine"]
     for r in rows:
         summary = json.loads((Path(r["run_dir"]) / "metrics.json").read_text())
         assert r["status"] == "ok" and r["best_val_ap50"] == pytest.approx(summary["best_val_ap50"])
-        assert r["scheduler"] == r["name"]
-    assert images_in(nb) == 2  # bar chart and curves
+        assert r["scheduler"] == r["name"] and r["attempts"] == 1
+        assert list(Path(r["run_dir"]).glob("events.out.tfevents.*"))  # TensorBoard for every run
+    ledger = [json.loads(x) for x in (tmp_path / "grid" / "ledger.jsonl").read_text().splitlines()]
+    assert sorted(e["run"] for e in ledger if e["event"] == "finished") == ["constant", "cosine"]
+    # the comparison of the first two runs: each run's AP50 is its own, every validation cell is
+    # counted once, and the cells each run finds are the true positives of its own matching
+    cmp = json.loads((tmp_path / "comparison.json").read_text())
+    a, b = rows[0], rows[1]
+    assert cmp["names"] == [a["name"], b["name"]]
+    assert cmp["ap50_a"] == pytest.approx(a["best_val_ap50"], abs=1e-9)
+    assert cmp["ap50_b"] == pytest.approx(b["best_val_ap50"], abs=1e-9)
+    gt = json.loads((Path(a["run_dir"]) / "val_gt.json").read_text())
+    assert sum(cmp["counts"].values()) == len(gt["annotations"]) == sum(r["n_gt"] for r in cmp["table"])
+    for run, found in ((a, ("both", "a_only")), (b, ("both", "b_only"))):
+        ea = ErrorAnalysis(Path(run["run_dir"]) / "val_gt.json", Path(run["run_dir"]) / "val_predictions.json",
+                           max_dets=100)
+        assert ea.matching.counts()["tp"] == sum(cmp["counts"][k] for k in found)
+    assert cmp["explained"] + cmp["rest"] == pytest.approx(cmp["ap50_diff"], abs=1e-12)
+    assert images_in(nb) == 4  # bar chart, curves, the comparison figure, a compared image

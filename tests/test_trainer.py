@@ -24,6 +24,7 @@ from cellkit.engine.checkpoint import load_checkpoint, save_checkpoint
 from cellkit.engine.schedule import lr_trajectory
 from cellkit.engine.trainer import Trainer, amp_dtype
 from cellkit.errors import TrainingError
+from tb_helpers import assert_tensorboard_equals_history, event_images, event_text
 
 TINY: dict[str, Any] = {
     "name": "tiny",
@@ -83,6 +84,15 @@ def test_run_directory_and_lr_read_back(tmp_path: Path) -> None:
     assert json.loads((run / "metrics.json").read_text())["best_val_ap50"] == pytest.approx(best["val_ap50"])
     assert (run / "plots/curves.png").stat().st_size > 10_000
     assert summary["epochs_run"] == 4
+    # TensorBoard: every metrics.jsonl number as a scalar, the validation images with predictions
+    # at every evaluation, the resolved config as text
+    assert_tensorboard_equals_history(run, lines)
+    images = event_images(run)
+    val_epochs = [m["epoch"] for m in lines if m.get("val_ap50") is not None]
+    assert len(images) == min(cfg.train.tensorboard_images, 2)  # 2 validation images
+    assert all([step for step, _, _ in shots] == val_epochs for shots in images.values())
+    assert all(w > h for shots in images.values() for _, w, h in shots)  # ground truth | predictions
+    assert cellkit.Config.from_dict(yaml.safe_load("\n".join(line[4:] for line in event_text(run).splitlines()))) == cfg
     gt = json.loads((run / "val_gt.json").read_text())
     assert len(gt["images"]) == 2 and gt["annotations"]
 
@@ -123,6 +133,8 @@ def test_user_datasets_from_a_notebook(tmp_path: Path) -> None:
     assert [im["id"] for im in gt["images"]] == [im["id"] for im in ref["images"]]
     assert sorted(a["area"] for a in gt["annotations"]) == sorted(a["area"] for a in ref["annotations"])
     assert json.loads((tmp_path / "run" / "val_gt.json").read_text())["images"] == gt["images"]
+    # TensorBoard draws validation images of any dataset of (image, target) pairs
+    assert set(event_images(tmp_path / "run")) == {"val/image0", "val/image1"}
 
 
 def test_plateau_decays_hold_in_a_real_run(tmp_path: Path) -> None:
@@ -143,6 +155,19 @@ def test_amp_is_off_on_cpu() -> None:
     cuda = torch.device("cuda", 0)
     assert amp_dtype("auto", cuda) is torch.float16 and amp_dtype("bf16", cuda) is torch.bfloat16
     assert amp_dtype("off", cuda) is None
+
+
+def test_tensorboard_hook_follows_the_config() -> None:
+    from cellkit.engine.hooks import CheckpointHook, default_hooks
+    from cellkit.engine.tensorboard import TensorBoardHook, scalar_tag
+
+    on, off = cellkit.load_config("demo"), cellkit.load_config("demo", {"train.tensorboard": False})
+    assert sum(isinstance(h, TensorBoardHook) for h in default_hooks(on)) == 1
+    assert not any(isinstance(h, TensorBoardHook) for h in default_hooks(off))
+    # it flushes before last.pth is written, so a resumed run neither loses nor repeats an epoch
+    assert TensorBoardHook.priority < CheckpointHook.priority
+    assert [scalar_tag(k) for k in ("loss", "loss_mask", "val_ap50", "lr", "images_per_s", "peak_mem_mb", "steps")] == [
+        "loss/total", "loss/loss_mask", "val/AP50", "train/lr", "speed/images_per_s", "memory/peak_mem_mb", "train/steps"]
 
 
 def _with_batches(trainer: Trainer, batches: list[tuple[list, list]]) -> None:
@@ -279,6 +304,10 @@ def test_sigkill_mid_epoch_then_resume_with_a_custom_hook(tmp_path: Path) -> Non
     assert [m["lr"] for m in lines] == pytest.approx(expected)
     assert expected == pytest.approx([5e-5, 5e-4, 5e-5, 5e-6])
     assert load_checkpoint(run / "checkpoints/last.pth")["epoch"] == 4
+    # TensorBoard: two event files (killed, resumed), each epoch once: the epoch the kill cut
+    # short, if its events were written, is purged
+    assert len(list(run.glob("events.out.tfevents.*"))) == 2
+    assert_tensorboard_equals_history(run, lines)
 
     n = lines[0]["steps"]  # optimiser steps per epoch (4 training images in batches of 2)
     assert all(m["steps"] == n for m in lines) and n >= 2
@@ -342,8 +371,12 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     assert all(m["steps"] == 2 for m in lines)
     assert r.stdout.count("epoch 1/2 |") == 1
     assert load_checkpoint(run / "checkpoints/last.pth")["epoch"] == 2
-    assert {p.name for p in run.iterdir()} <= {"checkpoints", "config.yaml", "metrics.json", "metrics.jsonl",
-                                               "plots", "val_gt.json", "val_predictions.json"}
+    names = {p.name for p in run.iterdir()}
+    events = {n for n in names if n.startswith("events.out.tfevents.")}
+    assert len(events) == 1  # rank 0 alone writes TensorBoard events
+    assert names - events <= {"checkpoints", "config.yaml", "metrics.json", "metrics.jsonl", "plots", "val_gt.json",
+                              "val_predictions.json"}
+    assert_tensorboard_equals_history(run, lines)
     # each rank predicted its own shard of the 3 validation images; rank 0 gathered all of them
     gt_ids = {im["id"] for im in json.loads((run / "val_gt.json").read_text())["images"]}
     pred_ids = {p["image_id"] for p in json.loads((run / "val_predictions.json").read_text())}

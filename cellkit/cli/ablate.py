@@ -14,14 +14,22 @@ def add_commands(sub: Any) -> None:
         description="Run every cell of an ablation grid (a YAML file, or the name of one in configs/grids/: "
         "report000, report004_scheduler, tiny) through the training notebook with papermill, each in its own "
         "kernel and folder OUT/<run>/. Finished runs are skipped on re-run, failed ones recorded and the grid goes "
-        "on. Writes OUT/results.md, results.json, ap50.png and curves.png. Exit status 0 when every run "
-        "succeeded, 1 when any failed, 2 for invalid input.",
+        "on. Each run is a task on a Dask cluster (--cluster); a run whose worker dies is retried and resumes "
+        "from its last checkpoint, and the command may be killed and started again on the same folder. Writes "
+        "OUT/ledger.jsonl (every attempt), OUT/results.md, results.json, ap50.png and curves.png. Exit status 0 "
+        "when every run succeeded, 1 when any failed, 2 for invalid input.",
     )
     p.add_argument("grid", metavar="GRID", help="grid YAML file, or a grid name from configs/grids/")
     p.add_argument("--out", metavar="DIR", help="output folder (default: runs/grids/<grid name>)")
-    p.add_argument("--jobs", "-j", type=non_negative_int, default=1, metavar="N",
-                   help="runs in parallel (default 1; 0: one per GPU). With GPUs each job gets its own "
-                   "CUDA_VISIBLE_DEVICES; on CPU the cores are split between the jobs")
+    p.add_argument("--cluster", metavar="SPEC", default=None,
+                   help="where the runs execute (Dask distributed): local (default: one worker process per GPU, "
+                   "1 without GPUs), local:N (N worker processes), tcp://HOST:PORT (a running `dask scheduler`), "
+                   "slurm[:N] (dask-jobqueue, N jobs; pip install 'cellkit[slurm]')")
+    p.add_argument("--jobs", "-j", type=non_negative_int, default=None, metavar="N",
+                   help="shorthand for --cluster local:N (0: one worker per GPU)")
+    p.add_argument("--retries", type=non_negative_int, default=2, metavar="N",
+                   help="start a run again up to N times when its worker or kernel is killed; the retry resumes "
+                   "from the run's last.pth (default 2)")
     p.add_argument("--gpus", metavar="IDS", help="comma-separated GPU ids to use (default: all visible)")
     add_data(p, help="dataset folder (hw3 layout) for every run; default: the grid's, else the built-in synthetic dataset")
     add_set(p)
@@ -38,6 +46,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
     from ..ablation import expand_grid, format_plan, format_results_table, load_grid, run_action, run_grid
     from ..config import parse_set_args
+    from ..cluster import parse_cluster
+    from ..errors import ConfigError
 
     grid = load_grid(args.grid)
     if args.notebook:
@@ -46,13 +56,17 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     overrides = parse_set_args(args.overrides)
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
 
+    if args.jobs is not None and args.cluster is not None:
+        raise ConfigError("give --cluster or --jobs, not both (--jobs N is --cluster local:N)")
+    cluster = parse_cluster(args.cluster if args.jobs is None else (f"local:{args.jobs}" if args.jobs else "local"))
     if args.dry_run:
         runs = expand_grid(grid, out.resolve(), data=args.data, extra_overrides=overrides)
         print(format_plan(grid, runs, [run_action(r) for r in runs], out))
+        print(f"cluster: {cluster}, retries {args.retries}")
         return 0
 
-    rows = run_grid(grid, out, jobs=args.jobs, gpus=gpus, data=args.data, extra_overrides=overrides,
-                    progress=not args.no_progress)
+    rows = run_grid(grid, out, gpus=gpus, data=args.data, extra_overrides=overrides,
+                    progress=not args.no_progress, cluster=cluster, retries=args.retries)
     print()
     print(format_results_table(rows, title=f"Grid {grid.name}"))
     print(f"\nresults: {out / 'results.md'} (and results.json); plots: {out / 'ap50.png'}, {out / 'curves.png'}")

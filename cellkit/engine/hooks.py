@@ -20,6 +20,8 @@ hooks (:meth:`Trainer.default_hooks`), by priority:
   30 LRScheduleHook      the learning-rate schedule (warm-up per step, the scheduler per epoch)
   40 EarlyStoppingHook   ``train.early_stop_decays`` / ``train.early_stop_patience``
   50 (user hooks)        the default priority
+  65 TensorBoardHook     TensorBoard event files in the run directory (``train.tensorboard``;
+                         :mod:`cellkit.engine.tensorboard`)
   70 CheckpointHook      last.pth every epoch; best.pth (+ val_predictions.json) on a new best
   75 MetricsWriter       metrics.jsonl every epoch, metrics.json at the end
   80 CurvePlotHook       plots/curves.png every epoch
@@ -376,6 +378,10 @@ def default_hooks(cfg: Any) -> list[Hook]:
 
     hooks: list[Hook] = [ValidationHook(), LRScheduleHook(), EarlyStoppingHook(), CheckpointHook(),
                          MetricsWriter(), CurvePlotHook(), EpochLogger()]
+    if cfg.train.tensorboard:
+        from .tensorboard import TensorBoardHook
+
+        hooks.append(TensorBoardHook())
     if in_notebook():
         from ..viz.live import LiveCurves
 

@@ -12,6 +12,7 @@ schedule, early stopping, checkpoints, metrics files, plots, logging, notebook c
     checkpoints/last.pth    written every epoch (atomically), everything needed to resume
     checkpoints/best.pth    the epoch with the best val AP50: weights, config and history only
     plots/curves.png        loss and AP50 curves
+    events.out.tfevents.*   TensorBoard (``train.tensorboard``; ``tensorboard --logdir RUN_DIR``)
 
 ``fit(resume=True)`` continues from ``checkpoints/last.pth`` with the same schedule and the hooks'
 saved state: the epochs already done are not repeated and ``metrics.jsonl`` is rebuilt from the

@@ -3,7 +3,9 @@
 In JupyterLab, :meth:`MaskBrowser.widget` gives an ipywidgets view with an image picker, class
 toggles, outline/fill, zoom and pan, and for predictions a score slider and ground truth and
 prediction side by side or overlaid. In batch runs (papermill), :meth:`MaskBrowser.figure` draws
-the same view as a static matplotlib figure.
+the same view as a static matplotlib figure. :func:`comparison_browser` shows two runs compared
+cell by cell (:mod:`cellkit.evaluation.compare`): every ground-truth cell coloured by whether run A,
+run B, both or neither found it, with a toggle per category.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..structures.label_maps import MaskRegion
-from .overlay import CLASS_COLORS, STATUS_COLORS, instances_from_coco, render
+from .overlay import CLASS_COLORS, COMPARE_COLORS, STATUS_COLORS, instances_from_coco, render
 
 
 @dataclass
@@ -92,18 +94,29 @@ class MaskBrowser:
         items: the images.
         num_classes: classes with a toggle.
         max_side: the view's longer side in pixels (zoomed crops are enlarged to fill it).
+        palette: status -> colour of the instances' ``status`` (default: TP/FP/FN,
+            :data:`~cellkit.viz.overlay.STATUS_COLORS`); given, the browser colours by status and
+            has a toggle per status.
+        status_names: status -> legend label.
     """
 
-    def __init__(self, items: Sequence[BrowserItem], num_classes: int = 4, max_side: int = 720) -> None:
+    def __init__(self, items: Sequence[BrowserItem], num_classes: int = 4, max_side: int = 720,
+                 palette: dict[str, tuple[int, int, int]] | None = None,
+                 status_names: dict[str, str] | None = None) -> None:
         if not items:
             raise ValueError("MaskBrowser needs at least one image")
         self.items = list(items)
         self.num_classes = num_classes
         self.max_side = max_side
+        self.palette = dict(palette) if palette is not None else None
+        self.status_names = dict(status_names or {})
         self.state: dict[str, Any] = {
             "index": 0, "classes": set(range(1, num_classes + 1)), "mode": "outline", "layout": "side by side",
             "min_score": 0.5, "zoom": 1.0, "cx": 0.5, "cy": 0.5, "color_by": "class",
+            "statuses": set(self.palette) if self.palette else None,
         }
+        if self.palette:
+            self.state.update(color_by="status", mode="fill")
         self._widget: Any = None
 
     @property
@@ -134,7 +147,10 @@ class MaskBrowser:
         item = self.items[s["index"] if index is None else index]
         image = item.image()
         gt, pred = item.gt(), item.pred()
-        kw = dict(mode=s["mode"], classes=s["classes"], color_by=s["color_by"])
+        if s.get("statuses") is not None:
+            gt = None if gt is None else [i for i in gt if i.status in s["statuses"]]
+            pred = None if pred is None else [i for i in pred if i.status in s["statuses"]]
+        kw = dict(mode=s["mode"], classes=s["classes"], color_by=s["color_by"], palette=self.palette)
         if pred is not None and gt is not None and s["layout"] == "overlay":
             both = render(render(image, gt, **{**kw, "mode": "outline"}), pred, min_score=s["min_score"],
                           **{**kw, "mode": "fill"})
@@ -142,7 +158,12 @@ class MaskBrowser:
         else:
             out = []
             if gt is not None:
-                out.append((f"ground truth: {sum(i.label in s['classes'] for i in gt)} cells", render(image, gt, **kw)))
+                shown = [i for i in gt if i.label in s["classes"]]
+                counts = ""
+                if self.palette:
+                    counts = " (" + ", ".join(f"{self.status_names.get(k, k)} {sum(i.status == k for i in shown)}"
+                                              for k in self.palette if s["statuses"] is None or k in s["statuses"]) + ")"
+                out.append((f"ground truth: {len(shown)} cells{counts}", render(image, gt, **kw)))
             if pred is not None:
                 n = sum(i.label in s["classes"] and i.score >= s["min_score"] for i in pred)
                 out.append((f"prediction: {n} cells with score >= {s['min_score']:.2f}",
@@ -174,11 +195,14 @@ class MaskBrowser:
             ax.imshow(arr)
             ax.set_title(title, fontsize=9)
             ax.axis("off")
-        colors = STATUS_COLORS if self.state["color_by"] == "status" else CLASS_COLORS
-        handles = [plt.Line2D([], [], color=np.array(c) / 255, lw=3, label=(f"class {k}" if isinstance(k, int) else k.upper()))
+        colors: dict[Any, tuple[int, int, int]] = CLASS_COLORS
+        if self.state["color_by"] == "status":
+            colors = self.palette or STATUS_COLORS
+        handles = [plt.Line2D([], [], color=np.array(c) / 255, lw=3,
+                              label=(f"class {k}" if isinstance(k, int) else self.status_names.get(k, k.upper())))
                    for k, c in colors.items()]
         fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8)
-        fig.suptitle(f"{item.name}  {item.note}".strip(), fontsize=10)
+        fig.suptitle(f"{item.name}\n{item.note}" if item.note else item.name, fontsize=10)
         fig.tight_layout(rect=(0, 0.05, 1, 0.95))
         return fig
 
@@ -204,17 +228,28 @@ class MaskBrowser:
         color_by = W.ToggleButtons(options=["class", "status"], value=s["color_by"], description="colour by")
         image = W.Image(format="png", layout=W.Layout(max_width="100%"))
         note = W.HTML()
+        status_toggles = [W.ToggleButton(value=True, description=self.status_names.get(k, k),
+                                         layout=W.Layout(width="auto"),
+                                         style={"text_color": "#%02x%02x%02x" % c, "font_weight": "bold"})
+                          for k, c in (self.palette or {}).items()]
+        if self.palette:
+            color_by.options = ["status", "class"]
+            color_by.value = "status"
 
         def redraw(*_: Any) -> None:
             s.update(index=picker.value, mode=mode.value, zoom=zoom.value, cx=cx.value, cy=cy.value,
                      min_score=score.value, layout=layout.value, color_by=color_by.value,
                      classes={k + 1 for k, t in enumerate(toggles) if t.value})
+            if self.palette:
+                s["statuses"] = {k for k, t in zip(self.palette, status_toggles) if t.value}
             image.value = _png(self.view())
             note.value = f"<b>{self.items[s['index']].name}</b> {self.items[s['index']].note}"
 
-        for w in [picker, mode, zoom, cx, cy, score, layout, color_by, *toggles]:
+        for w in [picker, mode, zoom, cx, cy, score, layout, color_by, *toggles, *status_toggles]:
             w.observe(redraw, names="value")
         rows = [picker, W.HBox(toggles), mode, W.HBox([zoom, cx, cy])]
+        if self.palette:
+            rows += [W.HBox(status_toggles), color_by]
         if self.has_pred:
             rows.append(score)
             if self.has_gt:
@@ -232,6 +267,44 @@ class MaskBrowser:
         self.state["index"] = index
         if self._widget is not None:
             self._picker.value = index
+
+
+def comparison_browser(dataset: Any, comparison: Any, image_ids: Sequence[int] | None = None,
+                       max_images: int | None = None) -> MaskBrowser:
+    """A :class:`MaskBrowser` of two runs compared cell by cell: the ground-truth cells of each image
+    filled by category (found by A only orange, by B only blue, by both green, by neither red;
+    :data:`~cellkit.viz.overlay.COMPARE_COLORS`), with a toggle per category.
+
+    Args:
+        dataset: the validation images (a :class:`~cellkit.data.CellDataset`: ``samples`` with
+            ``image_id`` and ``name``, ``load(i)`` -> image, label maps).
+        comparison: a :class:`~cellkit.evaluation.compare.RunComparison` of that split.
+        image_ids: the images to browse (default: every image, most differing cells first).
+        max_images: keep only this many of them.
+    """
+    from ..evaluation.inputs import gt_rle
+
+    index = {int(smp.image_id): i for i, smp in enumerate(dataset.samples)}
+    diffs = {d.image_id: d for d in comparison.by_image()}
+    order = [d.image_id for d in comparison.by_image()] if image_ids is None else [int(i) for i in image_ids]
+    order = [i for i in order if i in index][:max_images]
+    if not order:
+        raise ValueError("comparison_browser: none of the compared images is in the dataset (another split?)")
+    a, b = comparison.names
+    images = comparison.ground.images
+    items = []
+    for image_id in order:
+        i, d = index[image_id], diffs.get(image_id)
+
+        def load_gt(image_id: int = image_id) -> list[MaskRegion]:
+            cells = comparison.cells(image_id)
+            return instances_from_coco({**c, "segmentation": gt_rle(c, images)} for c in cells)
+
+        note = (f"{a} only {d.a_only}, {b} only {d.b_only}, both {d.both}, neither {d.neither}" if d else "")
+        items.append(BrowserItem(dataset.samples[i].name, lambda i=i: dataset.load(i)[0], load_gt, None, note))
+    names = {"both": "both", "a_only": f"{a} only", "b_only": f"{b} only", "neither": "neither"}
+    return MaskBrowser(items, num_classes=len(comparison.ground.category_ids), palette=COMPARE_COLORS,
+                       status_names=names)
 
 
 def gallery(browser: MaskBrowser, indices: Sequence[int], thumb: int = 220) -> Any:

@@ -21,6 +21,13 @@ CLASS_COLORS: dict[int, tuple[int, int, int]] = {
     4: (255, 23, 68),  # red
 }
 STATUS_COLORS: dict[str, tuple[int, int, int]] = {"tp": (0, 230, 118), "fp": (255, 23, 68), "fn": (0, 176, 255)}
+COMPARE_COLORS: dict[str, tuple[int, int, int]] = {
+    "both": (0, 230, 118),  # green: found by both runs
+    "a_only": (255, 145, 0),  # orange: found by run A only
+    "b_only": (41, 121, 255),  # blue: found by run B only
+    "neither": (255, 23, 68),  # red: missed by both
+}
+"""Colours of a two-run comparison (:mod:`cellkit.evaluation.compare`), by cell category."""
 
 
 def instances_from_coco(anns: Iterable[dict[str, Any]]) -> list[MaskRegion]:
@@ -45,6 +52,7 @@ def render(
     color_by: str = "class",
     alpha: float = 0.45,
     min_score: float = 0.0,
+    palette: dict[str, tuple[int, int, int]] | None = None,
 ) -> np.ndarray:
     """Draw instances on an image.
 
@@ -53,9 +61,11 @@ def render(
         instances: what to draw.
         mode: "outline", "fill" or "both".
         classes: classes to show.
-        color_by: "class" (:data:`CLASS_COLORS`) or "status" (:data:`STATUS_COLORS`: TP green, FP red, FN blue).
+        color_by: "class" (:data:`CLASS_COLORS`) or "status" (``palette``, by default
+            :data:`STATUS_COLORS`: TP green, FP red, FN blue; :data:`COMPARE_COLORS` for a comparison).
         alpha: fill opacity.
         min_score: hide instances scoring below this.
+        palette: status -> colour when ``color_by="status"`` (default :data:`STATUS_COLORS`).
 
     Returns:
         ``(H, W, 3)`` uint8 RGB.
@@ -65,10 +75,11 @@ def render(
         out /= 257.0
     h, w = out.shape[:2]
     shown = set(classes)
+    by_status = STATUS_COLORS if palette is None else palette
     for inst in instances:
         if inst.label not in shown or inst.score < min_score:
             continue
-        color = np.asarray(STATUS_COLORS.get(inst.status or "", CLASS_COLORS.get(inst.label, (255, 255, 255)))
+        color = np.asarray(by_status.get(inst.status or "", CLASS_COLORS.get(inst.label, (255, 255, 255)))
                            if color_by == "status" else CLASS_COLORS.get(inst.label, (255, 255, 255)), np.float32)
         mh, mw = inst.mask.shape
         y0, x0 = max(inst.top, 0), max(inst.left, 0)
