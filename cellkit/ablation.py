@@ -110,11 +110,12 @@ class RunSpec:
         return json.loads(json.dumps({"config": self.config, "overrides": self.overrides, "data": self.data}))
 
     def parameters(self, resume: bool = False) -> dict[str, Any]:
-        """The papermill parameters of the training notebook."""
+        """The papermill parameters of the training notebook (a run not resumed replaces
+        whatever an earlier attempt without a checkpoint to resume from left in its run folder)."""
         return {
             "config": self.config, "overrides": json.loads(json.dumps(self.overrides)), "data": self.data,
             "run_dir": str(self.run_dir) if self.run_dir is not None else None,
-            "resume": resume, "interactive": False,
+            "resume": resume, "overwrite": not resume, "interactive": False,
         }
 
 
@@ -318,6 +319,9 @@ def run_grid(
     if not g.notebook.is_file():
         raise CellkitError(f"{g.notebook}: notebook not found (set 'notebook:' in the grid or pass --notebook)")
     kernel = g.kernel or _notebook_kernel(g.notebook)
+    from .outputs import check_writable_dir
+
+    check_writable_dir(out, "grid output folder")
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "grid.json", {
         "name": g.name, "source": str(g.source) if g.source else None, "notebook": str(g.notebook),
