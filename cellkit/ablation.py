@@ -114,11 +114,12 @@ class RunSpec:
         return json.loads(json.dumps({"config": self.config, "overrides": self.overrides, "data": self.data}))
 
     def parameters(self, resume: bool = False) -> dict[str, Any]:
-        """The papermill parameters of the training notebook."""
+        """The papermill parameters of the training notebook (a run not resumed replaces
+        whatever an earlier attempt without a checkpoint to resume from left in its run folder)."""
         return {
             "config": self.config, "overrides": json.loads(json.dumps(self.overrides)), "data": self.data,
             "run_dir": str(self.run_dir) if self.run_dir is not None else None,
-            "resume": resume, "interactive": False,
+            "resume": resume, "overwrite": not resume, "interactive": False,
         }
 
 
@@ -351,6 +352,9 @@ def run_grid(
     cspec = parse_cluster(cluster) if client is None else None
     if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
         raise ConfigError(f"retries must be a non-negative integer, got {retries!r}")
+    from .outputs import check_writable_dir
+
+    check_writable_dir(out, "grid output folder")
     out.mkdir(parents=True, exist_ok=True)
     runner_lock = CellLock(out / ".locks" / "runner.lock")
     try:

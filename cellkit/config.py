@@ -6,23 +6,74 @@ file it extends), then overrides given as dotted keys: ``--set train.lr=0.001`` 
 line, ``{"train.lr": 1e-3}`` from Python, or ``train__lr=0.001`` as a papermill parameter.
 
 Every key and value is checked against the dataclass type hints. An unknown or misspelled key is
-an error that suggests the nearest valid key; it is never silently ignored.
+an error that suggests the nearest valid key; it is never silently ignored. Numbers carry their
+valid range in the type (``epochs: AtLeast1``, ``mask_thresh: Unit``: :class:`Range` through
+``Annotated``), every float must be finite, and a section may add checks between its fields
+(``_validate``); all of it runs when the config is built, so ``train.batch_size=0`` fails at once,
+naming the key, instead of an epoch later. :meth:`Config.validate` checks a config changed by hand.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Union
+from typing import Annotated, Any, Literal, Mapping, Union
 
 import yaml
 
 from .errors import ConfigError
 from .resources import RECIPES
+
+# --------------------------------------------------------------------------------------------
+# valid ranges
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid interval of a numeric config field, attached to its type with ``Annotated``.
+
+    ``epochs: Annotated[int, Range(1)]`` accepts 1 and more; ``Range(0, 1, hi_open=True)`` is
+    [0, 1). Checked when the config is built (every float must also be finite), so a bad value
+    fails at once with its key named instead of an epoch later.
+    """
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def contains(self, v: float) -> bool:
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+
+    def describe(self) -> str:
+        if self.hi is None:
+            assert self.lo is not None
+            return f"greater than {self.lo:g}" if self.lo_open else f"at least {self.lo:g}"
+        if self.lo is None:
+            return f"less than {self.hi:g}" if self.hi_open else f"at most {self.hi:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+
+AtLeast1 = Annotated[int, Range(1)]
+"""An integer >= 1 (counts, sizes, batch sizes)."""
+AtLeast0 = Annotated[int, Range(0)]
+"""An integer >= 0 (workers, seeds, warm-up lengths)."""
+Positive = Annotated[float, Range(0.0, lo_open=True)]
+"""A finite number > 0."""
+NonNegative = Annotated[float, Range(0.0)]
+"""A finite number >= 0."""
+Unit = Annotated[float, Range(0.0, 1.0)]
+"""A finite number in [0, 1] (probabilities, score and mask thresholds)."""
+UnitOpen0 = Annotated[float, Range(0.0, 1.0, lo_open=True)]
+"""A number in (0, 1] (IoU thresholds, fractions of the epochs)."""
+
 
 # --------------------------------------------------------------------------------------------
 # sections
@@ -32,20 +83,25 @@ from .resources import RECIPES
 class AugmentConfig:
     """Joint image/mask augmentation applied to training images (see ``cellkit.data.transforms``)."""
 
-    hflip: float = 0.5
+    hflip: Unit = 0.5
     """Probability of a horizontal flip."""
-    vflip: float = 0.5
+    vflip: Unit = 0.5
     """Probability of a vertical flip."""
     rot90: bool = True
     """Rotate by a random multiple of 90 degrees."""
-    scale_range: tuple[float, float] | None = (0.8, 1.25)
+    scale_range: tuple[Positive, Positive] | None = (0.8, 1.25)
     """Relative rescale factor drawn uniformly from this range (None: no scale jitter)."""
-    crop_size: int | None = 512
+    crop_size: AtLeast1 | None = 512
     """Random crop of at most this many pixels per side, taken after rescaling (None: no crop)."""
-    brightness: float = 0.1
-    contrast: float = 0.1
-    saturation: float = 0.1
-    hue: float = 0.02
+    brightness: NonNegative = 0.1
+    contrast: NonNegative = 0.1
+    saturation: NonNegative = 0.1
+    hue: Annotated[float, Range(0.0, 0.5)] = 0.02
+    """Colour jitter strengths (hue at most 0.5, as torchvision's ColorJitter)."""
+
+    def _validate(self, prefix: str) -> None:
+        if self.scale_range is not None and self.scale_range[0] > self.scale_range[1]:
+            raise ConfigError(f"{prefix}scale_range: the lower bound must not exceed the upper one, got {list(self.scale_range)}")
 
 
 @dataclass
@@ -54,21 +110,21 @@ class DataConfig:
 
     root: str | None = None
     """Dataset folder in the hw3 layout (``train/``, ``test_release/``); None: the built-in synthetic dataset."""
-    synth_train: int = 40
+    synth_train: AtLeast1 = 40
     """Synthetic dataset: number of training images (used when ``root`` is None)."""
-    synth_test: int = 8
+    synth_test: AtLeast0 = 8
     """Synthetic dataset: number of test images."""
-    synth_seed: int = 0
+    synth_seed: AtLeast0 = 0
     """Synthetic dataset: random seed."""
-    synth_max_size: int | None = None
+    synth_max_size: Annotated[int, Range(16)] | None = None
     """Synthetic dataset: cap on the image side (None: realistic sizes up to about 1200 px)."""
-    val_fraction: float = 0.1
+    val_fraction: Annotated[float, Range(0.0, 1.0, hi_open=True)] = 0.1
     """Fraction of the training images held out for validation."""
-    split_seed: int = 0
+    split_seed: AtLeast0 = 0
     """Seed of the train/validation split."""
     cache: bool = True
     """Keep decoded images and label maps in memory so an epoch does not decode the tifs again."""
-    num_workers: int = 0
+    num_workers: AtLeast0 = 0
     """DataLoader worker processes."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -81,53 +137,53 @@ class ModelConfig:
     """Backbone name from the registry (``cellkit models`` lists them)."""
     weights: str = "none"
     """``none``, ``imagenet`` (backbone), ``coco`` (whole Mask R-CNN where available) or a path to a .pth file."""
-    num_classes: int = 4
+    num_classes: AtLeast1 = 4
     """Cell classes, without background (the predictors get num_classes + 1 outputs)."""
-    trainable_layers: int | None = None
+    trainable_layers: AtLeast0 | None = None
     """Backbone stages that train, counted from the output end as in torchvision (0-5; 0-6 for mobilenet); None: 3 with pretrained weights, all from scratch."""
     norm: Literal["auto", "frozen_bn", "bn", "gn"] = "auto"
     """Backbone normalisation; auto: frozen BatchNorm with pretrained weights (BatchNorm for the v2 design and from scratch)."""
     resize_mode: Literal["min_size", "fixed_scale"] = "min_size"
     """min_size: shorter side to ``min_size`` (torchvision); fixed_scale: every image scaled by ``scale``; both capped by ``max_size``."""
-    scale: float = 1.0
+    scale: Positive = 1.0
     """Resize factor of ``resize_mode: fixed_scale`` (1.0: native resolution, 2.0: cells twice as large)."""
-    min_size: int = 800
+    min_size: AtLeast1 = 800
     """Shorter image side after resizing in ``resize_mode: min_size`` (torchvision's GeneralizedRCNNTransform)."""
-    max_size: int = 1333
+    max_size: AtLeast1 = 1333
     """Cap on the longer image side after resizing (both resize modes)."""
     image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     """Per-channel mean the model subtracts from [0, 1] RGB input (do not normalise again outside)."""
-    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    image_std: tuple[Positive, Positive, Positive] = (0.229, 0.224, 0.225)
     """Per-channel standard deviation the model divides by."""
-    anchor_sizes: tuple[int, ...] = (8, 16, 32, 64, 128)
+    anchor_sizes: tuple[AtLeast1, ...] = (8, 16, 32, 64, 128)
     """One anchor size in input pixels per FPN level, finest first (5 levels for every registered backbone)."""
-    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    aspect_ratios: tuple[Positive, ...] = (0.5, 1.0, 2.0)
     """Anchor height/width ratios, the same at every level (3 keeps the COCO RPN head loadable)."""
-    rpn_pre_nms_top_n_train: int = 2000
+    rpn_pre_nms_top_n_train: AtLeast1 = 2000
     """RPN proposals kept per FPN level before NMS, training."""
-    rpn_pre_nms_top_n_test: int = 1000
+    rpn_pre_nms_top_n_test: AtLeast1 = 1000
     """RPN proposals kept per FPN level before NMS, inference."""
-    rpn_post_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_train: AtLeast1 = 2000
     """RPN proposals kept per image after NMS, training."""
-    rpn_post_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_test: AtLeast1 = 1000
     """RPN proposals kept per image after NMS, inference (an upper bound on detections)."""
-    rpn_nms_thresh: float = 0.7
+    rpn_nms_thresh: UnitOpen0 = 0.7
     """IoU threshold of the RPN's NMS."""
-    rpn_batch_size_per_image: int = 256
+    rpn_batch_size_per_image: AtLeast1 = 256
     """Anchors sampled per image for the RPN losses."""
-    box_batch_size_per_image: int = 512
+    box_batch_size_per_image: AtLeast1 = 512
     """RoIs sampled per image for the box and mask heads during training."""
-    box_detections_per_img: int = 1000
+    box_detections_per_img: AtLeast1 = 1000
     """Detections returned per image (images hold up to about 660 cells)."""
-    box_score_thresh: float = 0.0
+    box_score_thresh: Unit = 0.0
     """Detections scoring below this are dropped by the model (0.0 for evaluation: AP needs the low scores)."""
-    box_nms_thresh: float = 0.5
+    box_nms_thresh: UnitOpen0 = 0.5
     """IoU threshold of the class-wise box NMS on detections."""
     mask_roi_size: Literal[14, 28] = 14
     """RoIAlign output of the mask head: 14 gives 28x28 masks, 28 gives 56x56 masks."""
     mask_loss: Literal["bce", "bce+dice"] = "bce"
     """Mask loss: torchvision's per-pixel BCE, or BCE plus a soft Dice term (``loss_mask_dice``)."""
-    dice_weight: float = 1.0
+    dice_weight: NonNegative = 1.0
     """Weight of the Dice term when ``mask_loss`` is ``bce+dice``."""
     mask_geometry: Literal["exact", "torchvision"] = "exact"
     """Mask targets and paste: exact (RoIAlign aligned=True targets, paste at pixel centres, no extra pixel) or torchvision's (aligned=False targets, paste one pixel wider); training and prediction alike."""
@@ -137,52 +193,53 @@ class ModelConfig:
 class TrainConfig:
     """Optimiser, schedule and the training loop."""
 
-    epochs: int = 12
-    batch_size: int = 2
-    iters_per_epoch: int | None = None
+    epochs: AtLeast1 = 12
+    batch_size: AtLeast1 = 2
+    iters_per_epoch: AtLeast1 | None = None
     """Cap on optimiser steps per epoch (None: one pass over the training split)."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = 1e-4
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    lr: Positive = 1e-4
+    momentum: Annotated[float, Range(0.0, 1.0, hi_open=True)] = 0.9
+    weight_decay: NonNegative = 1e-4
     scheduler: Literal["constant", "multistep", "cosine", "plateau"] = "constant"
-    milestones: tuple[float, ...] = (0.8, 0.9)
+    milestones: tuple[UnitOpen0, ...] = (0.8, 0.9)
     """MultiStepLR milestones as fractions of the total epochs."""
-    gamma: float = 0.1
+    gamma: Positive = 0.1
     """MultiStepLR decay factor."""
-    plateau_factor: float = 0.2
-    plateau_patience: int = 30
+    plateau_factor: Annotated[float, Range(0.0, 1.0, lo_open=True, hi_open=True)] = 0.2
+    plateau_patience: AtLeast0 = 30
     """ReduceLROnPlateau on validation AP50: epochs without improvement before a decay."""
-    min_lr: float = 0.0
-    warmup_epochs: int = 0
+    min_lr: NonNegative = 0.0
+    warmup_epochs: AtLeast0 = 0
     """Epochs at ``warmup_factor * lr`` before the schedule starts."""
-    warmup_iters: int = 0
+    warmup_iters: AtLeast0 = 0
     """Iterations of linear warm-up from ``warmup_factor * lr`` (an alternative to warmup_epochs)."""
-    warmup_factor: float = 0.1
-    early_stop_decays: int | None = None
+    warmup_factor: UnitOpen0 = 0.1
+    early_stop_decays: AtLeast1 | None = None
     """Stop after this many learning-rate decays without a new best validation AP50."""
-    early_stop_patience: int | None = None
+    early_stop_patience: AtLeast1 | None = None
     """Stop after this many epochs without a new best validation AP50."""
     amp: Literal["auto", "off", "fp16", "bf16"] = "auto"
     """Mixed precision on CUDA (auto: fp16 with GradScaler); always off on CPU."""
     channels_last: bool = False
-    grad_clip: float | None = None
+    grad_clip: Positive | None = None
     """Clip the global gradient norm to this value."""
-    accumulate: int = 1
+    accumulate: AtLeast1 = 1
     """Gradient accumulation: batches per optimiser step."""
-    max_nonfinite: int = 5
+    max_nonfinite: AtLeast1 = 5
     """Stop the run after this many non-finite losses in a row."""
     sampler: Literal["random", "repeat_factor"] = "random"
-    repeat_threshold: float = 0.3
+    repeat_threshold: UnitOpen0 = 0.3
     """Repeat-factor sampling (LVIS): images with a class seen in fewer than this fraction of images are repeated."""
-    eval_every: int = 1
+    eval_every: AtLeast0 = 1
+    """Validate every this many epochs and after the last one (0: never validate)."""
     hooks: tuple[str, ...] = ()
     """Extra trainer hooks as import paths ``module:Class`` (appended to the defaults; see ``cellkit.engine.hooks``)."""
     tensorboard: bool = True
     """Write TensorBoard event files into the run directory (``tensorboard --logdir RUN_OR_GRID_DIR``)."""
-    tensorboard_images: int = 2
+    tensorboard_images: AtLeast0 = 2
     """Validation images drawn with their predictions into TensorBoard at every evaluation (0: none)."""
-    seed: int = 0
+    seed: AtLeast0 = 0
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1`` ..."""
 
@@ -191,11 +248,11 @@ class TrainConfig:
 class EvalConfig:
     """COCO evaluation of segmentation masks."""
 
-    max_dets: int = 1000
+    max_dets: AtLeast1 = 1000
     """Detections kept per image by COCOeval (pycocotools' default of 100 lowers AP on crowded images)."""
     backend: Literal["auto", "pycocotools", "faster_coco_eval"] = "auto"
     """COCOeval implementation; auto: faster-coco-eval when installed (same numbers, ~15x faster), else pycocotools."""
-    iou_threshold: float = 0.5
+    iou_threshold: UnitOpen0 = 0.5
     """IoU of the cell-tool metrics (precision, recall, F1, TP/(TP+FP+FN))."""
 
 
@@ -203,20 +260,27 @@ class EvalConfig:
 class PredictConfig:
     """Inference, post-processing and submission."""
 
-    score_thresh: float = 0.0
-    mask_thresh: float = 0.5
-    nms_thresh: float | None = None
+    score_thresh: Unit = 0.0
+    """Detections scoring below this are dropped."""
+    mask_thresh: Unit = 0.5
+    """Mask probability at or above which a pixel belongs to the cell."""
+    nms_thresh: UnitOpen0 | None = None
     """Extra class-wise mask NMS after the model's own box NMS (None: off)."""
     tta: bool = False
-    tta_flips: tuple[str, ...] = ("h", "v")
-    tta_scales: tuple[float, ...] = (1.0,)
+    tta_flips: tuple[Literal["h", "v", "hv", "vh"], ...] = ("h", "v")
+    tta_scales: tuple[Positive, ...] = (1.0,)
     tta_merge: Literal["nms", "wbf"] = "wbf"
-    tta_iou: float = 0.5
-    tile_size: int | None = 1024
+    tta_iou: UnitOpen0 = 0.5
+    tile_size: AtLeast1 | None = 1024
     """Images whose longer side exceeds ``tile_above`` are predicted in tiles of this size (None: never tile)."""
-    tile_overlap: int = 128
-    tile_above: int = 1400
-    batch_size: int = 1
+    tile_overlap: AtLeast0 = 128
+    """Overlap of neighbouring tiles in pixels (less than ``tile_size``)."""
+    tile_above: AtLeast1 = 1400
+    batch_size: AtLeast1 = 1
+
+    def _validate(self, prefix: str) -> None:
+        if self.tile_size is not None and self.tile_overlap >= self.tile_size:
+            raise ConfigError(f"{prefix}tile_overlap: must be less than {prefix}tile_size ({self.tile_size}), got {self.tile_overlap}")
 
 
 @dataclass
@@ -265,6 +329,36 @@ class Config:
     def replace(self, overrides: Mapping[str, Any]) -> "Config":
         """A copy with dotted-key overrides applied (validated like every other source)."""
         return _build(self.to_dict(), [overrides])
+
+    def validate(self) -> "Config":
+        """Check every key again (types and ranges), e.g. after changing fields by hand; returns self.
+
+        Raises:
+            ConfigError: the first invalid key, named.
+        """
+        validate_section(self)
+        return self
+
+
+def validate_section(section: Any, prefix: str | None = None) -> None:
+    """Check a config object or one of its sections (``cfg.model``, ``cfg.train`` ...) built by
+    hand: every field against its type and valid range, as :func:`load_config` does.
+
+    Args:
+        prefix: the section's dotted key, e.g. ``"model"`` (default: found from its class).
+
+    Raises:
+        ConfigError: the first invalid value, naming its key (``model.num_classes: must be at least 1, got 0``).
+    """
+    if prefix is None:
+        prefix = _SECTION_KEYS.get(type(section), "")
+    _construct(type(section), _plain(dataclasses.asdict(section)), f"{prefix}." if prefix else "")
+
+
+_SECTION_KEYS: dict[type, str] = {
+    DataConfig: "data", AugmentConfig: "data.augment", ModelConfig: "model", TrainConfig: "train",
+    EvalConfig: "eval", PredictConfig: "predict",
+}
 
 
 def _plain(x: Any) -> Any:
@@ -335,7 +429,14 @@ def _read_yaml_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path.resolve() in seen:
         raise ConfigError(f"{path}: _base_ chain loops back to itself")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                          "save the config as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(data, dict):
@@ -415,7 +516,7 @@ def _unknown_key_error(cls: type, prefix: str, name: str) -> ConfigError:
 def _construct(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, Mapping):
         raise ConfigError(f"'{prefix.rstrip('.') or 'config'}' must be a mapping of keys, got {data!r}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = {f.name for f in dataclasses.fields(cls)}
     for k in data:
         if k not in names:
@@ -423,7 +524,11 @@ def _construct(cls: type, data: Any, prefix: str) -> Any:
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, prefix + name)
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    check = getattr(obj, "_validate", None)
+    if check is not None:  # checks between fields of one section
+        check(prefix)
+    return obj
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
@@ -431,6 +536,12 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
         return _construct(tp, value, key + ".")
+    if origin is Annotated:
+        inner = _coerce(args[0], value, key)
+        for rule in tp.__metadata__:
+            if isinstance(rule, Range) and not rule.contains(inner):
+                raise ConfigError(f"{key}: must be {rule.describe()}, got {inner!r}")
+        return inner
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -472,14 +583,19 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

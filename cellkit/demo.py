@@ -24,14 +24,17 @@ def _step(n: int, text: str) -> None:
 
 
 def run_demo(out: str | Path, config: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> int:
-    """Run the demo into ``out``; returns 0 on success."""
+    """Run the demo into ``out``; returns 0 on success. Running it again into the same ``out``
+    replaces the previous demo's run (``out/run``), submission and COCO files."""
     from .evaluation.coco import evaluate_predictions
     from .engine.submit import predict_submission
     from .engine.trainer import train
 
+    from .outputs import check_writable_dir
+
     t0 = time.time()
-    out = Path(out)
     cfg = load_config(config or "demo", overrides)
+    out = check_writable_dir(out, "demo folder")
     _step(1, f"synthetic dataset: {cfg.data.synth_train} training / {cfg.data.synth_test} test images")
     root = resolve_root(cfg.data)
     print("      " + format_stats(dataset_stats(cfg.data, cfg.model.num_classes)).replace("\n", "\n      "))
@@ -43,7 +46,7 @@ def run_demo(out: str | Path, config: str | Path | None = None, overrides: Mappi
 
     _step(3, f"training a {cfg.model.backbone} Mask R-CNN for {cfg.train.epochs} epochs (cellkit train)")
     run = out / "run"
-    summary = train(cfg, run)
+    summary = train(cfg, run, overwrite=True)  # a demo run again replaces the previous demo's run
 
     _step(4, f"evaluation of the best epoch ({summary['best_epoch']}) on the validation split")
     report = evaluate_predictions(run / "val_gt.json", run / "val_predictions.json", max_dets=cfg.eval.max_dets,

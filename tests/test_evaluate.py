@@ -94,14 +94,16 @@ def test_nan_and_bad_entries_dropped_before_loadres(datasets: dict, real_gt: dic
         empty,  # empty_mask
         dict(good, image_id=999),  # unknown_image
         dict(good, category_id=7),  # unknown_category
-        dict(good, segmentation={"size": [h + 1, w], "counts": good["segmentation"]["counts"]}),  # bad_mask
+        dict(good, segmentation={"size": [h + 1, w], "counts": good["segmentation"]["counts"]}),  # wrong_size
+        dict(good, segmentation={"size": [h, w], "counts": good["segmentation"]["counts"][:-2]}),  # bad_mask (cut short)
         {"image_id": 1, "score": 0.5},  # malformed
     ]
     mixed = bad[:3] + preds[:50] + bad[3:] + preds[50:]
     snapshot = copy.deepcopy(mixed)
     r = coco_evaluate(gt, mixed, "segm")
     assert r.n_dropped == {"malformed": 1, "unknown_image": 1, "unknown_category": 1, "nonfinite_score": 1,
-                           "nonfinite_box": 2, "degenerate_box": 1, "bad_mask": 1, "empty_mask": 1}
+                           "nonfinite_box": 2, "degenerate_box": 1, "wrong_size": 1, "bad_mask": 1,
+                           "empty_mask": 1}
     assert set(r.n_dropped) == set(DROP_REASONS)
     for key in AP_KEYS:
         x, y = getattr(r, key), getattr(clean, key)

@@ -70,6 +70,36 @@ def non_negative_int(text: str) -> int:
     return v
 
 
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= v < 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
+    return v
+
+
+def unit_float(text: str) -> float:
+    """argparse type: a number in [0, 1] (score thresholds)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0 <= v <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return v
+
+
+def iou_float(text: str) -> float:
+    """argparse type: an IoU threshold in (0, 1]."""
+    v = unit_float(text)
+    if v == 0:
+        raise argparse.ArgumentTypeError("expected an IoU in (0, 1], got 0")
+    return v
+
+
 def floats(text: str) -> list[float]:
     """argparse type: comma-separated numbers."""
     try:

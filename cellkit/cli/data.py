@@ -5,22 +5,23 @@ import argparse
 import json
 from typing import Any
 
-from .common import add_config, add_data, add_out, config_from_args
+from .common import add_config, add_data, add_out, config_from_args, fraction, non_negative_int, positive_int
 
 
 def add_commands(sub: Any) -> None:
     p = sub.add_parser("synth", help="write the built-in synthetic dataset in the real on-disk layout")
     add_out(p, "output folder", required=True)
-    p.add_argument("--train", type=int, default=40, help="training images (default 40)")
-    p.add_argument("--test", type=int, default=8, help="test images (default 8)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-size", type=int, default=None, help="cap on each image side in px")
+    p.add_argument("--train", type=positive_int, default=40, help="training images (default 40)")
+    p.add_argument("--test", type=non_negative_int, default=8, help="test images (default 8)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--max-size", type=positive_int, default=None, help="cap on each image side in px (at least 16)")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("convert", help="write COCO train_gt.json / val_gt.json for a dataset")
     add_data(p, required=True, help="dataset folder (hw3 layout)")
     add_out(p, "output folder", required=True)
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--val-fraction", type=fraction, default=0.1, metavar="F",
+                   help="share of the images held out for validation, in [0, 1) (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="split seed")
     p.set_defaults(func=cmd_convert)
 
@@ -33,6 +34,10 @@ def add_commands(sub: Any) -> None:
 def cmd_synth(args: argparse.Namespace) -> int:
     from ..data.synth import write_synthetic
 
+    from ..errors import ConfigError
+
+    if args.max_size is not None and args.max_size < 16:
+        raise ConfigError(f"--max-size: must be at least 16 px, got {args.max_size}")
     out = write_synthetic(args.out, args.train, args.test, args.seed, args.max_size)
     print(f"wrote {args.train} training and {args.test} test images to {out}")
     return 0

@@ -6,7 +6,7 @@ import json
 import sys
 from typing import Any
 
-from .common import add_no_progress, positive_int
+from .common import add_no_progress, iou_float, positive_int, unit_float
 
 
 def add_commands(sub: Any) -> None:
@@ -30,9 +30,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--backend", choices=("auto", "pycocotools", "faster_coco_eval"), default=None,
                    help="COCOeval implementation (default auto: faster_coco_eval when installed, which gives the same numbers faster, "
                    "else pycocotools)")
-    p.add_argument("--iou-threshold", type=float, default=None, metavar="T",
+    p.add_argument("--iou-threshold", type=iou_float, default=None, metavar="T",
                    help="IoU of the cell-tool metrics (default 0.5, eval.iou_threshold)")
-    p.add_argument("--score-threshold", type=float, default=0.5, metavar="S",
+    p.add_argument("--score-threshold", type=unit_float, default=0.5, metavar="S",
                    help="cell-tool metrics count only predictions scoring at least this (default 0.5); COCO AP uses all")
     p.add_argument("--no-cell-metrics", action="store_true", help="skip precision/recall/F1 at one IoU")
     p.add_argument("--num-classes", type=positive_int, default=4, help="categories 1..N (default 4)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ def add_commands(sub: Any) -> None:
     add_config(p)
     add_out(p, "run directory (default: runs/<name>-<time>)", metavar="RUN_DIR")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from checkpoints/last.pth")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--out holds a previous run: delete its checkpoints, metrics and plots and start again")
     add_no_progress(p)
     p.set_defaults(func=cmd_train)
 
@@ -35,6 +38,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from ..engine.rundir import check_run_dir
     from ..engine.trainer import train
     from ..errors import ConfigError
 
@@ -44,7 +48,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.config = str(Path(args.out) / "config.yaml")
     cfg = config_from_args(args)
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    summary = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    # before the data and the model are built; under torchrun only rank 0 looks at the lock
+    check_run_dir(out, resume=args.resume, overwrite=args.overwrite, probe_lock=os.environ.get("RANK", "0") == "0")
+    summary = train(cfg, out, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     if summary.get("run_dir"):
         best = summary["best_val_ap50"]
         print(f"run directory: {out}  (best val AP50 {best:.4f} at epoch {summary['best_epoch']})" if best is not None

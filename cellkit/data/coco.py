@@ -9,6 +9,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from ..outputs import check_writable_dir, write_texts_together
 from ..progress import bar
 from ..structures.label_maps import LabelMaps
 from .instances import load_sample
@@ -86,11 +87,19 @@ def convert(
     """Write ``out/train_gt.json`` and ``out/val_gt.json`` for the dataset at ``root``.
 
     The split is :func:`cellkit.data.layout.split_samples` with the same fraction and seed that
-    training uses, so ``val_gt.json`` is exactly what a run validates on.
+    training uses, so ``val_gt.json`` is exactly what a run validates on. Both files are built in
+    memory and then replaced together (:func:`cellkit.outputs.write_texts_together`): a bad image,
+    an error or Ctrl-C leaves the previous pair untouched, never a new train file beside a stale
+    val file of another split.
+
+    Raises:
+        DataError: ``out`` cannot be written (checked first), or a dataset file is bad.
+        ConfigError: ``val_fraction`` outside [0, 1).
     """
+    out = check_writable_dir(out)
     samples = scan_train(root, num_classes)
     train, val = split_samples(samples, val_fraction, seed)
-    out = Path(out)
-    train_path = write_json(build_coco(train, num_classes, progress), out / "train_gt.json")
-    val_path = write_json(build_coco(val, num_classes, progress), out / "val_gt.json")
+    texts = {out / "train_gt.json": json.dumps(build_coco(train, num_classes, progress)),
+             out / "val_gt.json": json.dumps(build_coco(val, num_classes, progress))}
+    train_path, val_path = write_texts_together(texts)
     return train_path, val_path

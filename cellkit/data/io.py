@@ -16,14 +16,28 @@ PathLike = str | os.PathLike[str]
 logging.getLogger("tifffile").setLevel(logging.ERROR)
 
 
+def _missing(path: Path) -> DataError:
+    if path.is_symlink():
+        return DataError(path, f"broken symbolic link (it points to {os.readlink(path)}, which does not exist)")
+    return DataError(path, "file not found")
+
+
+def _one_page(tif: tifffile.TiffFile, path: Path) -> None:
+    """Refuse a multi-page TIFF: a stack of greyscale pages would otherwise read as one planar RGB image."""
+    n = len(tif.pages)
+    if n == 0:
+        raise DataError(path, "TIFF has no image pages (truncated or incompletely written file?)")
+    if n > 1:
+        raise DataError(path, f"TIFF holds {n} pages (a stack or a multi-page file); expected a single 2-D image")
+
+
 def _read_tiff(path: PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
-        raise DataError(path, "file not found")
+        raise _missing(path)
     try:
         with tifffile.TiffFile(path) as tif:
-            if len(tif.pages) == 0:
-                raise DataError(path, "TIFF has no image pages (truncated or incompletely written file?)")
+            _one_page(tif, path)
             arr = tif.asarray()
     except DataError:
         raise
@@ -35,14 +49,13 @@ def _read_tiff(path: PathLike) -> np.ndarray:
 
 
 def tiff_shape(path: PathLike) -> tuple[int, int]:
-    """(height, width) of a TIFF's first page, read from its header without decoding the pixels."""
+    """(height, width) of a single-page TIFF, read from its header without decoding the pixels."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(path, "file not found")
+        raise _missing(path)
     try:
         with tifffile.TiffFile(path) as tif:
-            if len(tif.pages) == 0:
-                raise DataError(path, "TIFF has no image pages (truncated file?)")
+            _one_page(tif, path)
             page = tif.pages[0]
             return int(page.imagelength), int(page.imagewidth)
     except DataError:
@@ -61,7 +74,7 @@ def read_image(path: PathLike) -> np.ndarray:
         ``(H, W, 3)`` array of dtype uint8 or uint16.
 
     Raises:
-        DataError: missing, unreadable or truncated file; unsupported shape or dtype.
+        DataError: missing, unreadable or truncated file; a multi-page TIFF; unsupported shape or dtype.
     """
     arr = _read_tiff(path)
     if arr.ndim == 3 and arr.shape[0] in (1, 2, 3, 4) and arr.shape[-1] not in (1, 2, 3, 4):

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .io import PathLike, tiff_shape
 
 CLASS_FILE = re.compile(r"^class(\d+)\.tiff?$", re.IGNORECASE)
@@ -61,7 +62,9 @@ def scan_train(root: PathLike, num_classes: int = 4) -> list[TrainSample]:
     for i, folder in enumerate(folders, start=1):
         image = folder / "image.tif"
         if not image.is_file():
-            raise DataError(folder, "image folder has no image.tif")
+            if image.is_symlink():
+                raise DataError(image, f"broken symbolic link (it points to {os.readlink(image)}, which does not exist)")
+            raise DataError(folder, "image folder has no image.tif" if not image.exists() else "image.tif is not a file")
         classes: dict[int, Path] = {}
         for f in sorted(folder.iterdir()):
             m = CLASS_FILE.match(f.name)
@@ -108,6 +111,12 @@ def read_test_index(root: PathLike, check_files: bool = True) -> list[TestImage]
             raise DataError(index, f"entry {i} must have file_name, id, height and width, got {e!r}")
         if not all(isinstance(e[k], int) and not isinstance(e[k], bool) for k in ("id", "height", "width")):
             raise DataError(index, f"entry {i}: id, height and width must be integers, got {e!r}")
+        name = e["file_name"]
+        if not isinstance(name, str) or not name.strip() or Path(name).name != name or name in (".", ".."):
+            raise DataError(index, f"entry {i}: file_name must be the name of a file in test_release/ (a string), "
+                                   f"got {name!r}")
+        if e["height"] < 1 or e["width"] < 1:
+            raise DataError(index, f"entry {i}: height and width must be at least 1, got {e['height']} x {e['width']}")
         if e["id"] in seen_ids:
             raise DataError(index, f"duplicate id {e['id']} (entries {seen_ids[e['id']]} and {i})")
         if e["file_name"] in seen_names:
@@ -120,6 +129,8 @@ def read_test_index(root: PathLike, check_files: bool = True) -> list[TestImage]
             raise DataError(folder, "test image folder not found")
         for i, t in enumerate(out):
             if not t.path.is_file():
+                if t.path.is_symlink():
+                    raise DataError(t.path, f"broken symbolic link (it points to {os.readlink(t.path)}, which does not exist)")
                 raise DataError(index, f"entry {i} names {t.file_name}, which is not in {folder}")
             h, w = tiff_shape(t.path)
             if (h, w) != (t.height, t.width):
@@ -138,9 +149,12 @@ def split_samples(
 
     At least one image goes to validation when ``val_fraction > 0`` and there are two or more
     images; no image is ever in both parts. Order within each part follows ``image_id``.
+
+    Raises:
+        ConfigError: ``val_fraction`` outside [0, 1) (a ``ValueError`` too).
     """
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    if not 0 <= val_fraction < 1:  # NaN fails too
+        raise ConfigError(f"data.val_fraction: must be in [0, 1), got {val_fraction}")
     n = len(samples)
     n_val = int(round(n * val_fraction))
     if val_fraction > 0 and n >= 2:

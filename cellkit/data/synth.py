@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,8 @@ import numpy as np
 import scipy.ndimage as ndi
 import tifffile
 
+from ..errors import DataError
+from ..outputs import check_writable_dir
 from ..progress import bar
 from ..evaluation.rle import encode_mask
 from .coco import categories, write_json
@@ -232,12 +235,38 @@ def write_synthetic(
 ) -> Path:
     """Write a synthetic dataset in the real layout to ``out`` and return ``out``.
 
+    ``out`` must be new, empty, or a previous synthetic dataset (it holds ``synth_info.json``),
+    which is then replaced as a whole. The dataset is written into a temporary folder beside
+    ``out`` and renamed into place at the end, so an error or Ctrl-C leaves ``out`` as it was.
+
     Args:
         n_train: annotated images under ``train/<uuid>/``.
         n_test: images under ``test_release/``; the first is tiny (about 33 x 35 px).
         max_size: cap on each image side (None: realistic sizes up to about 1300 px).
+
+    Raises:
+        DataError: ``out`` is a folder with other content (a real dataset, say), or cannot be written.
     """
-    out = Path(out)
+    out = check_writable_dir(Path(out).resolve(), "dataset folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "synth_info.json").is_file():
+        raise DataError(out, "the folder is not empty and is not a synthetic dataset written before (no "
+                        "synth_info.json); refusing to write into it; choose a new or empty folder")
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        _write_synthetic(tmp, n_train, n_test, seed, max_size, progress)
+        if out.is_dir() and any(out.iterdir()):  # a previous synthetic dataset: swap it out whole
+            old = out.with_name(f".{out.name}.old{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)  # a missing or empty folder
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _write_synthetic(out: Path, n_train: int, n_test: int, seed: int, max_size: int | None, progress: bool) -> None:
     (out / "train").mkdir(parents=True, exist_ok=True)
     (out / "test_release").mkdir(parents=True, exist_ok=True)
     root_rng = np.random.default_rng(seed)
@@ -272,7 +301,6 @@ def write_synthetic(
     write_json({"images": test_images, "annotations": test_anns, "categories": categories()}, out / "test_gt.json")
     info: dict[str, Any] = {"version": SYNTH_VERSION, "n_train": n_train, "n_test": n_test, "seed": seed, "max_size": max_size}
     (out / "synth_info.json").write_text(json.dumps(info))
-    return out
 
 
 def default_cache_dir() -> Path:
@@ -290,7 +318,5 @@ def ensure_synthetic(n_train: int, n_test: int, seed: int, max_size: int | None,
         try:
             os.replace(tmp, root)
         except OSError:  # another process finished first
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
     return root

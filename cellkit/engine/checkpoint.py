@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..config import Config
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 PathLike = str | os.PathLike[str]
 
@@ -74,17 +74,78 @@ def model_from_checkpoint(
     ckpt = load_checkpoint(path)
     if "config" not in ckpt:
         raise DataError(path, "checkpoint has no config; cannot rebuild its model")
-    stored = dict(ckpt["config"])
+    stored = stored_config(ckpt, path)
     if isinstance(stored.get("model"), Mapping) and "mask_geometry" not in stored["model"]:
         # saved before model.mask_geometry existed: trained on torchvision's targets, so paste like torchvision
         stored["model"] = {**stored["model"], "mask_geometry": "torchvision"}
-    cfg = Config.from_dict(stored)
+    try:
+        cfg = Config.from_dict(stored)
+    except ConfigError as e:
+        raise DataError(path, f"the config stored in the checkpoint is invalid ({e})") from None
     if overrides:
         cfg = cfg.replace(overrides)
     cfg = cfg.replace({"model.weights": "none"})  # the checkpoint supplies every weight
     model = build_model(cfg)
-    model.load_state_dict(ckpt["model"])
+    load_model_weights(model, ckpt["model"], path, stored, cfg)
     return model.to(device).eval(), cfg, ckpt
+
+
+def stored_config(ckpt: Mapping[str, Any], path: PathLike) -> dict[str, Any]:
+    """The config dict a checkpoint carries (``{}`` when it has none).
+
+    Raises:
+        DataError: the stored config is not a mapping of sections (a damaged or foreign checkpoint).
+    """
+    stored = ckpt.get("config", {})
+    if not isinstance(stored, Mapping):
+        raise DataError(path, f"the config stored in the checkpoint is not a mapping of sections "
+                              f"(got {type(stored).__name__}); a damaged or foreign checkpoint")
+    return dict(stored)
+
+
+def load_model_weights(model: torch.nn.Module, state: Any, path: PathLike, stored: Mapping[str, Any] | None,
+                       cfg: Config) -> None:
+    """``model.load_state_dict(state)`` with an error a user can act on when they do not fit.
+
+    Args:
+        state: the checkpoint's ``model`` state_dict.
+        stored: the config the checkpoint was saved with (names its backbone in the message).
+        cfg: the config ``model`` was built from.
+
+    Raises:
+        DataError: naming the checkpoint, the backbone it was trained with and the config's, and
+            the first tensors that differ.
+    """
+    if not isinstance(state, Mapping):
+        raise DataError(path, f"the checkpoint's 'model' entry is not a state_dict (got {type(state).__name__})")
+    own = model.state_dict()
+    shape_of = lambda t: tuple(t.shape) if hasattr(t, "shape") else None  # noqa: E731
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    differ = [k for k in own if k in state and shape_of(state[k]) != tuple(own[k].shape)]
+    if not (missing or unexpected or differ):
+        try:
+            model.load_state_dict(state)
+            return
+        except RuntimeError as e:  # anything torch refuses that the comparison above did not catch
+            raise DataError(path, f"cannot load its weights ({str(e).splitlines()[0]})") from None
+    model_cfg = stored.get("model") if isinstance(stored, Mapping) else None
+    trained = model_cfg.get("backbone") if isinstance(model_cfg, Mapping) else None
+    want = cfg.model.backbone
+    if trained is not None and trained != want:
+        what = f"it was trained with backbone {trained}, the config asks for {want}"
+    else:
+        what = f"they do not fit the {want} model the config describes (backbone and head settings must match training)"
+    details = []
+    if differ:
+        k = differ[0]
+        details.append(f"{len(differ)} tensor(s) differ in shape, e.g. {k}: checkpoint {list(shape_of(state[k]) or [])}, "
+                       f"model {list(own[k].shape)}")
+    if missing:
+        details.append(f"{len(missing)} missing, e.g. {missing[0]}")
+    if unexpected:
+        details.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+    raise DataError(path, f"the checkpoint's weights cannot be loaded: {what} ({'; '.join(details)})")
 
 
 def rng_state() -> dict[str, Any]:

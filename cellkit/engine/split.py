@@ -192,12 +192,16 @@ def evaluate_run(
     from .devices import resolve_device
 
     ckpt = checkpoint_path(run_dir, checkpoint)
+    name = "val_predictions.json" if checkpoint == "best" else f"val_predictions_{Path(checkpoint).stem}.json"
+    if save_predictions:  # before predicting, not after
+        from ..outputs import check_writable_file
+
+        check_writable_file(Path(run_dir) / name, "predictions file")
     model, cfg, _ = model_from_checkpoint(ckpt, "cpu")
     sp = predict_split(model, cfg, "val", run_dir=run_dir, with_gt=True, device=resolve_device(device or cfg.train.device),
                        progress=progress)
     entries = sp.entries()
     if save_predictions:
-        name = "val_predictions.json" if checkpoint == "best" else f"val_predictions_{Path(checkpoint).stem}.json"
         write_json(entries, Path(run_dir) / name)
     e = cfg.eval
     return evaluate_predictions(

@@ -41,15 +41,19 @@ def predict_submission(
         the problems :func:`~cellkit.evaluation.submission.check_submission` found (empty: valid).
 
     Raises:
-        DataError: a checkpoint or the test index is missing or unreadable.
+        DataError: the submission cannot be written at ``out`` (checked first), a checkpoint or the
+            test index is missing or unreadable.
     """
     from ..data import TestImageDataset, read_test_index
-    from ..evaluation.submission import check_submission, summarize_problems, write_submission
+    from ..evaluation.submission import (
+        check_submission, check_submission_writable, summarize_problems, write_submission,
+    )
     from .checkpoint import model_from_checkpoint
     from .devices import resolve_device
     from .postprocess import DropCounts
     from .predict import predict_images
 
+    check_submission_writable(out)  # before the long work, not after it
     paths = [Path(p).expanduser() for p in checkpoints]
     for p in paths:
         if not p.is_file():

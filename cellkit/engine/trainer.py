@@ -14,6 +14,8 @@ schedule, early stopping, checkpoints, metrics files, plots, logging, notebook c
     plots/curves.png        loss and AP50 curves
     events.out.tfevents.*   TensorBoard (``train.tensorboard``; ``tensorboard --logdir RUN_DIR``)
 
+While ``fit`` runs, the run directory is locked (``.lock``, :mod:`cellkit.engine.rundir`); a
+directory holding a previous run needs ``fit(resume=True)`` or ``fit(overwrite=True)``.
 ``fit(resume=True)`` continues from ``checkpoints/last.pth`` with the same schedule and the hooks'
 saved state: the epochs already done are not repeated and ``metrics.jsonl`` is rebuilt from the
 checkpoint's history, so no epoch appears twice even if the process died between two writes.
@@ -37,12 +39,13 @@ from ..config import Config
 from ..data import CellDataset, build_train_transforms, collate, train_val_samples
 from ..data.coco import build_coco, coco_from_dataset, write_json
 from ..data.sampling import RepeatFactorSampler, repeat_factors
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError, DataError, TrainingError
 from ..progress import bar
 from . import distributed as dist_utils
-from .checkpoint import load_checkpoint, rng_state, set_rng_state
+from .checkpoint import load_checkpoint, load_model_weights, rng_state, set_rng_state, stored_config
 from .devices import resolve_device
 from .hooks import Hook, default_hooks
+from .rundir import claim_run_dir
 from .schedule import build_optimizer
 
 
@@ -95,7 +98,7 @@ class Trainer:
         model: torch.nn.Module | None = None,
         progress: bool = True,
     ) -> None:
-        self.cfg = cfg
+        self.cfg = cfg.validate()  # a config changed by hand is range-checked too
         tc = cfg.train
         device_type = "cuda" if (tc.device.startswith("cuda") or (tc.device == "auto" and torch.cuda.is_available())) else "cpu"
         self.dist = dist_utils.init_distributed(device_type)
@@ -218,15 +221,22 @@ class Trainer:
     # ---------------------------------------------------------------------------------------
     # the loop
 
-    def fit(self, resume: bool = False) -> dict[str, Any]:
-        """Train for ``train.epochs`` epochs (or until a hook stops it) and return the summary."""
+    def fit(self, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+        """Train for ``train.epochs`` epochs (or until a hook stops it) and return the summary.
+
+        The run directory is locked while training (:func:`cellkit.engine.rundir.claim_run_dir`):
+        a second process gets a clear error. A directory that holds a previous run needs
+        ``resume=True`` (continue it) or ``overwrite=True`` (delete its outputs and start again).
+        """
+        with claim_run_dir(self.run_dir, resume=resume, overwrite=overwrite, log=self._log):
+            return self._fit(resume)
+
+    def _fit(self, resume: bool) -> dict[str, Any]:
         if resume:
             self._resume()
         t_start = time.time()
         if self.run_dir is not None:
             self.cfg.save(self.run_dir / "config.yaml")
-            for stale in (self.run_dir / "checkpoints").glob(".*.tmp*"):  # left by a process killed mid-write
-                stale.unlink()
         n_cached = sum(ds.preload(self.progress) for ds in (self.train_set, self.val_set) if isinstance(ds, CellDataset))
         if self.run_dir is not None and self.has_validation:
             write_json(self.val_gt, self.run_dir / "val_gt.json")
@@ -398,8 +408,11 @@ class Trainer:
         for key, h in zip(self._hook_keys(), self.hooks):
             if key in states:
                 h.load_state_dict(states[key])
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        load_model_weights(self.model, ckpt["model"], path, stored_config(ckpt, path), self.cfg)
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:  # other trainable parameters than the run had
+            raise DataError(path, f"the optimizer state does not fit this config's trainable parameters ({e})") from None
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch = int(ckpt["epoch"])
@@ -417,9 +430,12 @@ class Trainer:
 
 
 def train(cfg: Config, run_dir: str | os.PathLike[str] | None, resume: bool = False, progress: bool = True,
-          hooks: Sequence[Hook] = ()) -> dict[str, Any]:
-    """Build a :class:`Trainer`, fit, clean up the process group; returns the summary."""
+          hooks: Sequence[Hook] = (), overwrite: bool = False) -> dict[str, Any]:
+    """Build a :class:`Trainer`, fit, clean up the process group; returns the summary.
+
+    ``resume`` / ``overwrite``: see :meth:`Trainer.fit` (a folder with a previous run needs one).
+    """
     try:
-        return Trainer(cfg, run_dir, hooks=list(hooks), progress=progress).fit(resume=resume)
+        return Trainer(cfg, run_dir, hooks=list(hooks), progress=progress).fit(resume=resume, overwrite=overwrite)
     finally:
         dist_utils.cleanup()

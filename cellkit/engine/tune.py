@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -19,7 +19,7 @@ import torch
 
 from ..config import PredictConfig
 from ..data.coco import write_json
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..progress import bar
 from ..evaluation.rle import RLE
 from ..structures.detections import Detections
@@ -107,6 +107,18 @@ def entries_at(
     return entries
 
 
+def _check_grids(score_grid: Sequence[float], mask_grid: Sequence[float], nms_grid: Sequence[float | None]) -> None:
+    """Every grid value must be valid for its ``predict.*`` key (checked as the config checks it)."""
+    from ..config import validate_section
+
+    base = PredictConfig()
+    for key, values in (("score_thresh", score_grid), ("mask_thresh", mask_grid), ("nms_thresh", nms_grid)):
+        if not len(values):
+            raise ConfigError(f"predict.{key}: the grid is empty")
+        for v in values:
+            validate_section(replace(base, **{key: v}), "predict")
+
+
 def tune_thresholds(
     cached: Sequence[Detections],
     gt: Any,
@@ -129,7 +141,11 @@ def tune_thresholds(
         current: the thresholds in use before tuning (reported beside the best).
         metric: an :class:`~cellkit.evaluation.coco.EvalResult` attribute (``ap50``, ``ap``, ``ap75``).
         evaluate: ``coco_evaluate``-compatible callable (default: cellkit's).
+
+    Raises:
+        ConfigError: a grid value outside its key's range (``predict.mask_thresh`` in [0, 1] ...).
     """
+    _check_grids(score_grid, mask_grid, nms_grid)
     if evaluate is None:
         from ..evaluation.coco import coco_evaluate as evaluate
         from ..evaluation.inputs import load_ground_truth
@@ -212,18 +228,24 @@ def tune_run(
         (the result, the thresholds file).
 
     Raises:
-        DataError: no such run or checkpoint, or no validation split.
+        DataError: no such run or checkpoint, no validation split, ``thresholds.json`` not writable.
+        ConfigError: a grid value outside its key's range.
     """
+    from ..outputs import check_writable_file
     from .checkpoint import model_from_checkpoint
     from .devices import resolve_device
     from .split import checkpoint_path, predict_split
 
     ckpt = checkpoint_path(run_dir, str(checkpoint) if checkpoint is not None else "best")
+    score_grid, mask_grid = score_grid or DEFAULT_SCORE_GRID, mask_grid or DEFAULT_MASK_GRID
+    nms_grid = nms_grid or DEFAULT_NMS_GRID
+    _check_grids(score_grid, mask_grid, nms_grid)  # before predicting, not after
+    check_writable_file(Path(run_dir) / "thresholds.json", "thresholds file")  # before predicting, not after
     model, cfg, _ = model_from_checkpoint(ckpt, resolve_device(device), overrides)
     sp = predict_split(model, cfg, "val", run_dir=run_dir, with_gt=True, progress=progress)
     result = tune_thresholds(
-        sp.detections, sp.gt, cfg.predict, score_grid or DEFAULT_SCORE_GRID, mask_grid or DEFAULT_MASK_GRID,
-        nms_grid or DEFAULT_NMS_GRID, metric, cfg.eval.max_dets, cfg.model.num_classes, cfg.eval.backend, progress,
+        sp.detections, sp.gt, cfg.predict, score_grid, mask_grid, nms_grid, metric, cfg.eval.max_dets,
+        cfg.model.num_classes, cfg.eval.backend, progress,
     )
     result.extra.update(checkpoint=str(ckpt), tta=cfg.predict.tta)
     return result, write_thresholds(result, run_dir)

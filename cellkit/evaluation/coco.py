@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Literal, Sequence
 
@@ -30,6 +31,7 @@ from ..errors import CellkitError
 from .inputs import (
     AREA_RANGES,
     DROP_REASONS,
+    check_predictions_match,
     GroundTruth,
     count_beyond_cap,
     load_ground_truth,
@@ -301,6 +303,7 @@ def _evaluate(
     kept, dropped = sanitize_predictions(
         raw, ground.images, num_classes, "segm" if "segm" in iou_types else "bbox", ground.category_ids
     )
+    check_predictions_match(raw, ground, dropped, _source(predictions))
     runner = _Runner(ground, kept, backend)
     results = {t: runner.result(t, max_dets, dropped) for t in iou_types}
     cells = None
@@ -310,6 +313,10 @@ def _evaluate(
         cells = _cell_metrics(ground, kept, iou_threshold=iou_threshold, score_threshold=score_threshold,
                               num_classes=num_classes)
     return EvalReport(results, cells, dropped, list(ground.notes))
+
+
+def _source(predictions: Any) -> str:
+    return str(predictions) if isinstance(predictions, (str, os.PathLike)) else "<predictions>"
 
 
 class _Runner:

@@ -21,7 +21,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from ..errors import DataError
-from .rle import rle_string_ok, to_rle
+from .rle import rle_runs_fit, rle_string_ok, to_rle
 
 PathLike = str | os.PathLike[str]
 
@@ -32,7 +32,8 @@ DROP_REASONS: tuple[str, ...] = (
     "nonfinite_score",  # score NaN, Inf or not a number
     "nonfinite_box",  # bbox not 4 finite numbers
     "degenerate_box",  # bbox width or height <= 0
-    "bad_mask",  # segmentation not an RLE/polygon pycocotools can read, or of the wrong size
+    "wrong_size",  # RLE segmentation whose size is not the image's height and width
+    "bad_mask",  # segmentation not an RLE/polygon pycocotools can read (or runs not covering the image)
     "empty_mask",  # RLE area 0
 )
 """Why :func:`sanitize_predictions` drops an entry (the first reason that applies is counted)."""
@@ -261,8 +262,8 @@ def sanitize_predictions(
     Each entry is checked in the order of :data:`DROP_REASONS` and dropped for the first reason
     that applies: malformed entry, unknown image id, category id not in ``category_ids`` (default
     ``1..num_classes``), non-finite score, bbox that is not 4 finite numbers, bbox with width or
-    height <= 0, a segmentation pycocotools cannot read or whose size differs from the image,
-    an empty mask (RLE area 0).
+    height <= 0, an RLE whose size differs from the image, a segmentation pycocotools cannot read
+    (for RLE strings: runs that do not cover exactly the image), an empty mask (RLE area 0).
 
     Kept entries are fresh dicts (the caller's are never modified, since ``loadRes`` writes into
     them) with ``image_id``/``category_id`` as int, ``score`` as float, ``bbox`` as 4 floats and
@@ -332,6 +333,9 @@ def _check_prediction(
         out["bbox"] = bb
     if seg is not None:
         h, w = sizes[image_id]
+        if isinstance(seg, Mapping) and isinstance(seg.get("size"), (list, tuple)) and len(seg["size"]) == 2 \
+                and all(_is_int(v) for v in seg["size"]) and (int(seg["size"][0]), int(seg["size"][1])) != (h, w):
+            return "wrong_size", None
         rle = _readable_rle(seg, h, w)
         if rle is None:
             return "bad_mask", None
@@ -371,7 +375,7 @@ def _readable_rle(seg: Any, h: int, w: int) -> dict[str, Any] | None:
                 rle = to_rle(seg, h, w)
             elif isinstance(counts, (str, bytes)):
                 text = counts.decode("ascii") if isinstance(counts, bytes) else counts
-                if not rle_string_ok(text):
+                if not rle_string_ok(text) or not rle_runs_fit(text, h, w):  # cut short: garbage when decoded
                     return None
                 rle = {"size": [h, w], "counts": text}
             else:
@@ -384,6 +388,39 @@ def _readable_rle(seg: Any, h: int, w: int) -> dict[str, Any] | None:
         rle["counts"] = rle["counts"].decode("ascii")
     rle["size"] = [h, w]
     return rle
+
+
+def check_predictions_match(
+    preds: Sequence[Any], ground: GroundTruth, dropped: Mapping[str, int], source: str = "<predictions>"
+) -> None:
+    """Refuse predictions that are mostly of other images than the ground truth's.
+
+    When more than half of the predictions name an image id the ground truth does not have
+    (``unknown_image``) or carry masks of another size (``wrong_size``), they belong to another
+    split or dataset; evaluating the rest would print an AP (0.0 or worse, a number from a
+    handful of entries) that looks like a result.
+
+    Raises:
+        DataError: naming ``source``, how many predictions do not match, and example image ids.
+    """
+    n = len(preds)
+    unmatched = int(dropped.get("unknown_image", 0)) + int(dropped.get("wrong_size", 0))
+    if not n or unmatched * 2 <= n:
+        return
+    images = ground.images
+    foreign = sorted({int(p["image_id"]) for p in preds if isinstance(p, Mapping) and _is_int(p.get("image_id"))
+                      and int(p["image_id"]) not in images})
+    ids = ", ".join(map(str, foreign[:5])) + (" ..." if len(foreign) > 5 else "")
+    gt_ids = sorted(images)
+    gt_show = ", ".join(map(str, gt_ids[:5])) + (" ..." if len(gt_ids) > 5 else "")
+    parts = []
+    if dropped.get("unknown_image"):
+        parts.append(f"{dropped['unknown_image']} name images the ground truth does not have (ids {ids})")
+    if dropped.get("wrong_size"):
+        parts.append(f"{dropped['wrong_size']} have masks of another size than their ground-truth image")
+    raise DataError(source, f"{unmatched} of {n} predictions do not match the ground truth {ground.source}: "
+                            f"{'; '.join(parts)}; its images are ids {gt_show}. Predictions and ground truth "
+                            "of different splits or datasets?")
 
 
 def count_beyond_cap(preds: Sequence[Mapping[str, Any]], cap: int) -> int:
@@ -432,10 +469,15 @@ def prepare(
     Returns:
         ``(ground, kept, dropped)``: the validated ground truth, the predictions
         :func:`sanitize_predictions` keeps (fresh dicts) and the count of those it dropped, by reason.
+
+    Raises:
+        DataError: unreadable input, or most predictions of other images (:func:`check_predictions_match`).
     """
     ground = load_ground_truth(gt, num_classes, need_masks=iou_type == "segm")
-    kept, dropped = sanitize_predictions(load_predictions(predictions), ground.images, num_classes, iou_type,
-                                         ground.category_ids)
+    raw = load_predictions(predictions)
+    kept, dropped = sanitize_predictions(raw, ground.images, num_classes, iou_type, ground.category_ids)
+    check_predictions_match(raw, ground, dropped,
+                            str(predictions) if isinstance(predictions, (str, os.PathLike)) else "<predictions>")
     return ground, kept, dropped
 
 

@@ -80,19 +80,57 @@ def rle_string_ok(counts: str) -> bool:
     return not counts or not (ord(counts[-1]) - 48) & 0x20
 
 
+def rle_run_lengths(counts: str | bytes) -> list[int] | None:
+    """The run lengths of a pycocotools compressed RLE string (the inverse of its ``rleToString``),
+    or None when the string is not one (characters outside ``'0'..'o'``, a number cut short).
+
+    Each run length is 5-bit groups, lowest first, with bit 0x20 announcing another group and bit
+    0x10 of the last group its sign; from the fourth run on, the value is stored as the difference
+    from the run two before. Runs are not checked here (see :func:`rle_runs_fit`).
+    """
+    text = counts.encode("ascii", "replace") if isinstance(counts, str) else bytes(counts)
+    out: list[int] = []
+    x = shift = 0
+    for c in text:
+        c -= 48
+        if not 0 <= c <= 63:
+            return None
+        x |= (c & 0x1F) << shift
+        shift += 5
+        if c & 0x20:
+            continue
+        if c & 0x10:
+            x -= 1 << shift
+        if len(out) > 2:
+            x += out[-2]
+        out.append(x)
+        x = shift = 0
+    return None if shift else out
+
+
+def rle_runs_fit(counts: str | bytes, height: int, width: int) -> bool:
+    """Whether ``counts`` is a compressed RLE string whose runs are all >= 0 and sum to exactly
+    ``height * width``, which is what decoding it needs: pycocotools decodes a string cut short
+    without complaint, leaving the rest of the mask uninitialised memory, and one whose runs add
+    up to more writes past its buffer. Nothing of ``height x width`` is allocated."""
+    runs = rle_run_lengths(counts)
+    return runs is not None and all(r >= 0 for r in runs) and sum(runs) == height * width
+
+
 def rle_decodes(rle: Mapping[str, Any]) -> bool:
-    """Whether pycocotools decodes ``rle`` (run lengths summing to exactly ``H * W``)."""
-    counts = rle.get("counts")
+    """Whether ``rle`` is a sound compressed RLE: ``size`` two integers >= 0 and str/bytes
+    ``counts`` whose runs sum to exactly ``H * W`` (:func:`rle_runs_fit`); checked without
+    decoding, so a size claiming a huge mask allocates nothing."""
+    counts, size = rle.get("counts"), rle.get("size")
     if isinstance(counts, str):
         if not rle_string_ok(counts):
             return False
     elif not isinstance(counts, bytes):
         return False
-    try:
-        mask_utils.decode(dict(rle))
-    except (ValueError, TypeError):
+    if not isinstance(size, (list, tuple)) or len(size) != 2 or not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0 for v in size):
         return False
-    return True
+    return rle_runs_fit(counts, int(size[0]), int(size[1]))
 
 
 def rle_areas(rles: Sequence[RLE]) -> np.ndarray:

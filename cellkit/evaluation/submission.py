@@ -24,7 +24,7 @@ from pycocotools import mask as mask_utils
 
 from ..errors import DataError
 from .inputs import read_json
-from .rle import rle_decodes
+from .rle import rle_decodes, rle_run_lengths, rle_string_ok
 
 PathLike = str | os.PathLike[str]
 SUBMISSION_NAME = "test-results.json"
@@ -240,6 +240,7 @@ def _check_segmentation(
         out.append(Problem(i, f"segmentation.size must be [height, width] integers, got {_short(size)}"))
     elif hw is not None and tuple(size) != hw:
         out.append(Problem(i, f"segmentation.size is {size} but the image is {list(hw)} (height, width)"))
+        size_ok = False  # never decode at a size the test index does not give (46341 x 46341 is 2 GB)
     if not isinstance(counts, str):
         kind = "bytes (decode them to str)" if isinstance(counts, bytes) else type(counts).__name__
         out.append(Problem(i, f"segmentation.counts must be a compressed RLE str, got {kind}"))
@@ -248,7 +249,10 @@ def _check_segmentation(
         return None, out
     rle = {"size": [int(v) for v in size], "counts": counts}
     if not rle_decodes(rle):
-        out.append(Problem(i, f"segmentation.counts does not decode to a {size[0]} x {size[1]} mask (corrupt RLE)"))
+        runs = rle_run_lengths(counts) if rle_string_ok(counts) else None
+        why = ("not a compressed RLE string" if runs is None else "a negative run" if any(r < 0 for r in runs)
+               else f"its runs cover {sum(runs)} of {size[0] * size[1]} pixels: cut short or corrupt")
+        out.append(Problem(i, f"segmentation.counts does not decode to a {size[0]} x {size[1]} mask ({why})"))
         return None, out
     return rle, out
 
@@ -308,9 +312,7 @@ def write_submission(entries: Sequence[Mapping[str, Any]], out_json: PathLike) -
     Raises:
         DataError: an entry holds NaN/Inf or something JSON cannot represent.
     """
-    out = Path(out_json).expanduser()
-    if out.is_dir() or (not out.suffix and not out.exists()):
-        out = out / SUBMISSION_NAME
+    out, zip_path = submission_paths(out_json)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         text = json.dumps([_plain_entry(e) for e in entries], allow_nan=False, default=_json_default)
@@ -319,13 +321,35 @@ def write_submission(entries: Sequence[Mapping[str, Any]], out_json: PathLike) -
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, out)
-    zip_path = out.with_suffix(".zip")
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
         z.writestr(out.name, text)
     ztmp = zip_path.with_name(f".{zip_path.name}.tmp{os.getpid()}")
     ztmp.write_bytes(buf.getvalue())
     os.replace(ztmp, zip_path)
+    return out, zip_path
+
+
+def submission_paths(out_json: PathLike) -> tuple[Path, Path]:
+    """``(json, zip)`` that :func:`write_submission` writes for ``out_json`` (a folder, or a path
+    without suffix that does not exist, means ``folder/test-results.json``)."""
+    out = Path(out_json).expanduser()
+    if out.is_dir() or (not out.suffix and not out.exists()):
+        out = out / SUBMISSION_NAME
+    return out, out.with_suffix(".zip")
+
+
+def check_submission_writable(out_json: PathLike) -> tuple[Path, Path]:
+    """:func:`submission_paths`, after checking both can be written (call it before predicting).
+
+    Raises:
+        DataError: the json or the zip cannot be written there.
+    """
+    from ..outputs import check_writable_file
+
+    out, zip_path = submission_paths(out_json)
+    check_writable_file(out, "submission file")
+    check_writable_file(zip_path, "submission zip")
     return out, zip_path
 
 

@@ -17,7 +17,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.poolers import initLevelMapper
 
-from ..config import Config, ModelConfig
+from ..config import Config, ModelConfig, validate_section
 from ..errors import ConfigError
 from .losses import DiceRoIHeads
 from .roi_heads import MaskRoIHeads
@@ -149,32 +149,14 @@ def fixed_scale_pooler(names: list[str], strides: tuple[int, ...], output_size: 
 
 
 def validate_model_config(m: ModelConfig) -> None:
-    """Range checks the type hints cannot express; each failure names its key.
+    """Check every ``model.*`` key against its type and valid range (declared once, in
+    :mod:`cellkit.config`); a config from :func:`~cellkit.load_config` has passed this already,
+    a ``ModelConfig`` built or changed by hand is checked here.
 
     Raises:
-        ConfigError: the first invalid value found.
+        ConfigError: the first invalid value, naming its key.
     """
-    checks: list[tuple[bool, str]] = [
-        (m.num_classes >= 1, f"model.num_classes: must be at least 1, got {m.num_classes}"),
-        (m.scale > 0, f"model.scale: must be positive, got {m.scale}"),
-        (m.min_size >= 1 and m.max_size >= 1, f"model.min_size/max_size: must be positive, got {m.min_size}/{m.max_size}"),
-        (all(s > 0 for s in m.image_std), f"model.image_std: must be positive, got {list(m.image_std)}"),
-        (len(m.anchor_sizes) > 0 and all(s > 0 for s in m.anchor_sizes),
-         f"model.anchor_sizes: must be positive, got {list(m.anchor_sizes)}"),
-        (len(m.aspect_ratios) > 0 and all(r > 0 for r in m.aspect_ratios),
-         f"model.aspect_ratios: must be positive, got {list(m.aspect_ratios)}"),
-        (0.0 <= m.box_score_thresh <= 1.0, f"model.box_score_thresh: must be in [0, 1], got {m.box_score_thresh}"),
-        (0.0 < m.box_nms_thresh <= 1.0, f"model.box_nms_thresh: must be in (0, 1], got {m.box_nms_thresh}"),
-        (0.0 < m.rpn_nms_thresh <= 1.0, f"model.rpn_nms_thresh: must be in (0, 1], got {m.rpn_nms_thresh}"),
-        (m.box_detections_per_img >= 1, f"model.box_detections_per_img: must be at least 1, got {m.box_detections_per_img}"),
-        (m.dice_weight >= 0, f"model.dice_weight: must not be negative, got {m.dice_weight}"),
-    ]
-    for key in ("rpn_pre_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_train",
-                "rpn_post_nms_top_n_test", "rpn_batch_size_per_image", "box_batch_size_per_image"):
-        checks.append((getattr(m, key) >= 1, f"model.{key}: must be at least 1, got {getattr(m, key)}"))
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+    validate_section(m, "model")
 
 
 def count_trainable_parameters(model: nn.Module) -> int:

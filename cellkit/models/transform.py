@@ -86,6 +86,21 @@ class ResizeTransform(GeneralizedRCNNTransform):
             target["keypoints"] = resize_keypoints(target["keypoints"], (h, w), image.shape[-2:])
         return image, target
 
+    def batch_images(self, images: list[Tensor], size_divisible: int = 32) -> Tensor:
+        """torchvision's zero-padded batch; in training at least ``2 * size_divisible`` px per side.
+
+        A batch of one image of at most 32 px (the real test set has a 33 x 35 image; a crop or
+        a dataset can be smaller) would leave a 1 x 1 map at stride 32, and BatchNorm in training
+        cannot normalise a single value per channel. Padding (bottom and right, as torchvision
+        pads) leaves the image, its boxes and masks where they are. Inference pads as torchvision.
+        """
+        batched = super().batch_images(images, size_divisible)
+        floor = 2 * size_divisible
+        if self.training and min(batched.shape[-2:]) < floor:
+            pad_h, pad_w = max(0, floor - batched.shape[-2]), max(0, floor - batched.shape[-1])
+            batched = F.pad(batched, (0, pad_w, 0, pad_h))
+        return batched
+
     def __repr__(self) -> str:
         mode = f"scale={self.scale}" if self.resize_mode == "fixed_scale" else f"min_size={self.min_size}"
         return (f"{self.__class__.__name__}(\n    Normalize(mean={self.image_mean}, std={self.image_std})\n"
