@@ -378,6 +378,27 @@ def test_train_into_an_existing_run_needs_resume_or_overwrite(capsys, synth_root
     assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
+def test_overwrite_replaces_the_old_runs_tensorboard_events(capsys, synth_root: Path, tmp_path: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from cellkit.engine.tensorboard import read_scalars, scalar_tag
+
+    run = tmp_path / "run"
+    fake_run(run)
+    with SummaryWriter(str(run)) as w:  # the old run's events: 3 epochs of a loss curve
+        for epoch in (1, 2, 3):
+            w.add_scalar(scalar_tag("loss"), 9.0, epoch)
+    old_events = {f.name for f in run.glob("events.out.tfevents.*")}
+    assert old_events
+    rc, _, err = cli(capsys, "train", "--data", synth_root, "--out", run, "--overwrite",
+                     "--set", "data.val_fraction=0", *TINY_TRAIN)
+    assert rc == 0, err
+    loss = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    steps = read_scalars(run)[scalar_tag("loss")]
+    assert [s for s, _ in steps] == [1] and abs(steps[0][1] - loss) < 1e-4
+    assert not old_events & {f.name for f in run.glob("events.out.tfevents.*")}  # the old file went with its run
+
+
 def test_synth_refuses_a_folder_with_other_content(capsys, synth_root: Path, tmp_path: Path) -> None:
     ds = tmp_path / "dataset"
     shutil.copytree(synth_root, ds)
