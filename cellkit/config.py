@@ -156,7 +156,7 @@ class ModelConfig:
     image_std: tuple[Positive, Positive, Positive] = (0.229, 0.224, 0.225)
     """Per-channel standard deviation the model divides by."""
     anchor_sizes: tuple[AtLeast1, ...] = (8, 16, 32, 64, 128)
-    """One anchor size in input pixels per FPN level, finest first (5 levels for every registered backbone)."""
+    """One anchor size in input pixels per FPN level, finest first (5 levels for the FPN backbones); a single-level backbone (resnet101_dc5) puts every size on its one map."""
     aspect_ratios: tuple[Positive, ...] = (0.5, 1.0, 2.0)
     """Anchor height/width ratios, the same at every level (3 keeps the COCO RPN head loadable)."""
     rpn_pre_nms_top_n_train: AtLeast1 = 2000
