@@ -21,13 +21,12 @@ from ..config import Config, ModelConfig, validate_section
 from ..errors import ConfigError
 from .losses import DiceRoIHeads
 from .roi_heads import MaskRoIHeads
+from .builders import resize_fpn
 from .registry import BackboneSpec, create_backbone
 from .transform import ResizeTransform
 from .weights import load_coco, load_file, weights_path
 
 BOX_ROI_SIZE = 7
-REPRESENTATION = 1024  # box head output features
-MASK_LAYERS = (256, 256, 256, 256)
 
 
 def build_model(cfg: Config | ModelConfig) -> MaskRCNN:
@@ -81,6 +80,8 @@ def assemble(spec: BackboneSpec, m: ModelConfig) -> MaskRCNN:
             f"model.anchor_sizes: backbone {m.backbone} has {levels} FPN levels, so it needs {levels} anchor sizes "
             f"(one per level, finest first), got {len(m.anchor_sizes)}: {list(m.anchor_sizes)}"
         )
+    if m.fpn_channels is not None:
+        resize_fpn(spec.module, m.fpn_channels, m.backbone)
     out = spec.module.out_channels
     n_out = m.num_classes + 1
     v2 = spec.head == "v2"
@@ -89,14 +90,15 @@ def assemble(spec: BackboneSpec, m: ModelConfig) -> MaskRCNN:
     names = list(spec.featmap_names)
     box_roi_pool = fixed_scale_pooler(names, spec.strides, BOX_ROI_SIZE)
     mask_roi_pool = fixed_scale_pooler(names, spec.strides, m.mask_roi_size)
+    mask_layers = [m.mask_head_channels] * m.mask_head_layers
     if v2:
         box_head: nn.Module = FastRCNNConvFCHead(
-            (out, BOX_ROI_SIZE, BOX_ROI_SIZE), [256, 256, 256, 256], [REPRESENTATION], norm_layer=nn.BatchNorm2d
+            (out, BOX_ROI_SIZE, BOX_ROI_SIZE), [256, 256, 256, 256], [m.box_head_dim], norm_layer=nn.BatchNorm2d
         )
-        mask_head = MaskRCNNHeads(out, list(MASK_LAYERS), 1, norm_layer=nn.BatchNorm2d)
+        mask_head = MaskRCNNHeads(out, mask_layers, 1, norm_layer=nn.BatchNorm2d)
     else:
-        box_head = TwoMLPHead(out * BOX_ROI_SIZE**2, REPRESENTATION)
-        mask_head = MaskRCNNHeads(out, list(MASK_LAYERS), 1)
+        box_head = TwoMLPHead(out * BOX_ROI_SIZE**2, m.box_head_dim)
+        mask_head = MaskRCNNHeads(out, mask_layers, 1)
     model = MaskRCNN(
         spec.module,
         num_classes=None,
@@ -110,14 +112,15 @@ def assemble(spec: BackboneSpec, m: ModelConfig) -> MaskRCNN:
         rpn_batch_size_per_image=m.rpn_batch_size_per_image,
         box_roi_pool=box_roi_pool,
         box_head=box_head,
-        box_predictor=FastRCNNPredictor(REPRESENTATION, n_out),
+        box_predictor=FastRCNNPredictor(m.box_head_dim, n_out),
         box_score_thresh=m.box_score_thresh,
         box_nms_thresh=m.box_nms_thresh,
         box_detections_per_img=m.box_detections_per_img,
         box_batch_size_per_image=m.box_batch_size_per_image,
+        box_positive_fraction=m.box_positive_fraction,
         mask_roi_pool=mask_roi_pool,
         mask_head=mask_head,
-        mask_predictor=MaskRCNNPredictor(MASK_LAYERS[-1], 256, n_out),
+        mask_predictor=MaskRCNNPredictor(m.mask_head_channels, m.mask_head_channels, n_out),
     )
     model.transform = ResizeTransform(
         m.min_size, m.max_size, m.image_mean, m.image_std, resize_mode=m.resize_mode, scale=m.scale
