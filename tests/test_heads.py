@@ -43,7 +43,7 @@ def _two_threads() -> Any:
 
 def tiny(synth_root: Path, **overrides: Any) -> cellkit.Config:
     """ResNet-18 from scratch on the 8 synthetic fixture images (2 for validation), 96 px crops;
-    small RPN/RoI budgets (the mask head's cost on 2 CPU cores grows with the RoIs it sees)."""
+    small RPN/RoI budgets and narrow heads (the mask head's cost grows with the RoIs it sees)."""
     return cellkit.load_config(overrides={
         "name": "heads", "data.root": str(synth_root), "data.val_fraction": 0.25, "data.augment.crop_size": 96,
         "model.backbone": "resnet18", "model.weights": "none", "model.resize_mode": "fixed_scale",
@@ -51,6 +51,7 @@ def tiny(synth_root: Path, **overrides: Any) -> cellkit.Config:
         "model.rpn_pre_nms_top_n_test": 100, "model.rpn_post_nms_top_n_test": 8,  # <= 32 masks per image
         "model.box_batch_size_per_image": 32, "model.rpn_batch_size_per_image": 64,
         "model.box_detections_per_img": 1000,
+        "model.fpn_channels": 64, "model.box_head_dim": 256, "model.mask_head_channels": 64,  # cheap heads
         "train.epochs": 1, "train.batch_size": 2, "train.iters_per_epoch": 2, "train.lr": 5e-4,
         "train.tensorboard": False, "train.tensorboard_images": 0,
         **overrides,

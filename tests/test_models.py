@@ -310,6 +310,37 @@ def test_every_knob_reaches_the_model() -> None:
     assert {"loss_mask", "loss_mask_dice"} <= set(losses)
 
 
+def test_head_width_knobs_reach_the_model() -> None:
+    """The Demo issue's cost knobs: FPN width, box head width, mask head depth/width, positive fraction."""
+    cfg = load_config(overrides={
+        "model.backbone": "resnet18", "model.fpn_channels": 64, "model.box_head_dim": 200,
+        "model.mask_head_layers": 2, "model.mask_head_channels": 48, "model.box_positive_fraction": 0.5,
+    })
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    bb, rh = model.backbone, model.roi_heads
+    assert bb.out_channels == 64
+    assert all(b[0].out_channels == 64 for b in bb.fpn.layer_blocks)
+    assert [b[0].in_channels for b in bb.fpn.inner_blocks] == [64, 128, 256, 512]  # the body is untouched
+    assert model.rpn.head.conv[0][0].in_channels == 64
+    assert rh.box_head.fc6.in_features == 64 * 7 * 7 and rh.box_head.fc7.out_features == 200
+    assert rh.box_predictor.cls_score.in_features == 200
+    convs = [m for m in rh.mask_head.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(64, 48), (48, 48)]
+    assert rh.mask_predictor.conv5_mask.in_channels == 48
+    assert rh.fg_bg_sampler.positive_fraction == 0.5
+    model.train()
+    losses = model([image(96)], [cell_target(96, classes=(1, 2, 3))])
+    assert all(torch.isfinite(v) for v in losses.values())
+    # the v2 design keeps BatchNorm in its resized FPN
+    with torch.device("meta"):
+        v2 = build_model(small_cfg("resnet50_v2", **{"model.fpn_channels": 96}))
+    assert v2.backbone.out_channels == 96
+    assert any(isinstance(m, nn.BatchNorm2d) for m in v2.backbone.fpn.modules())
+    with pytest.raises(ConfigError, match="model.fpn_channels"):
+        load_config(overrides={"model.fpn_channels": 0})
+
+
 @pytest.mark.parametrize(
     "name, weights, norm, trainable, frozen, trained, norm_type",
     [

@@ -22,13 +22,12 @@ from ..errors import ConfigError
 from .cascade import make_cascade, validate_cascade
 from .losses import DiceRoIHeads
 from .roi_heads import MaskRoIHeads
+from .builders import resize_fpn
 from .registry import BackboneSpec, create_backbone
 from .transform import ResizeTransform
 from .weights import load_coco, load_file, weights_path
 
 BOX_ROI_SIZE = 7
-REPRESENTATION = 1024  # box head output features
-MASK_LAYERS = (256, 256, 256, 256)
 
 
 def build_model(cfg: Config | ModelConfig) -> MaskRCNN:
@@ -89,6 +88,8 @@ def assemble(spec: BackboneSpec, m: ModelConfig) -> MaskRCNN:
         )
     else:
         sizes = tuple((s,) for s in m.anchor_sizes)
+    if m.fpn_channels is not None:
+        resize_fpn(spec.module, m.fpn_channels, m.backbone)
     out = spec.module.out_channels
     n_out = m.num_classes + 1
     v2 = spec.head == "v2"
@@ -97,19 +98,20 @@ def assemble(spec: BackboneSpec, m: ModelConfig) -> MaskRCNN:
     names = list(spec.featmap_names)
     box_roi_pool = fixed_scale_pooler(names, spec.strides, BOX_ROI_SIZE)
     mask_roi_pool = fixed_scale_pooler(names, spec.strides, m.mask_roi_size)
+    mask_layers = [m.mask_head_channels] * m.mask_head_layers
 
     def new_box_head() -> nn.Module:
         if v2:
             return FastRCNNConvFCHead(
-                (out, BOX_ROI_SIZE, BOX_ROI_SIZE), [256, 256, 256, 256], [REPRESENTATION], norm_layer=nn.BatchNorm2d
+                (out, BOX_ROI_SIZE, BOX_ROI_SIZE), [256, 256, 256, 256], [m.box_head_dim], norm_layer=nn.BatchNorm2d
             )
-        return TwoMLPHead(out * BOX_ROI_SIZE**2, REPRESENTATION)
+        return TwoMLPHead(out * BOX_ROI_SIZE**2, m.box_head_dim)
 
     box_head = new_box_head()
     if v2:
-        mask_head = MaskRCNNHeads(out, list(MASK_LAYERS), 1, norm_layer=nn.BatchNorm2d)
+        mask_head = MaskRCNNHeads(out, mask_layers, 1, norm_layer=nn.BatchNorm2d)
     else:
-        mask_head = MaskRCNNHeads(out, list(MASK_LAYERS), 1)
+        mask_head = MaskRCNNHeads(out, mask_layers, 1)
     model = MaskRCNN(
         spec.module,
         num_classes=None,
@@ -123,21 +125,22 @@ def assemble(spec: BackboneSpec, m: ModelConfig) -> MaskRCNN:
         rpn_batch_size_per_image=m.rpn_batch_size_per_image,
         box_roi_pool=box_roi_pool,
         box_head=box_head,
-        box_predictor=FastRCNNPredictor(REPRESENTATION, n_out),
+        box_predictor=FastRCNNPredictor(m.box_head_dim, n_out),
         box_score_thresh=m.box_score_thresh,
         box_nms_thresh=m.box_nms_thresh,
         box_detections_per_img=m.box_detections_per_img,
         box_batch_size_per_image=m.box_batch_size_per_image,
+        box_positive_fraction=m.box_positive_fraction,
         mask_roi_pool=mask_roi_pool,
         mask_head=mask_head,
-        mask_predictor=MaskRCNNPredictor(MASK_LAYERS[-1], 256, n_out),
+        mask_predictor=MaskRCNNPredictor(m.mask_head_channels, m.mask_head_channels, n_out),
     )
     model.transform = ResizeTransform(
         m.min_size, m.max_size, m.image_mean, m.image_std, resize_mode=m.resize_mode, scale=m.scale
     )
     if m.roi_head == "cascade":  # stage 1 keeps box_head; masks, geometry and Dice as the standard heads
         dice = m.dice_weight if m.mask_loss == "bce+dice" else None
-        model.roi_heads = make_cascade(model.roi_heads, m, new_box_head, REPRESENTATION, dice)
+        model.roi_heads = make_cascade(model.roi_heads, m, new_box_head, m.box_head_dim, dice)
     elif m.mask_loss == "bce+dice":
         model.roi_heads = DiceRoIHeads.from_roi_heads(model.roi_heads, m.dice_weight, m.mask_geometry)
     else:  # the mask loss follows mask_geometry; prediction reads roi_heads.mask_geometry to paste
