@@ -708,7 +708,7 @@ ALL_YAML = sorted(p for p in CONFIGS.rglob("*.yaml") if p.relative_to(CONFIGS).p
 
 def test_configs_exist() -> None:
     names = {p.relative_to(CONFIGS).as_posix() for p in ALL_YAML}
-    for required in ("leaderboard.yaml", "report004.yaml", "report004_no_scheduler.yaml", "demo.yaml",
+    for required in ("leaderboard.yaml", "cascade.yaml", "report004.yaml", "report004_no_scheduler.yaml", "demo.yaml",
                      "ablation/_base.yaml", "ablation/resnet50.yaml", "ablation/resnet50_cbam.yaml",
                      "ablation/resnet50_v2_se.yaml", "ablation/resnext50_32x4d_cbam.yaml",
                      "ablation/efficientnet_b0.yaml", "ablation/resnet101.yaml"):
