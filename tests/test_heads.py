@@ -159,7 +159,7 @@ def test_cascade_predicts_with_tta_tiles_and_tuned_thresholds(cascade_run: tuple
     assert len(result.table) == 2 and all(0 <= r["ap50"] <= 1 for r in result.table)
 
 
-def test_cascade_keys_and_what_coco_weights_fit() -> None:
+def test_cascade_keys_and_what_coco_weights_fit(tmp_path: Path) -> None:
     base = {"model.backbone": "resnet18", "model.roi_head": "cascade"}
     with pytest.raises(ConfigError, match="model.cascade_stage_weights: 2 entries"):
         build_model(cellkit.load_config(overrides={**base, "model.cascade_stage_weights": [1.0, 0.5]}))
@@ -177,6 +177,12 @@ def test_cascade_keys_and_what_coco_weights_fit() -> None:
     assert torch.equal(model.roi_heads.box_head.fc6.weight, standard.roi_heads.box_head.fc6.weight)
     assert set(report.mismatched) == {"roi_heads.box_predictor.bbox_pred.weight", "roi_heads.box_predictor.bbox_pred.bias"}
     assert report.missing and all(k.startswith("roi_heads.cascade_stages.0.") for k in report.missing)
+    # through build_model (weights: a file, as weights: coco): the later stages' box heads get stage 1's
+    torch.save(standard.state_dict(), tmp_path / "standard.pth")
+    loaded = build_model(two.replace({"model.weights": str(tmp_path / "standard.pth")})).roi_heads
+    for head in (loaded.box_head, loaded.cascade_stages[0]["box_head"]):
+        assert torch.equal(head.fc6.weight, standard.roi_heads.box_head.fc6.weight)
+    assert not torch.equal(loaded.cascade_stages[0]["box_predictor"].bbox_pred.weight, loaded.box_predictor.bbox_pred.weight)
 
 
 @pytest.mark.parametrize("name", ["resnet50_v2", "resnet101_dc5", "convnext_tiny"])

@@ -19,7 +19,7 @@ from torchvision.ops.poolers import initLevelMapper
 
 from ..config import Config, ModelConfig, validate_section
 from ..errors import ConfigError
-from .cascade import make_cascade, validate_cascade
+from .cascade import CascadeRoIHeads, make_cascade, validate_cascade
 from .losses import DiceRoIHeads
 from .roi_heads import MaskRoIHeads
 from .builders import resize_fpn
@@ -51,7 +51,8 @@ def build_model(cfg: Config | ModelConfig) -> MaskRCNN:
 
     Weights: ``imagenet`` loads into the backbone while it is built; ``coco`` and a file path load
     every tensor that fits after assembly (predictors always have ``num_classes + 1`` outputs
-    and start fresh, as do attention layers).
+    and start fresh, as do attention layers). With cascade heads, a file without the later
+    stages (COCO's, a standard model's) gives every stage's box head the stage-1 box head it loaded.
 
     Raises:
         ConfigError: an invalid knob (unknown backbone, anchors not one per FPN level, ...).
@@ -69,9 +70,13 @@ def build_model(cfg: Config | ModelConfig) -> MaskRCNN:
                 f"model.weights: no COCO Mask R-CNN weights fit backbone {m.backbone}; `cellkit models` lists "
                 "the backbones that have them (the resnet50 family), or use weights imagenet or a file"
             )
-        load_coco(model, spec.coco)  # logs what loaded and what starts fresh
+        report = load_coco(model, spec.coco)  # logs what loaded and what starts fresh
     elif path is not None:
-        load_file(model, path)
+        report = load_file(model, path)
+    else:
+        return model
+    if isinstance(model.roi_heads, CascadeRoIHeads):  # a standard model's box head fits every stage
+        model.roi_heads.init_stages_from_first(report.loaded, report.missing)
     return model
 
 
