@@ -127,10 +127,6 @@ class CascadeRoIHeads(MaskRoIHeads):
         self.stage_matchers = [Matcher(t, t, allow_low_quality_matches=False) for t in self.iou_thresholds]
         self.stage_coders = [BoxCoder(tuple(float(v) for v in w)) for w in coder_weights]
 
-    @classmethod
-    def from_roi_heads(cls, heads: RoIHeads, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
-        return super().from_roi_heads(heads, *args, **kwargs)
-
     @property
     def num_stages(self) -> int:
         return len(self.cascade_stages) + 1
