@@ -57,6 +57,7 @@ import yaml
 
 from .config import Config, load_config, resolve_config_path
 from .errors import CellkitError, ConfigError, DataError
+from .outputs import write_json
 from .resources import GRIDS, NOTEBOOKS
 from .resources import TRAINING_NOTEBOOK as DEFAULT_NOTEBOOK
 
@@ -379,10 +380,10 @@ def _run_grid_locked(g: GridSpec, runs: list[RunSpec], out: Path, kernel: str, c
     from .progress import bar
 
     ledger = Ledger(out)
-    _write_json(out / "grid.json", {
+    write_json({
         "name": g.name, "source": str(g.source) if g.source else None, "notebook": str(g.notebook),
         "kernel": kernel, "runs": [{"name": r.name, "reported": r.reported, **r.settings()} for r in runs],
-    })
+    }, out / "grid.json", indent=1, default=str)
     plan = [(r, run_action(r)) for r in runs]
     actions = {r.name: action for r, action in plan}
     todo = [(i, r) for i, (r, action) in enumerate(plan) if action != "skip"]
@@ -563,7 +564,7 @@ def _worker(job_path: str) -> int:
         import traceback
 
         outcome = {"status": FAILED, "ename": type(e).__name__, "evalue": str(e), "traceback": traceback.format_exc()}
-    _write_json(Path(job["outcome"]), outcome)
+    write_json(outcome, Path(job["outcome"]), indent=1, default=str)
     return 0 if outcome["status"] == OK else 1
 
 
@@ -594,7 +595,7 @@ def collect_results(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     rows = [_result_row(out / name, name, reported) for name, reported in entries]
     for row in rows:
         row["attempts"] = attempts.get(row["name"], 0)
-    _write_json(out / "results.json", rows)
+    write_json(rows, out / "results.json", indent=1, default=str)
     (out / "results.md").write_text(format_results_table(rows, title=f"Grid {grid['name']}" if grid else "") + "\n")
     return rows
 
@@ -858,7 +859,7 @@ def _say(msg: str) -> None:
 def _write_status(r: RunSpec, status: Mapping[str, Any]) -> dict[str, Any]:
     assert r.folder is not None
     full = {"name": r.name, **status, "settings": r.settings()}
-    _write_json(r.folder / "status.json", full)
+    write_json(full, r.folder / "status.json", indent=1, default=str)
     return full
 
 
@@ -880,13 +881,6 @@ def _read_yaml(path: Path) -> dict[str, Any] | None:
     except (OSError, yaml.YAMLError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
 
 
 def _now(t: float) -> str:

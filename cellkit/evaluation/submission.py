@@ -312,21 +312,18 @@ def write_submission(entries: Sequence[Mapping[str, Any]], out_json: PathLike) -
     Raises:
         DataError: an entry holds NaN/Inf or something JSON cannot represent.
     """
+    from ..outputs import write_atomic
+
     out, zip_path = submission_paths(out_json)
-    out.parent.mkdir(parents=True, exist_ok=True)
     try:
         text = json.dumps([_plain_entry(e) for e in entries], allow_nan=False, default=_json_default)
     except (ValueError, TypeError) as e:
         raise DataError(out, f"cannot write the submission: {e}") from None
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, out)
+    write_atomic(out, text)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
         z.writestr(out.name, text)
-    ztmp = zip_path.with_name(f".{zip_path.name}.tmp{os.getpid()}")
-    ztmp.write_bytes(buf.getvalue())
-    os.replace(ztmp, zip_path)
+    write_atomic(zip_path, buf.getvalue())
     return out, zip_path
 
 
