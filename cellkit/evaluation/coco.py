@@ -23,7 +23,7 @@ import io
 import math
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import numpy as np
 
@@ -338,8 +338,23 @@ class _Runner:
                     self._gt = faster_coco_eval.COCO(self.ground.dataset)
                 # loadRes writes id/area/iscrowd into the entries: these are sanitize_predictions'
                 # own copies, never the caller's dicts
-                self._dt = self._gt.loadRes(self.kept)
+                self._dt = self._gt.loadRes(self.kept) if self.kept else self._no_results()
         return self._gt, self._dt
+
+    def _no_results(self) -> Any:
+        """An empty result index, so COCOeval itself says what no detections score: precision 0
+        where a class has ground truth in an area range, -1 (no ground truth) elsewhere.
+        pycocotools' ``loadRes([])`` fails (it reads the first entry), so its ``COCO()`` is built
+        directly on the ground truth's images and categories; faster-coco-eval's takes ``[]``."""
+        if self.backend != "pycocotools":
+            return self._gt.loadRes([])
+        from pycocotools.coco import COCO
+
+        dt = COCO()
+        dt.dataset = {"images": list(self.ground.dataset["images"]),
+                      "categories": list(self.ground.dataset["categories"]), "annotations": []}
+        dt.createIndex()
+        return dt
 
     def result(self, iou_type: str, max_dets: int, dropped: dict[str, int]) -> EvalResult:
         ground = self.ground
@@ -354,13 +369,9 @@ class _Runner:
         for p in self.kept:
             n_pred[p["category_id"]] += 1
         max_list = sorted({1, 10, STANDARD_MAX_DETS, max_dets})
-        if self.kept:
-            precision, recall = self._run(iou_type, max_list)
-            stats = _read_precision(precision, recall, max_list.index(max_dets), max_list.index(STANDARD_MAX_DETS))
-            kept_precision = precision[..., max_list.index(max_dets)].copy()
-        else:
-            stats = _empty_stats(anns, cat_ids)
-            kept_precision = _empty_precision(anns, cat_ids)
+        precision, recall = self._run(iou_type, max_list)  # no predictions: COCOeval on an empty result
+        stats = _read_precision(precision, recall, max_list.index(max_dets), max_list.index(STANDARD_MAX_DETS))
+        kept_precision = precision[..., max_list.index(max_dets)].copy()
         per_class = {}
         for k_idx, k in enumerate(cat_ids):
             per_class[names[k]] = {
@@ -437,44 +448,6 @@ def _read_precision(precision: np.ndarray, recall: np.ndarray, m: int, m100: int
     out["class_ap50"] = [_mean_valid(precision[t50, :, k, 0, m]) for k in range(K)]
     out["class_ap"] = [_mean_valid(precision[:, :, k, 0, m]) for k in range(K)]
     out["class_ap75"] = [_mean_valid(precision[t75, :, k, 0, m]) for k in range(K)]
-    return out
-
-
-def _empty_stats(anns: Iterable[dict[str, Any]], cat_ids: list[int]) -> dict[str, Any]:
-    """What COCOeval gives for no detections: 0 where there is ground truth to find, else NaN.
-
-    (pycocotools' ``loadRes`` cannot take an empty list, so this is not computed by it.)
-    """
-    present_cats: set[int] = set()
-    present_sizes: set[str] = set()
-    for a in anns:
-        if a.get("iscrowd", 0):
-            continue
-        present_cats.add(int(a["category_id"]))
-        for name, (lo, hi) in AREA_RANGES.items():
-            if lo <= float(a["area"]) <= hi:
-                present_sizes.add(name)
-    z = lambda ok: 0.0 if ok else float("nan")  # noqa: E731
-    any_gt = bool(present_cats)
-    out: dict[str, Any] = {k: z(any_gt) for k in ("ap50", "ap", "ap75", "ar", "ap50_at_100", "ap_at_100")}
-    for size in ("small", "medium", "large"):
-        out[f"ap_{size}"] = z(size in present_sizes)
-    for key in ("class_ap50", "class_ap", "class_ap75"):
-        out[key] = [z(k in present_cats) for k in cat_ids]
-    return out
-
-
-def _empty_precision(anns: Iterable[dict[str, Any]], cat_ids: list[int]) -> np.ndarray:
-    """COCOeval's ``(10, 101, K, 4)`` precision array for no detections: 0 where the class has
-    ground truth in that area range, -1 elsewhere."""
-    out = np.full((10, 101, len(cat_ids), len(AREA_RANGES)), -1.0)
-    k_of = {k: i for i, k in enumerate(cat_ids)}
-    for a in anns:
-        if a.get("iscrowd", 0) or int(a["category_id"]) not in k_of:
-            continue
-        for j, (lo, hi) in enumerate(AREA_RANGES.values()):
-            if lo <= float(a["area"]) <= hi:
-                out[:, :, k_of[int(a["category_id"])], j] = 0.0
     return out
 
 
