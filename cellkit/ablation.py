@@ -262,7 +262,7 @@ def format_plan(grid: GridSpec, runs: list[RunSpec], actions: list[str], out: An
         lines.append(f"data: {runs[0].data}")
     common = {k: v for k, v in runs[0].overrides.items() if all(k in r.overrides and r.overrides[k] == v for r in runs)}
     if common and len(runs) > 1:
-        lines.append("every run: " + " ".join(f"{k}={_short(v)}" for k, v in common.items()))
+        lines.append("every run: " + " ".join(f"{k}={_as_written(v)}" for k, v in common.items()))
     else:
         common = {}
     width = max(len(r.name) for r in runs)
@@ -277,11 +277,12 @@ def format_plan(grid: GridSpec, runs: list[RunSpec], actions: list[str], out: An
                          f"scheduler {scheduler_label(dataclasses.asdict(t))}, {t.epochs} epochs")
         own = {k: v for k, v in r.overrides.items() if k not in common}
         if own:
-            lines.append(f"  {'':<{width}}    " + " ".join(f"{k}={_short(v)}" for k, v in own.items()))
+            lines.append(f"  {'':<{width}}    " + " ".join(f"{k}={_as_written(v)}" for k, v in own.items()))
     return "\n".join(lines)
 
 
-def _short(v: Any) -> str:
+def _as_written(v: Any) -> str:
+    """An override value as a grid file writes it (strings bare, the rest as JSON)."""
     return v if isinstance(v, str) else json.dumps(v)
 
 

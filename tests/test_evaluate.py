@@ -291,3 +291,14 @@ def test_evaluator_processes_pieces_like_one_list(datasets: dict) -> None:
     ev.fail("CUDA out of memory")
     with pytest.raises(EvaluationError, match="rank 0: CUDA out of memory"):
         ev.evaluate()
+
+
+def test_one_number_formatter_for_every_report() -> None:
+    import numpy as np
+
+    from cellkit.evaluation.formatting import fmt, nan_to_none
+
+    assert fmt(0.12345) == "0.1235" and fmt(0.5, "+.2f") == "+0.50" and fmt(3) == "3.0000"
+    assert fmt(None) == fmt(float("nan")) == fmt(np.float32("nan")) == "n/a"
+    assert nan_to_none(np.float64(0.25)) == 0.25 and type(nan_to_none(np.float64(0.25))) is float
+    assert nan_to_none(None) is None and nan_to_none(np.nan) is None
