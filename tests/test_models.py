@@ -383,6 +383,25 @@ def test_trainable_stages_and_norm_reach_the_backbone(
         assert types == {norm_type}
 
 
+def test_frozen_stages_keep_their_norm_layers_and_bn_statistics() -> None:
+    # freeze_stages (timm.utils.freeze) only stops gradients: with norm bn a frozen stage keeps
+    # nn.BatchNorm2d, whose running statistics still follow the data in train mode, as in
+    # torchvision's extractors; FrozenBatchNorm2d comes from model.norm alone
+    from cellkit.models.builders import RESNET_STAGES, freeze_stages
+
+    m = small_cfg("resnet18", **{"model.norm": "bn", "model.trainable_layers": 2}).model
+    body = create_backbone(m).module.body
+    assert not any(p.requires_grad for p in body.layer1.parameters())
+    assert all(p.requires_grad for p in body.layer3.parameters())
+    bn = body.layer1[0].bn1
+    assert type(bn) is nn.BatchNorm2d
+    before = bn.running_mean.clone()
+    body.train()(torch.rand(1, 3, 64, 64))
+    assert not torch.equal(before, bn.running_mean)
+    with pytest.raises(AttributeError):
+        freeze_stages(body, (("no_such_stage",), ("layer1",)), 1)
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
