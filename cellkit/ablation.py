@@ -541,6 +541,17 @@ def visible_gpus() -> list[str]:
 
 
 def _worker(job_path: str) -> int:
+    """Execute one run's notebook (``job.json``: notebook, output, parameters, kernel, cwd) with
+    papermill's Python API and write its outcome (ok, or the failing cell's error and traceback)
+    to ``job["outcome"]``; returns the exit status.
+
+    Not the bare ``papermill`` CLI with a per-job environment: the CLI cannot die with its parent
+    (this calls ``prctl(PR_SET_PDEATHSIG)`` first, so a killed Dask worker leaves no training
+    behind; the kill -9 tests rely on it), reports a failure only as text on stderr (the ablation
+    needs the cell, error name and traceback as data for ``status.json`` and ``error.txt``), and
+    takes parameters as ``-p key value`` strings it re-parses as YAML (``job.json`` keeps the
+    dotted overrides' exact JSON values).
+    """
     import logging
 
     import papermill as pm
