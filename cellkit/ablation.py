@@ -549,8 +549,8 @@ def _worker(job_path: str) -> int:
     (this calls ``prctl(PR_SET_PDEATHSIG)`` first, so a killed Dask worker leaves no training
     behind; the kill -9 tests rely on it), reports a failure only as text on stderr (the ablation
     needs the cell, error name and traceback as data for ``status.json`` and ``error.txt``), and
-    takes parameters as ``-p key value`` strings it re-parses as YAML (``job.json`` keeps the
-    dotted overrides' exact JSON values).
+    takes parameters as command-line strings whose types it guesses (``-p``) or as YAML text
+    (``-y``), where ``job.json`` hands the overrides' exact JSON values straight to the API.
     """
     import logging
 
