@@ -46,8 +46,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     names = list_backbones(args.pattern, pretrained=args.pretrained, tags=tags)
     if args.names:  # from the registry's metadata alone
         if args.json:
-            print(json.dumps([{"name": n, "tags": backbone_info(n).tags, "pretrained": list(backbone_info(n).pretrained)}
-                              for n in names], indent=1))
+            infos = [backbone_info(n) for n in names]
+            print(json.dumps([{"name": i.name, "tags": i.tags, "pretrained": list(i.pretrained)} for i in infos], indent=1))
         else:
             print("\n".join(names))
         return 0
