@@ -460,7 +460,7 @@ def test_frozen_stages_keep_their_norm_layers_and_bn_statistics() -> None:
     # freeze_stages (timm.utils.freeze) only stops gradients: with norm bn a frozen stage keeps
     # nn.BatchNorm2d, whose running statistics still follow the data in train mode, as in
     # torchvision's extractors; FrozenBatchNorm2d comes from model.norm alone
-    from cellkit.models.builders import RESNET_STAGES, freeze_stages
+    from cellkit.models.builders import freeze_stages
 
     m = small_cfg("resnet18", **{"model.norm": "bn", "model.trainable_layers": 2}).model
     body = create_backbone(m).module.body

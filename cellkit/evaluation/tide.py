@@ -84,7 +84,7 @@ from pycocotools import mask as mask_utils
 
 from ..errors import CellkitError
 from .coco import mean_valid
-from .formatting import fmt
+from .formatting import fmt, nan_to_none
 from .inputs import GroundTruth, gt_rle, prepare
 from .rle import mask_iou
 
@@ -385,7 +385,7 @@ class ErrorReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (NaN as None), without the matching."""
-        nn = _nan_none
+        nn = nan_to_none
         return {
             "iou_fg": self.iou_fg, "iou_bg": self.iou_bg, "max_dets": self.max_dets, "backend": self.backend,
             "base_ap": nn(self.base_ap), "fixed_ap": {k: nn(v) for k, v in self.fixed_ap.items()},
