@@ -54,7 +54,8 @@ def make_data(out: Path, n_images: int, dets_per_image: int, seed: int = 0) -> t
     import scipy.ndimage as ndi
     from pycocotools import mask as mask_utils
 
-    from cellkit.data.coco import categories, write_json
+    from cellkit.data.coco import categories
+    from cellkit.outputs import write_json
     from cellkit.evaluation.rle import encode_region
     from cellkit.data.synth import synth_image
 

@@ -57,6 +57,7 @@ import yaml
 
 from .config import Config, load_config, resolve_config_path
 from .errors import CellkitError, ConfigError, DataError
+from .outputs import write_json
 from .resources import GRIDS, NOTEBOOKS
 from .resources import TRAINING_NOTEBOOK as DEFAULT_NOTEBOOK
 
@@ -261,7 +262,7 @@ def format_plan(grid: GridSpec, runs: list[RunSpec], actions: list[str], out: An
         lines.append(f"data: {runs[0].data}")
     common = {k: v for k, v in runs[0].overrides.items() if all(k in r.overrides and r.overrides[k] == v for r in runs)}
     if common and len(runs) > 1:
-        lines.append("every run: " + " ".join(f"{k}={_short(v)}" for k, v in common.items()))
+        lines.append("every run: " + " ".join(f"{k}={_as_written(v)}" for k, v in common.items()))
     else:
         common = {}
     width = max(len(r.name) for r in runs)
@@ -276,11 +277,12 @@ def format_plan(grid: GridSpec, runs: list[RunSpec], actions: list[str], out: An
                          f"scheduler {scheduler_label(dataclasses.asdict(t))}, {t.epochs} epochs")
         own = {k: v for k, v in r.overrides.items() if k not in common}
         if own:
-            lines.append(f"  {'':<{width}}    " + " ".join(f"{k}={_short(v)}" for k, v in own.items()))
+            lines.append(f"  {'':<{width}}    " + " ".join(f"{k}={_as_written(v)}" for k, v in own.items()))
     return "\n".join(lines)
 
 
-def _short(v: Any) -> str:
+def _as_written(v: Any) -> str:
+    """An override value as a grid file writes it (strings bare, the rest as JSON)."""
     return v if isinstance(v, str) else json.dumps(v)
 
 
@@ -379,10 +381,10 @@ def _run_grid_locked(g: GridSpec, runs: list[RunSpec], out: Path, kernel: str, c
     from .progress import bar
 
     ledger = Ledger(out)
-    _write_json(out / "grid.json", {
+    write_json({
         "name": g.name, "source": str(g.source) if g.source else None, "notebook": str(g.notebook),
         "kernel": kernel, "runs": [{"name": r.name, "reported": r.reported, **r.settings()} for r in runs],
-    })
+    }, out / "grid.json", indent=1, default=str)
     plan = [(r, run_action(r)) for r in runs]
     actions = {r.name: action for r, action in plan}
     todo = [(i, r) for i, (r, action) in enumerate(plan) if action != "skip"]
@@ -539,6 +541,17 @@ def visible_gpus() -> list[str]:
 
 
 def _worker(job_path: str) -> int:
+    """Execute one run's notebook (``job.json``: notebook, output, parameters, kernel, cwd) with
+    papermill's Python API and write its outcome (ok, or the failing cell's error and traceback)
+    to ``job["outcome"]``; returns the exit status.
+
+    Not the bare ``papermill`` CLI with a per-job environment: the CLI cannot die with its parent
+    (this calls ``prctl(PR_SET_PDEATHSIG)`` first, so a killed Dask worker leaves no training
+    behind; the kill -9 tests rely on it), reports a failure only as text on stderr (the ablation
+    needs the cell, error name and traceback as data for ``status.json`` and ``error.txt``), and
+    takes parameters as command-line strings whose types it guesses (``-p``) or as YAML text
+    (``-y``), where ``job.json`` hands the overrides' exact JSON values straight to the API.
+    """
     import logging
 
     import papermill as pm
@@ -563,7 +576,7 @@ def _worker(job_path: str) -> int:
         import traceback
 
         outcome = {"status": FAILED, "ename": type(e).__name__, "evalue": str(e), "traceback": traceback.format_exc()}
-    _write_json(Path(job["outcome"]), outcome)
+    write_json(outcome, Path(job["outcome"]), indent=1, default=str)
     return 0 if outcome["status"] == OK else 1
 
 
@@ -594,7 +607,7 @@ def collect_results(out_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     rows = [_result_row(out / name, name, reported) for name, reported in entries]
     for row in rows:
         row["attempts"] = attempts.get(row["name"], 0)
-    _write_json(out / "results.json", rows)
+    write_json(rows, out / "results.json", indent=1, default=str)
     (out / "results.md").write_text(format_results_table(rows, title=f"Grid {grid['name']}" if grid else "") + "\n")
     return rows
 
@@ -858,7 +871,7 @@ def _say(msg: str) -> None:
 def _write_status(r: RunSpec, status: Mapping[str, Any]) -> dict[str, Any]:
     assert r.folder is not None
     full = {"name": r.name, **status, "settings": r.settings()}
-    _write_json(r.folder / "status.json", full)
+    write_json(full, r.folder / "status.json", indent=1, default=str)
     return full
 
 
@@ -880,13 +893,6 @@ def _read_yaml(path: Path) -> dict[str, Any] | None:
     except (OSError, yaml.YAMLError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
 
 
 def _now(t: float) -> str:

@@ -30,7 +30,7 @@ def run_demo(out: str | Path, config: str | Path | None = None, overrides: Mappi
     from .engine.submit import predict_submission
     from .engine.trainer import train
 
-    from .outputs import check_writable_dir
+    from .outputs import check_writable_dir, write_json
 
     t0 = time.time()
     cfg = load_config(config or "demo", overrides)
@@ -52,7 +52,7 @@ def run_demo(out: str | Path, config: str | Path | None = None, overrides: Mappi
     report = evaluate_predictions(run / "val_gt.json", run / "val_predictions.json", max_dets=cfg.eval.max_dets,
                                   backend=cfg.eval.backend, num_classes=cfg.model.num_classes)
     print(report.format())
-    (run / "eval.json").write_text(json.dumps(report.to_dict(), indent=1))
+    write_json(report.to_dict(), run / "eval.json", indent=1)
 
     _step(5, "test images -> submission (cellkit predict), scored against the synthetic test ground truth")
     submission = out / "test-results.json"

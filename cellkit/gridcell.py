@@ -371,9 +371,9 @@ def run_notebook(r: Any, notebook: Path, kernel: str, resume: bool, threads: int
         "notebook": str(notebook), "output": str(r.folder / notebook.name), "cwd": str(r.folder),
         "kernel": kernel, "parameters": r.parameters(resume), "outcome": str(outcome_path),
     }
-    from .ablation import _write_json
+    from .outputs import write_json
 
-    _write_json(r.folder / "job.json", job)
+    write_json(job, r.folder / "job.json", indent=1, default=str)
     env = job_env(threads)
     env[PARENT] = str(os.getpid())
     env[ATTEMPT] = str(attempt)

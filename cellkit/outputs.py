@@ -9,13 +9,22 @@ after an hour of training or predicting. The checks create nothing; they try to 
 once drop) a nameless temporary file in the nearest folder that exists, which is the only test
 that holds for root too (root ignores permission bits, so ``os.access`` says yes to folders that
 ``chmod`` made read-only, and writing there does work). No torch here.
+
+Every file cellkit writes whole goes through one of three writers: :func:`write_atomic` (text or
+bytes), :func:`write_json` (JSON through it) and :func:`write_texts_together` (several files as
+one change). Each writes a temporary file beside the target and renames it over the target, so a
+reader (the ablation's status view, a resumed run) sees the old file or the new one, never half
+of one. Checkpoints (:func:`cellkit.engine.checkpoint.save_checkpoint`) stream ``torch.save``
+into such a temporary file themselves, with an ``fsync``, and appended logs (``ledger.jsonl``)
+are appended under a lock instead.
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 from .errors import DataError
 
@@ -79,6 +88,57 @@ def _probe(folder: Path, target: Path, what: str) -> None:
         raise DataError(target, f"cannot write the {what}: {folder} does not accept new files ({reason})") from None
 
 
+def _tmp_beside(path: Path) -> Path:
+    """The temporary name a writer uses beside ``path`` (hidden, unique per process)."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def write_atomic(path: PathLike, data: str | bytes) -> Path:
+    """Write ``data`` (text as UTF-8, or bytes) to ``path`` atomically: a temporary file beside it,
+    then a rename over it. An error or Ctrl-C leaves the old file (or none) and no temporary file.
+    Missing parent folders are created.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_beside(p)
+    try:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return p
+
+
+def write_json(
+    obj: Any,
+    path: PathLike,
+    *,
+    indent: int | None = None,
+    default: Callable[[Any], Any] | None = None,
+    allow_nan: bool = True,
+) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically (:func:`write_atomic`).
+
+    The text is built first, so an object JSON cannot represent raises before anything is written.
+
+    Args:
+        indent, default, allow_nan: as :func:`json.dumps`.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        TypeError, ValueError: from :func:`json.dumps` (``path`` untouched).
+    """
+    return write_atomic(path, json.dumps(obj, indent=indent, default=default, allow_nan=allow_nan))
+
+
 def write_texts_together(files: Mapping[PathLike, str]) -> list[Path]:
     """Write several text files as one change: every file goes to a temporary file beside its
     target first; only when all are written are they renamed over their targets. An error or
@@ -92,7 +152,7 @@ def write_texts_together(files: Mapping[PathLike, str]) -> list[Path]:
         for path, text in files.items():
             p = Path(path)
             p.parent.mkdir(parents=True, exist_ok=True)
-            tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+            tmp = _tmp_beside(p)
             pending.append((tmp, p))
             tmp.write_text(text)
         for tmp, p in pending:

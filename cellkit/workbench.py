@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import html
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -88,9 +87,9 @@ def open_run(run_dir: str | Path) -> RunFiles:
 def save_results(obj: Any, path: str | Path | None) -> None:
     """Write a notebook's key numbers as JSON (what tests and the ablation read back); None: skip."""
     if path:
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(obj, indent=1, default=float))
+        from .outputs import write_json
+
+        write_json(obj, path, indent=1, default=float)  # atomic: the ablation may read it any time
 
 
 def error_browser(dataset: Any, analysis: Any, image_ids: list[int], score_thresh: float = 0.5,

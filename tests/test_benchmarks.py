@@ -28,7 +28,8 @@ def last_json(stdout: str) -> dict:
 
 
 def test_every_benchmark_has_a_smoke_run() -> None:
-    """A new script in benchmarks/ must get a smoke run here."""
+    """A new script in benchmarks/ must get a smoke run here (mask_roundtrip.py has its own in
+    tests/test_mask_geometry.py, beside the geometry it measures)."""
     tested = {"data_memory.py", "demo_flops.py", "eval_speed.py", "mask_roundtrip.py", "paste_memory.py",
               "train_throughput.py"}
     assert {p.name for p in BENCHMARKS.glob("*.py")} <= tested
@@ -59,13 +60,6 @@ def test_demo_flops_smoke() -> None:
     assert {"backbone body", "RPN head", "mask head convs"} <= set(parts)
     assert sum(parts.values()) <= r["gflop_per_step"] * 1.001  # parts of the whole, counted once
     assert r["matmul_gflops"] > 0
-
-
-def test_mask_roundtrip_smoke() -> None:
-    out = run_benchmark("mask_roundtrip.py", "--quick")
-    rows = {cells[2]: float(cells[3]) for cells in (line.split("|") for line in out.splitlines())
-            if len(cells) > 3 and cells[1].strip() == "28" for cells in [[c.strip() for c in cells]]}
-    assert rows["exact"] >= 0.98 > rows["torchvision"], out
 
 
 @pytest.mark.slow

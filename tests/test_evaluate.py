@@ -140,6 +140,20 @@ def test_empty_prediction_list_gives_zero(real_gt: dict) -> None:
     json.dumps(r.to_dict(), allow_nan=False)
 
 
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+def test_empty_prediction_list_is_scored_by_cocoeval_itself(real_gt: dict, backend: str) -> None:
+    # no hand-built arrays: COCOeval runs on an empty result index and gives precision 0 where a
+    # class has ground truth in an area range and -1 (nothing to find) elsewhere
+    if backend == "faster_coco_eval" and not faster_coco_eval_available():
+        pytest.skip("faster-coco-eval is not installed")
+    r = coco_evaluate(real_gt, [], "segm", backend=backend)
+    assert r.precision is not None and r.precision.shape == (10, 101, 4, 4)
+    k = {name: i for i, name in enumerate(r.per_class)}
+    assert (r.precision[:, :, k["class2"], 0] == 0).all() and (r.precision[:, :, k["class3"], 0] == -1).all()
+    assert (r.precision[..., 3] == -1).all()  # no large cells in the sample
+    assert r.ar == 0.0 and r.per_class["class1"]["n_gt"] == 2 and r.n_predictions == 0
+
+
 def test_evaluate_predictions_segm_bbox_and_cells(datasets: dict) -> None:
     gt, preds = datasets["synth"]
     rep = evaluate_predictions(gt, preds, max_dets=1000)
@@ -277,3 +291,14 @@ def test_evaluator_processes_pieces_like_one_list(datasets: dict) -> None:
     ev.fail("CUDA out of memory")
     with pytest.raises(EvaluationError, match="rank 0: CUDA out of memory"):
         ev.evaluate()
+
+
+def test_one_number_formatter_for_every_report() -> None:
+    import numpy as np
+
+    from cellkit.evaluation.formatting import fmt, nan_to_none
+
+    assert fmt(0.12345) == "0.1235" and fmt(0.5, "+.2f") == "+0.50" and fmt(3) == "3.0000"
+    assert fmt(None) == fmt(float("nan")) == fmt(np.float32("nan")) == "n/a"
+    assert nan_to_none(np.float64(0.25)) == 0.25 and type(nan_to_none(np.float64(0.25))) is float
+    assert nan_to_none(None) is None and nan_to_none(np.nan) is None

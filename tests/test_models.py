@@ -32,6 +32,7 @@ from cellkit.models import (
     ResizeTransform,
     WeightsError,
     assemble,
+    backbone_info,
     build_model,
     count_trainable_parameters,
     create_backbone,
@@ -192,6 +193,77 @@ def test_registry_lists_the_ablation_rows_and_small_backbones() -> None:
     assert rows <= names
 
 
+def test_every_backbone_declares_its_metadata() -> None:
+    for name in list_backbones():
+        info = backbone_info(name)
+        assert info.name == name and info.description
+        assert set(info.tags) == set(registry.TAG_KEYS), name
+        assert info.imagenet is not None and info.imagenet.library == info.tags["library"]
+        assert info.tags["attention"] == (name.rsplit("_", 1)[1] if name.endswith(("_se", "_cbam")) else "none")
+    # sources are data: a torchvision enum member (with its url) or timm's arch.tag
+    r50 = backbone_info("resnet50")
+    assert r50.imagenet.weights.url.startswith("https://") and str(r50.imagenet).startswith("torchvision ResNet50_Weights")
+    assert backbone_info("resnet50_cbam").imagenet == registry.Pretrained("timm", "resnet50.tv_in1k")
+    assert r50.coco is not None and r50.coco.weights.url.endswith(".pth")
+
+
+def test_list_backbones_filters_on_metadata_without_building_any(monkeypatch: pytest.MonkeyPatch) -> None:
+    import timm
+    import torchvision
+
+    def no_build(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a model was built")
+
+    list_backbones()  # the built-in registrations, loaded
+    for name in list(registry._REGISTRY):
+        monkeypatch.setitem(registry._REGISTRY, name, no_build)
+    monkeypatch.setattr(timm, "create_model", no_build)
+    for arch in ("resnet18", "resnet50", "resnet101", "resnext50_32x4d", "resnext101_32x8d", "mobilenet_v3_large"):
+        monkeypatch.setattr(torchvision.models, arch, no_build)
+
+    coco = {"resnet50", "resnet50_se", "resnet50_cbam", "resnet50_v2", "resnet50_v2_se", "resnet50_v2_cbam"}
+    assert set(list_backbones(pretrained="coco")) == coco
+    assert list_backbones(tags={"attention": "se"}) == ["resnet50_se", "resnet50_v2_se", "resnext50_32x4d_se"]
+    assert list_backbones("resnet50*", tags={"head": "v2", "attention": ["se", "cbam"]}) == [
+        "resnet50_v2_cbam", "resnet50_v2_se"]
+    assert list_backbones(tags={"neck": "dc5"}) == ["resnet101_dc5"]
+    assert list_backbones(["efficientnet_*", "convnext*"], tags={"library": "timm"}) == [
+        "convnext_tiny", "efficientnet_b0", "efficientnet_b1"]
+    assert list_backbones(tags={"family": "mobilenet"}, pretrained="coco") == []
+    assert len(list_backbones(pretrained="imagenet")) == len(list_backbones("*")) == len(registry._REGISTRY)
+    with pytest.raises(ConfigError, match="did you mean 'attention'"):
+        list_backbones(tags={"atention": "se"})
+    with pytest.raises(ConfigError, match="not one of imagenet, coco"):
+        list_backbones(pretrained="cocoa")
+
+    from cellkit.cli import main
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert main(["models", "--names", "--json", "--pretrained", "coco", "--tag", "attention=cbam"]) == 0
+    rows = json.loads(buf.getvalue())
+    assert [r["name"] for r in rows] == ["resnet50_cbam", "resnet50_v2_cbam"]
+    assert rows[0]["pretrained"] == ["imagenet", "coco"] and rows[1]["tags"]["head"] == "v2"
+
+
+def test_a_registration_that_contradicts_its_build_is_caught() -> None:
+    from cellkit.models.builders import tv_resnet
+    from torchvision.models import ResNet18_Weights, ResNet34_Weights
+
+    @register_backbone(family="resnet", head="v2", imagenet=ResNet18_Weights.IMAGENET1K_V1)
+    def resnet34(cfg: Any) -> BackboneSpec:
+        """ResNet-34 + FPN declared with the wrong head and weights (a test registration)."""
+        return tv_resnet("resnet34", ResNet34_Weights.IMAGENET1K_V1, cfg)
+
+    try:
+        assert backbone_info("resnet34").tags == {"family": "resnet", "head": "v2", "library": "torchvision"}
+        with torch.device("meta"), pytest.raises(ValueError, match="imagenet: declared torchvision ResNet18_Weights.*head: declared v2, built v1"):
+            create_backbone(small_cfg("resnet34").model)
+    finally:
+        registry._REGISTRY.pop("resnet34")
+        registry._INFO.pop("resnet34")
+
+
 def test_unknown_backbone_suggests_the_nearest_name() -> None:
     with pytest.raises(ConfigError, match="unknown backbone 'resnet5_cbam'.*did you mean 'resnet50_cbam'"):
         build_model(small_cfg("resnet5_cbam"))
@@ -220,6 +292,7 @@ def test_adding_a_backbone_is_one_function() -> None:
             register_backbone(other)
     finally:
         registry._REGISTRY.pop("resnet34")
+        registry._INFO.pop("resnet34")
 
 
 def test_models_command_lists_every_backbone_under_200m() -> None:
@@ -232,7 +305,7 @@ def test_models_command_lists_every_backbone_under_200m() -> None:
     assert [r["name"] for r in rows] == list_backbones()
     for r in rows:
         assert 1_000_000 < r["trainable_params"] < 200_000_000, r
-        assert r["imagenet"]
+        assert r["imagenet"] == str(backbone_info(r["name"]).imagenet) and r["tags"] == backbone_info(r["name"]).tags
     coco = {r["name"] for r in rows if r["coco"]}
     assert coco == {"resnet50", "resnet50_se", "resnet50_cbam", "resnet50_v2", "resnet50_v2_se", "resnet50_v2_cbam"}
     # the meta-device count equals a real build's
@@ -381,6 +454,25 @@ def test_trainable_stages_and_norm_reach_the_backbone(
         types = {type(x) for x in body.modules() if isinstance(x, (nn.BatchNorm2d, FrozenBatchNorm2d, nn.GroupNorm))
                  and not any(x is y for a in body.modules() if isinstance(a, attn) for y in a.modules())}
         assert types == {norm_type}
+
+
+def test_frozen_stages_keep_their_norm_layers_and_bn_statistics() -> None:
+    # freeze_stages (timm.utils.freeze) only stops gradients: with norm bn a frozen stage keeps
+    # nn.BatchNorm2d, whose running statistics still follow the data in train mode, as in
+    # torchvision's extractors; FrozenBatchNorm2d comes from model.norm alone
+    from cellkit.models.builders import freeze_stages
+
+    m = small_cfg("resnet18", **{"model.norm": "bn", "model.trainable_layers": 2}).model
+    body = create_backbone(m).module.body
+    assert not any(p.requires_grad for p in body.layer1.parameters())
+    assert all(p.requires_grad for p in body.layer3.parameters())
+    bn = body.layer1[0].bn1
+    assert type(bn) is nn.BatchNorm2d
+    before = bn.running_mean.clone()
+    body.train()(torch.rand(1, 3, 64, 64))
+    assert not torch.equal(before, bn.running_mean)
+    with pytest.raises(AttributeError):
+        freeze_stages(body, (("no_such_stage",), ("layer1",)), 1)
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from ..outputs import check_writable_dir, write_texts_together
+from ..outputs import write_json  # noqa: F401  (re-exported: the one atomic JSON writer lives in cellkit.outputs)
 from ..progress import bar
 from ..structures.label_maps import LabelMaps
 from .instances import load_sample
@@ -64,16 +65,6 @@ def coco_from_dataset(dataset: Any, num_classes: int = 4, progress: bool = False
                 "area": float(m.sum()), "bbox": [float(v) for v in mask_utils.toBbox(rle)], "iscrowd": 0,
             })
     return {"images": images, "annotations": annotations, "categories": categories(num_classes)}
-
-
-def write_json(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """Write JSON atomically (temporary file, then rename): a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
-    return path
 
 
 def convert(

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -281,7 +280,7 @@ class CheckpointHook(Hook):
         return value > self.best if self.mode == "max" else value < self.best
 
     def after_epoch(self, metrics: dict[str, Any]) -> None:
-        from ..data.coco import write_json
+        from ..outputs import write_json
         from .checkpoint import save_checkpoint
 
         t = self.trainer
@@ -323,13 +322,13 @@ class MetricsWriter(Hook):
             self._write_history()
 
     def _write_history(self) -> None:
+        from ..outputs import write_atomic
+
         path = self.trainer.run_dir / "metrics.jsonl"  # type: ignore[operator]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(h) + "\n" for h in self.trainer.history))
-        os.replace(tmp, path)
+        write_atomic(path, "".join(json.dumps(h) + "\n" for h in self.trainer.history))
 
     def after_train(self, summary: dict[str, Any]) -> None:
-        from ..data.coco import write_json
+        from ..outputs import write_json
 
         if self.trainer.run_dir is not None:
             write_json(summary, self.trainer.run_dir / "metrics.json")

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset, Subset
 
 from ..config import Config
 from ..data import CellDataset, build_coco, image_to_tensor, read_image, train_val_samples
-from ..data.coco import write_json
+from ..outputs import write_json
 from ..errors import DataError
 from ..evaluation.coco import EvalReport, evaluate_predictions
 from ..structures.detections import Detections

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..config import PredictConfig
-from ..data.coco import write_json
+from ..outputs import write_json
 from ..errors import ConfigError, DataError
 from ..progress import bar
 from ..evaluation.rle import RLE

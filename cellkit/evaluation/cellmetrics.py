@@ -18,7 +18,6 @@ Ratios whose denominator is 0 (e.g. a class with neither instances nor predictio
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -26,6 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from .formatting import fmt, nan_to_none
 from .inputs import gt_rle, prepare
 
 __all__ = ["CellMetrics", "ClassCounts", "cell_metrics", "match_masks"]
@@ -77,8 +77,8 @@ class ClassCounts:
         """``{tp, fp, fn, precision, recall, f1, accuracy, mean_matched_iou}`` (NaN as None)."""
         return {
             "tp": self.tp, "fp": self.fp, "fn": self.fn,
-            "precision": _nan_none(self.precision), "recall": _nan_none(self.recall), "f1": _nan_none(self.f1),
-            "accuracy": _nan_none(self.accuracy), "mean_matched_iou": _nan_none(self.mean_matched_iou),
+            "precision": nan_to_none(self.precision), "recall": nan_to_none(self.recall), "f1": nan_to_none(self.f1),
+            "accuracy": nan_to_none(self.accuracy), "mean_matched_iou": nan_to_none(self.mean_matched_iou),
         }
 
 
@@ -136,8 +136,8 @@ class CellMetrics:
         ]
         for name, c in [*self.per_class.items(), ("overall", self.overall)]:
             lines.append(
-                f"  {name:<10} {c.tp:>7d} {c.fp:>7d} {c.fn:>7d} {_f(c.precision):>10} {_f(c.recall):>8} "
-                f"{_f(c.f1):>7} {_f(c.accuracy):>14}"
+                f"  {name:<10} {c.tp:>7d} {c.fp:>7d} {c.fn:>7d} {fmt(c.precision):>10} {fmt(c.recall):>8} "
+                f"{fmt(c.f1):>7} {fmt(c.accuracy):>14}"
             )
         return "\n".join(lines)
 
@@ -223,11 +223,3 @@ def cell_metrics(
 
 def _ratio(a: float, b: float) -> float:
     return float(a) / b if b else float("nan")
-
-
-def _nan_none(x: float) -> float | None:
-    return None if math.isnan(x) else float(x)
-
-
-def _f(x: float) -> str:
-    return "n/a" if math.isnan(x) else f"{x:.4f}"

@@ -23,11 +23,12 @@ import io
 import math
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import numpy as np
 
 from ..errors import CellkitError
+from .formatting import fmt
 from .inputs import (
     AREA_RANGES,
     DROP_REASONS,
@@ -137,15 +138,15 @@ class EvalResult:
         lines = [
             f"COCO {self.iou_type} AP ({self.backend}; {self.n_images} images, {self.n_gt} ground-truth instances, "
             f"{self.n_predictions} predictions, up to {self.max_dets} per image and class)",
-            f"  AP50   {_f(self.ap50)}" + ("   <- the scored metric" if self.iou_type == "segm" else ""),
-            f"  AP     {_f(self.ap)}   AP75 {_f(self.ap75)}   AR {_f(self.ar)}",
-            f"  AP by size: small {_f(self.ap_small)}   medium {_f(self.ap_medium)}   large {_f(self.ap_large)}",
+            f"  AP50   {fmt(self.ap50)}" + ("   <- the scored metric" if self.iou_type == "segm" else ""),
+            f"  AP     {fmt(self.ap)}   AP75 {fmt(self.ap75)}   AR {fmt(self.ar)}",
+            f"  AP by size: small {fmt(self.ap_small)}   medium {fmt(self.ap_medium)}   large {fmt(self.ap_large)}",
         ]
         if self.max_dets != STANDARD_MAX_DETS:
             note = f" ({self.n_beyond_100} predictions beyond that cap ignored)" if self.n_beyond_100 else ""
             lines.append(
-                f"  with pycocotools' standard cap of {STANDARD_MAX_DETS}: AP50 {_f(self.ap50_at_100)}   "
-                f"AP {_f(self.ap_at_100)}{note}"
+                f"  with pycocotools' standard cap of {STANDARD_MAX_DETS}: AP50 {fmt(self.ap50_at_100)}   "
+                f"AP {fmt(self.ap_at_100)}{note}"
             )
         if self.n_beyond_cap:
             lines.append(f"  {self.n_beyond_cap} predictions beyond the cap of {self.max_dets} were ignored")
@@ -153,7 +154,7 @@ class EvalResult:
         lines.append(f"  {'class':<10} {'n_gt':>7} {'n_pred':>8} {'AP50':>7} {'AP':>7} {'AP75':>7}")
         for name, c in self.per_class.items():
             lines.append(
-                f"  {name:<10} {c['n_gt']:>7d} {c['n_pred']:>8d} {_f(c['ap50']):>7} {_f(c['ap']):>7} {_f(c['ap75']):>7}"
+                f"  {name:<10} {c['n_gt']:>7d} {c['n_pred']:>8d} {fmt(c['ap50']):>7} {fmt(c['ap']):>7} {fmt(c['ap75']):>7}"
             )
         return "\n".join(lines)
 
@@ -198,9 +199,9 @@ class EvalReport:
             parts.append(segm.format())
         if bbox is not None:
             if segm is not None:
-                line = f"COCO bbox AP: AP50 {_f(bbox.ap50)}   AP {_f(bbox.ap)}   AP75 {_f(bbox.ap75)}"
+                line = f"COCO bbox AP: AP50 {fmt(bbox.ap50)}   AP {fmt(bbox.ap)}   AP75 {fmt(bbox.ap75)}"
                 if bbox.max_dets != STANDARD_MAX_DETS:
-                    line += f"   (cap {STANDARD_MAX_DETS}: AP50 {_f(bbox.ap50_at_100)}, AP {_f(bbox.ap_at_100)})"
+                    line += f"   (cap {STANDARD_MAX_DETS}: AP50 {fmt(bbox.ap50_at_100)}, AP {fmt(bbox.ap_at_100)})"
                 parts.append(line)
             else:
                 parts.append(bbox.format())
@@ -338,8 +339,23 @@ class _Runner:
                     self._gt = faster_coco_eval.COCO(self.ground.dataset)
                 # loadRes writes id/area/iscrowd into the entries: these are sanitize_predictions'
                 # own copies, never the caller's dicts
-                self._dt = self._gt.loadRes(self.kept)
+                self._dt = self._gt.loadRes(self.kept) if self.kept else self._no_results()
         return self._gt, self._dt
+
+    def _no_results(self) -> Any:
+        """An empty result index, so COCOeval itself says what no detections score: precision 0
+        where a class has ground truth in an area range, -1 (no ground truth) elsewhere.
+        pycocotools' ``loadRes([])`` fails (it reads the first entry), so its ``COCO()`` is built
+        directly on the ground truth's images and categories; faster-coco-eval's takes ``[]``."""
+        if self.backend != "pycocotools":
+            return self._gt.loadRes([])
+        from pycocotools.coco import COCO
+
+        dt = COCO()
+        dt.dataset = {"images": list(self.ground.dataset["images"]),
+                      "categories": list(self.ground.dataset["categories"]), "annotations": []}
+        dt.createIndex()
+        return dt
 
     def result(self, iou_type: str, max_dets: int, dropped: dict[str, int]) -> EvalResult:
         ground = self.ground
@@ -354,13 +370,9 @@ class _Runner:
         for p in self.kept:
             n_pred[p["category_id"]] += 1
         max_list = sorted({1, 10, STANDARD_MAX_DETS, max_dets})
-        if self.kept:
-            precision, recall = self._run(iou_type, max_list)
-            stats = _read_precision(precision, recall, max_list.index(max_dets), max_list.index(STANDARD_MAX_DETS))
-            kept_precision = precision[..., max_list.index(max_dets)].copy()
-        else:
-            stats = _empty_stats(anns, cat_ids)
-            kept_precision = _empty_precision(anns, cat_ids)
+        precision, recall = self._run(iou_type, max_list)  # no predictions: COCOeval on an empty result
+        stats = _read_precision(precision, recall, max_list.index(max_dets), max_list.index(STANDARD_MAX_DETS))
+        kept_precision = precision[..., max_list.index(max_dets)].copy()
         per_class = {}
         for k_idx, k in enumerate(cat_ids):
             per_class[names[k]] = {
@@ -405,7 +417,7 @@ def _quiet(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-def _mean_valid(x: np.ndarray) -> float:
+def mean_valid(x: np.ndarray) -> float:
     """Mean of the entries > -1 (pycocotools' "no ground truth" marker); NaN when none."""
     v = x[x > -1]
     return float(np.mean(v)) if v.size else float("nan")
@@ -423,67 +435,25 @@ def _read_precision(precision: np.ndarray, recall: np.ndarray, m: int, m100: int
     """
     t50, t75 = 0, 5
     out: dict[str, Any] = {
-        "ap50": _mean_valid(precision[t50, :, :, 0, m]),
-        "ap": _mean_valid(precision[:, :, :, 0, m]),
-        "ap75": _mean_valid(precision[t75, :, :, 0, m]),
-        "ap_small": _mean_valid(precision[:, :, :, 1, m]),
-        "ap_medium": _mean_valid(precision[:, :, :, 2, m]),
-        "ap_large": _mean_valid(precision[:, :, :, 3, m]),
-        "ar": _mean_valid(recall[:, :, 0, m]),
-        "ap50_at_100": _mean_valid(precision[t50, :, :, 0, m100]),
-        "ap_at_100": _mean_valid(precision[:, :, :, 0, m100]),
+        "ap50": mean_valid(precision[t50, :, :, 0, m]),
+        "ap": mean_valid(precision[:, :, :, 0, m]),
+        "ap75": mean_valid(precision[t75, :, :, 0, m]),
+        "ap_small": mean_valid(precision[:, :, :, 1, m]),
+        "ap_medium": mean_valid(precision[:, :, :, 2, m]),
+        "ap_large": mean_valid(precision[:, :, :, 3, m]),
+        "ar": mean_valid(recall[:, :, 0, m]),
+        "ap50_at_100": mean_valid(precision[t50, :, :, 0, m100]),
+        "ap_at_100": mean_valid(precision[:, :, :, 0, m100]),
     }
     K = precision.shape[2]
-    out["class_ap50"] = [_mean_valid(precision[t50, :, k, 0, m]) for k in range(K)]
-    out["class_ap"] = [_mean_valid(precision[:, :, k, 0, m]) for k in range(K)]
-    out["class_ap75"] = [_mean_valid(precision[t75, :, k, 0, m]) for k in range(K)]
-    return out
-
-
-def _empty_stats(anns: Iterable[dict[str, Any]], cat_ids: list[int]) -> dict[str, Any]:
-    """What COCOeval gives for no detections: 0 where there is ground truth to find, else NaN.
-
-    (pycocotools' ``loadRes`` cannot take an empty list, so this is not computed by it.)
-    """
-    present_cats: set[int] = set()
-    present_sizes: set[str] = set()
-    for a in anns:
-        if a.get("iscrowd", 0):
-            continue
-        present_cats.add(int(a["category_id"]))
-        for name, (lo, hi) in AREA_RANGES.items():
-            if lo <= float(a["area"]) <= hi:
-                present_sizes.add(name)
-    z = lambda ok: 0.0 if ok else float("nan")  # noqa: E731
-    any_gt = bool(present_cats)
-    out: dict[str, Any] = {k: z(any_gt) for k in ("ap50", "ap", "ap75", "ar", "ap50_at_100", "ap_at_100")}
-    for size in ("small", "medium", "large"):
-        out[f"ap_{size}"] = z(size in present_sizes)
-    for key in ("class_ap50", "class_ap", "class_ap75"):
-        out[key] = [z(k in present_cats) for k in cat_ids]
-    return out
-
-
-def _empty_precision(anns: Iterable[dict[str, Any]], cat_ids: list[int]) -> np.ndarray:
-    """COCOeval's ``(10, 101, K, 4)`` precision array for no detections: 0 where the class has
-    ground truth in that area range, -1 elsewhere."""
-    out = np.full((10, 101, len(cat_ids), len(AREA_RANGES)), -1.0)
-    k_of = {k: i for i, k in enumerate(cat_ids)}
-    for a in anns:
-        if a.get("iscrowd", 0) or int(a["category_id"]) not in k_of:
-            continue
-        for j, (lo, hi) in enumerate(AREA_RANGES.values()):
-            if lo <= float(a["area"]) <= hi:
-                out[:, :, k_of[int(a["category_id"])], j] = 0.0
+    out["class_ap50"] = [mean_valid(precision[t50, :, k, 0, m]) for k in range(K)]
+    out["class_ap"] = [mean_valid(precision[:, :, k, 0, m]) for k in range(K)]
+    out["class_ap75"] = [mean_valid(precision[t75, :, k, 0, m]) for k in range(K)]
     return out
 
 
 # --------------------------------------------------------------------------------------------
 # formatting helpers
-
-
-def _f(x: float | None) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
 
 def _jsonable(x: Any) -> Any:

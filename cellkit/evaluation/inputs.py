@@ -153,15 +153,15 @@ def load_ground_truth(gt: Any, num_classes: int = 4, need_masks: bool = True) ->
     notes: list[str] = []
     cat_ids = set()
     for i, c in enumerate(data["categories"]):
-        if not isinstance(c, Mapping) or not _is_int(c.get("id")):
+        if not isinstance(c, Mapping) or not is_int(c.get("id")):
             raise DataError(source, f"category {i} has no integer id: {c!r}")
         if not 1 <= int(c["id"]) <= num_classes:
             raise DataError(source, f"category id {c['id']} is outside 1..{num_classes}")
         cat_ids.add(int(c["id"]))
     images: dict[int, dict[str, Any]] = {}
     for i, im in enumerate(data["images"]):
-        if not isinstance(im, Mapping) or not _is_int(im.get("id")):
-            raise DataError(source, f"image entry {i} has no integer id: {_short(im)}")
+        if not isinstance(im, Mapping) or not is_int(im.get("id")):
+            raise DataError(source, f"image entry {i} has no integer id: {short_repr(im)}")
         if int(im["id"]) in images:
             raise DataError(source, f"duplicate image id {im['id']}")
         images[int(im["id"])] = dict(im)
@@ -172,7 +172,7 @@ def load_ground_truth(gt: Any, num_classes: int = 4, need_masks: bool = True) ->
         if not isinstance(a, Mapping):
             raise DataError(source, f"annotation {i} is not an object")
         for key in ("image_id", "category_id"):
-            if not _is_int(a.get(key)):
+            if not is_int(a.get(key)):
                 raise DataError(source, f"annotation {i} has no integer {key}")
         if int(a["image_id"]) not in images:
             raise DataError(source, f"annotation {i} refers to image id {a['image_id']}, which is not in 'images'")
@@ -185,7 +185,7 @@ def load_ground_truth(gt: Any, num_classes: int = 4, need_masks: bool = True) ->
             raise DataError(source, f"annotation {i} has neither bbox nor segmentation")
         a = dict(a)
         im = images[int(a["image_id"])]
-        if not (_is_int(im.get("height")) and _is_int(im.get("width"))):
+        if not (is_int(im.get("height")) and is_int(im.get("width"))):
             if isinstance(seg, Mapping) and isinstance(seg.get("size"), (list, tuple)) and len(seg["size"]) == 2:
                 im["height"], im["width"] = (int(v) for v in seg["size"])
                 missing["size"] += 1
@@ -213,7 +213,7 @@ def load_ground_truth(gt: Any, num_classes: int = 4, need_masks: bool = True) ->
         for k, a in enumerate(anns, start=1):
             a["id"] = k
     for im in images.values():
-        if not (_is_int(im.get("height")) and _is_int(im.get("width"))):
+        if not (is_int(im.get("height")) and is_int(im.get("width"))):
             raise DataError(source, f"image id {im['id']} has no height/width")
     labels = {"iscrowd": "iscrowd set to 0", "area": "area computed from the mask", "bbox": "bbox computed from the mask",
               "id": "annotation ids assigned 1..N", "size": "image height/width taken from an RLE"}
@@ -313,12 +313,12 @@ def _check_prediction(
         return "malformed", None
     if iou_type == "bbox" and seg is None and p.get("bbox") is None:
         return "malformed", None
-    if not _is_int(p["image_id"]):
+    if not is_int(p["image_id"]):
         return "unknown_image" if _is_real(p["image_id"]) else "malformed", None
     image_id = int(p["image_id"])
     if image_id not in sizes:
         return "unknown_image", None
-    if not _is_int(p["category_id"]) or int(p["category_id"]) not in valid_cats:
+    if not is_int(p["category_id"]) or int(p["category_id"]) not in valid_cats:
         return "unknown_category", None
     score = p["score"]
     if not _is_finite_real(score):
@@ -334,7 +334,7 @@ def _check_prediction(
     if seg is not None:
         h, w = sizes[image_id]
         if isinstance(seg, Mapping) and isinstance(seg.get("size"), (list, tuple)) and len(seg["size"]) == 2 \
-                and all(_is_int(v) for v in seg["size"]) and (int(seg["size"][0]), int(seg["size"][1])) != (h, w):
+                and all(is_int(v) for v in seg["size"]) and (int(seg["size"][0]), int(seg["size"][1])) != (h, w):
             return "wrong_size", None
         rle = _readable_rle(seg, h, w)
         if rle is None:
@@ -367,7 +367,7 @@ def _readable_rle(seg: Any, h: int, w: int) -> dict[str, Any] | None:
             size = seg.get("size")
             if (
                 not isinstance(size, (list, tuple)) or len(size) != 2
-                or size[0] != h or size[1] != w or not _is_int(size[0]) or not _is_int(size[1])
+                or size[0] != h or size[1] != w or not is_int(size[0]) or not is_int(size[1])
             ):
                 return None
             counts = seg.get("counts")
@@ -408,7 +408,7 @@ def check_predictions_match(
     if not n or unmatched * 2 <= n:
         return
     images = ground.images
-    foreign = sorted({int(p["image_id"]) for p in preds if isinstance(p, Mapping) and _is_int(p.get("image_id"))
+    foreign = sorted({int(p["image_id"]) for p in preds if isinstance(p, Mapping) and is_int(p.get("image_id"))
                       and int(p["image_id"]) not in images})
     ids = ", ".join(map(str, foreign[:5])) + (" ..." if len(foreign) > 5 else "")
     gt_ids = sorted(images)
@@ -429,7 +429,8 @@ def count_beyond_cap(preds: Sequence[Mapping[str, Any]], cap: int) -> int:
     return int(sum(max(0, n - cap) for n in per.values()))
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
+    """Whether ``v`` is an integer (Python or numpy), not a bool (the checks of ids and sizes)."""
     t = type(v)
     return t is int or (t is not bool and isinstance(v, numbers.Integral))
 
@@ -446,7 +447,8 @@ def _is_finite_real(v: Any) -> bool:
     return t is not bool and isinstance(v, numbers.Real) and math.isfinite(float(v))
 
 
-def _short(x: Any, n: int = 120) -> str:
+def short_repr(x: Any, n: int = 120) -> str:
+    """``repr(x)`` cut to ``n`` characters (with ``...``), for error messages quoting bad input."""
     s = repr(x)
     return s if len(s) <= n else s[: n - 3] + "..."
 

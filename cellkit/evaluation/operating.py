@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import CellkitError
 from .cellmetrics import ClassCounts, match_masks
+from .formatting import fmt, nan_to_none
 from .inputs import GroundTruth, gt_rle, prepare
 
 __all__ = ["DEFAULT_SIZE_BINS", "ImageScore", "OperatingMatch", "SizeRecall", "confusion_matrix", "operating_match",
@@ -158,7 +159,7 @@ class SizeRecall:
         """One dict per class and bin: ``{class, bin, lo, hi, n_gt, n_found, recall}``."""
         rec, labels = self.recall, self.bin_labels()
         return [{"class": c, "bin": labels[b], "lo": float(self.edges[b]), "hi": float(self.edges[b + 1]),
-                 "n_gt": int(self.n_gt[k, b]), "n_found": int(self.n_found[k, b]), "recall": _nan_none(rec[k, b])}
+                 "n_gt": int(self.n_gt[k, b]), "n_found": int(self.n_found[k, b]), "recall": nan_to_none(rec[k, b])}
                 for k, c in enumerate(self.classes) for b in range(len(labels))]
 
     def format(self) -> str:
@@ -168,7 +169,7 @@ class SizeRecall:
                  "  " + f"{'area':<12}" + "".join(f"{c:>16}" for c in self.classes)]
         for b, lab in enumerate(labels):
             lines.append("  " + f"{lab:<12}" + "".join(
-                f"{_f(rec[k, b], '.3f'):>8} ({self.n_gt[k, b]:>4d})" for k in range(len(self.classes))))
+                f"{fmt(rec[k, b], '.3f'):>8} ({self.n_gt[k, b]:>4d})" for k in range(len(self.classes))))
         return "\n".join(lines)
 
 
@@ -239,7 +240,7 @@ class ImageScore(ClassCounts):
         name = (parts[-2] if len(parts) > 1 and parts[-1].startswith("image.") else parts[-1]) if parts else ""
         name = name if len(name) <= 13 else name[:12] + "\u2026"
         head = f"{name} (id {self.image_id})" if name else f"image {self.image_id}"
-        return f"{head}\nF1 {_f(self.f1, '.2f')}: TP {self.tp}, FP {self.fp}, FN {self.fn}"
+        return f"{head}\nF1 {fmt(self.f1, '.2f')}: TP {self.tp}, FP {self.fp}, FN {self.fn}"
 
 
 def per_image(
@@ -318,11 +319,3 @@ def status_entries_from(om: OperatingMatch, image_id: int) -> list[dict[str, Any
 
 # --------------------------------------------------------------------------------------------
 # helpers
-
-
-def _nan_none(x: float) -> float | None:
-    return None if x is None or math.isnan(x) else float(x)
-
-
-def _f(x: float | None, spec: str = ".4f") -> str:
-    return "n/a" if x is None or math.isnan(x) else format(x, spec)

@@ -23,7 +23,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from ..errors import DataError
-from .inputs import read_json
+from .inputs import is_int, read_json, short_repr
 from .rle import rle_decodes, rle_run_lengths, rle_string_ok
 
 PathLike = str | os.PathLike[str]
@@ -72,7 +72,7 @@ def read_image_sizes(path: PathLike) -> dict[int, tuple[int, int]]:
         raise DataError(path, "expected a list of {file_name, id, height, width} entries")
     sizes: dict[int, tuple[int, int]] = {}
     for i, e in enumerate(entries):
-        if not isinstance(e, Mapping) or not all(_is_int(e.get(k)) for k in ("id", "height", "width")):
+        if not isinstance(e, Mapping) or not all(is_int(e.get(k)) for k in ("id", "height", "width")):
             raise DataError(path, f"entry {i} must have integer id, height and width, got {e!r}")
         if int(e["id"]) in sizes:
             raise DataError(path, f"duplicate id {e['id']} (entry {i})")
@@ -183,7 +183,7 @@ def _check_entry(
     hw = None
     if "image_id" in e:
         image_id = e["image_id"]
-        if not _is_int(image_id):
+        if not is_int(image_id):
             out.append(Problem(i, f"image_id must be an integer, got {image_id!r}"))
         elif int(image_id) not in sizes:
             out.append(Problem(i, f"image_id {image_id} is not in the test index"))
@@ -192,7 +192,7 @@ def _check_entry(
             seen_images.add(int(image_id))
     if "category_id" in e:
         c = e["category_id"]
-        if not _is_int(c):
+        if not is_int(c):
             out.append(Problem(i, f"category_id must be an integer, got {c!r}"))
         elif not 1 <= int(c) <= num_classes:
             out.append(Problem(i, f"category_id {c} is outside 1..{num_classes}"))
@@ -206,7 +206,7 @@ def _check_entry(
     if "bbox" in e:
         bb = e["bbox"]
         if not isinstance(bb, list) or len(bb) != 4 or not all(_is_number(v) for v in bb):
-            out.append(Problem(i, f"bbox must be a list of 4 numbers [x, y, w, h], got {_short(bb)}"))
+            out.append(Problem(i, f"bbox must be a list of 4 numbers [x, y, w, h], got {short_repr(bb, 80)}"))
         elif not all(math.isfinite(float(v)) for v in bb):
             out.append(Problem(i, f"bbox has non-finite values {bb}"))
         elif bb[2] < 0 or bb[3] < 0:
@@ -235,9 +235,9 @@ def _check_segmentation(
         return None, [Problem(i, f"segmentation must be an RLE object {{size, counts}}, got {type(seg).__name__}")]
     out: list[Problem] = []
     size, counts = seg.get("size"), seg.get("counts")
-    size_ok = isinstance(size, list) and len(size) == 2 and all(_is_int(v) and v >= 0 for v in size)
+    size_ok = isinstance(size, list) and len(size) == 2 and all(is_int(v) and v >= 0 for v in size)
     if not size_ok:
-        out.append(Problem(i, f"segmentation.size must be [height, width] integers, got {_short(size)}"))
+        out.append(Problem(i, f"segmentation.size must be [height, width] integers, got {short_repr(size, 80)}"))
     elif hw is not None and tuple(size) != hw:
         out.append(Problem(i, f"segmentation.size is {size} but the image is {list(hw)} (height, width)"))
         size_ok = False  # never decode at a size the test index does not give (46341 x 46341 is 2 GB)
@@ -312,21 +312,18 @@ def write_submission(entries: Sequence[Mapping[str, Any]], out_json: PathLike) -
     Raises:
         DataError: an entry holds NaN/Inf or something JSON cannot represent.
     """
+    from ..outputs import write_atomic
+
     out, zip_path = submission_paths(out_json)
-    out.parent.mkdir(parents=True, exist_ok=True)
     try:
         text = json.dumps([_plain_entry(e) for e in entries], allow_nan=False, default=_json_default)
     except (ValueError, TypeError) as e:
         raise DataError(out, f"cannot write the submission: {e}") from None
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, out)
+    write_atomic(out, text)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
         z.writestr(out.name, text)
-    ztmp = zip_path.with_name(f".{zip_path.name}.tmp{os.getpid()}")
-    ztmp.write_bytes(buf.getvalue())
-    os.replace(ztmp, zip_path)
+    write_atomic(zip_path, buf.getvalue())
     return out, zip_path
 
 
@@ -392,10 +389,6 @@ def _kind(message: str) -> str:
     return message.split(" ", 1)[0] if message else message
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
 def _is_number(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
@@ -404,6 +397,3 @@ def _box(bb: Sequence[float]) -> str:
     return "[" + ", ".join(f"{v:.1f}" for v in bb) + "]"
 
 
-def _short(x: Any, n: int = 80) -> str:
-    s = repr(x)
-    return s if len(s) <= n else s[: n - 3] + "..."

@@ -75,7 +75,6 @@ missed).
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
@@ -84,6 +83,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from ..errors import CellkitError
+from .coco import mean_valid
+from .formatting import fmt, nan_to_none
 from .inputs import GroundTruth, gt_rle, prepare
 from .rle import mask_iou
 
@@ -384,7 +385,7 @@ class ErrorReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (NaN as None), without the matching."""
-        nn = _nan_none
+        nn = nan_to_none
         return {
             "iou_fg": self.iou_fg, "iou_bg": self.iou_bg, "max_dets": self.max_dets, "backend": self.backend,
             "base_ap": nn(self.base_ap), "fixed_ap": {k: nn(v) for k, v in self.fixed_ap.items()},
@@ -399,14 +400,14 @@ class ErrorReport:
         lines = [
             f"TIDE error decomposition (segm AP at IoU {self.iou_fg:g}, background below IoU {self.iou_bg:g}, "
             f"up to {self.max_dets} detections per image and class)",
-            f"  AP {_f(self.base_ap)}   ({self.counts['tp']} true positives; with every error fixed: "
-            f"{_f(self.fixed_ap['all'])})",
+            f"  AP {fmt(self.base_ap)}   ({self.counts['tp']} true positives; with every error fixed: "
+            f"{fmt(self.fixed_ap['all'])})",
             f"  {'error':<22} {'count':>7} {'dAP':>8}",
         ]
         for t in ERROR_TYPES:
-            lines.append(f"  {t + ' (' + ERROR_NAMES[t] + ')':<22} {self.counts[t]:>7d} {_f(self.delta[t], '+.4f'):>8}")
+            lines.append(f"  {t + ' (' + ERROR_NAMES[t] + ')':<22} {self.counts[t]:>7d} {fmt(self.delta[t], '+.4f'):>8}")
         for t in SPECIAL_TYPES:
-            lines.append(f"  {t:<22} {'':>7} {_f(self.delta[t], '+.4f'):>8}")
+            lines.append(f"  {t:<22} {'':>7} {fmt(self.delta[t], '+.4f'):>8}")
         extra = [f"{self.counts[k]} {k.replace('_', ' ')}" for k in ("ignored", "beyond_cap") if self.counts[k]]
         if extra:
             lines.append("  predictions not evaluated: " + ", ".join(extra))
@@ -479,13 +480,8 @@ def _ap_at(res: "EvalResult", t: int) -> tuple[float, dict[str, float]]:
         return res.ap50, {name: row["ap50"] for name, row in res.per_class.items()}
     assert res.precision is not None
     prec = res.precision[t, :, :, 0]  # (R, K)
-    per = {name: _mean_valid(prec[:, k]) for k, name in enumerate(res.per_class)}
-    return _mean_valid(prec), per
-
-
-def _mean_valid(x: np.ndarray) -> float:
-    v = x[x > -1]
-    return float(np.mean(v)) if v.size else float("nan")
+    per = {name: mean_valid(prec[:, k]) for k, name in enumerate(res.per_class)}
+    return mean_valid(prec), per
 
 
 def _fixed_predictions(m: Matching, fix: Sequence[str]) -> list[dict[str, Any]]:
@@ -527,11 +523,3 @@ def _fixed_ground(m: Matching, fix: Sequence[str]) -> GroundTruth | dict[str, An
 
 # --------------------------------------------------------------------------------------------
 # helpers
-
-
-def _nan_none(x: float) -> float | None:
-    return None if x is None or math.isnan(x) else float(x)
-
-
-def _f(x: float | None, spec: str = ".4f") -> str:
-    return "n/a" if x is None or math.isnan(x) else format(x, spec)

@@ -4,7 +4,9 @@
 >>> from cellkit.models import build_model, list_backbones
 >>> model = build_model(load_config(overrides={"model.backbone": "resnet18"}))
 
-``cellkit models`` lists the registered backbones with their trainable-parameter counts.
+``cellkit models`` lists the registered backbones with their trainable-parameter counts;
+``list_backbones("resnet*", pretrained="coco", tags={"attention": "se"})`` filters them on the
+metadata each registration declares (:func:`backbone_info`), without building any.
 
 Only the registry is imported eagerly; torch, torchvision and timm load on first use of anything
 else, so importing the package stays fast.
@@ -14,7 +16,17 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .registry import BackboneSpec, backbone_description, create_backbone, get_backbone, list_backbones, register_backbone
+from .registry import (
+    BackboneInfo,
+    BackboneSpec,
+    Pretrained,
+    backbone_description,
+    backbone_info,
+    create_backbone,
+    get_backbone,
+    list_backbones,
+    register_backbone,
+)
 
 _LAZY = {
     "build_model": "maskrcnn", "assemble": "maskrcnn", "count_trainable_parameters": "maskrcnn",
@@ -41,5 +53,6 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "build_model", "list_backbones", "register_backbone", "count_trainable_parameters", "count_parameters",
     "BackboneSpec", "create_backbone", "get_backbone", "backbone_description", "assemble", "validate_model_config",
+    "BackboneInfo", "Pretrained", "backbone_info",
     "ResizeTransform", "resize_masks", "LoadReport", "WeightsError", "load_file", "load_matching", "read_state_dict",
 ]

@@ -9,6 +9,11 @@ the demo (resnet18, mobilenet_v3_large).
 Rows without attention use torchvision's builders; ``_se`` / ``_cbam`` rows use timm ResNets
 built with ``block_args=dict(attn_layer=...)``, whose blocks call the attention module in their
 forward pass (the original code attached modules that were never called).
+
+Each registration declares the backbone's tags and pretrained sources
+(:class:`~cellkit.models.registry.BackboneInfo`), so ``list_backbones(pretrained="coco")`` or
+``cellkit models --tag attention=se`` answer without building anything; building checks that the
+declaration matches.
 """
 from __future__ import annotations
 
@@ -28,24 +33,30 @@ from .registry import BackboneSpec, register_backbone
 
 COCO_V1 = MaskRCNN_ResNet50_FPN_Weights.COCO_V1
 COCO_V2 = MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1
+R50 = ResNet50_Weights.IMAGENET1K_V1
+R101 = ResNet101_Weights.IMAGENET1K_V1
+RX50 = ResNeXt50_32X4D_Weights.IMAGENET1K_V1
+RX101 = ResNeXt101_32X8D_Weights.IMAGENET1K_V1
+R18 = ResNet18_Weights.IMAGENET1K_V1
+MBV3L = MobileNet_V3_Large_Weights.IMAGENET1K_V1
 
 # --------------------------------------------------------------------------------------------
 # ResNet-50, the design of torchvision's maskrcnn_resnet50_fpn (v1 heads)
 
 
-@register_backbone
+@register_backbone(family="resnet", head="v1", attention="none", neck="fpn", imagenet=R50, coco=COCO_V1)
 def resnet50(cfg: ModelConfig) -> BackboneSpec:
     """ResNet-50 + FPN, v1 heads (torchvision maskrcnn_resnet50_fpn; COCO weights fit)."""
-    return tv_resnet("resnet50", ResNet50_Weights.IMAGENET1K_V1, cfg, coco=COCO_V1)
+    return tv_resnet("resnet50", R50, cfg, coco=COCO_V1)
 
 
-@register_backbone
+@register_backbone(family="resnet", head="v1", attention="se", neck="fpn", imagenet="resnet50.tv_in1k", coco=COCO_V1)
 def resnet50_se(cfg: ModelConfig) -> BackboneSpec:
     """ResNet-50 with SE in every bottleneck (timm) + FPN, v1 heads."""
     return timm_resnet("resnet50", "tv_in1k", cfg, attn="se", coco=COCO_V1)
 
 
-@register_backbone
+@register_backbone(family="resnet", head="v1", attention="cbam", neck="fpn", imagenet="resnet50.tv_in1k", coco=COCO_V1)
 def resnet50_cbam(cfg: ModelConfig) -> BackboneSpec:
     """ResNet-50 with CBAM in every bottleneck (timm) + FPN, v1 heads."""
     return timm_resnet("resnet50", "tv_in1k", cfg, attn="cbam", coco=COCO_V1)
@@ -55,19 +66,19 @@ def resnet50_cbam(cfg: ModelConfig) -> BackboneSpec:
 # ResNet-50, the design of torchvision's maskrcnn_resnet50_fpn_v2
 
 
-@register_backbone
+@register_backbone(family="resnet", head="v2", attention="none", neck="fpn", imagenet=R50, coco=COCO_V2)
 def resnet50_v2(cfg: ModelConfig) -> BackboneSpec:
     """ResNet-50 + FPN with BatchNorm, v2 heads (torchvision maskrcnn_resnet50_fpn_v2; COCO weights fit)."""
-    return tv_resnet("resnet50", ResNet50_Weights.IMAGENET1K_V1, cfg, design="v2", coco=COCO_V2)
+    return tv_resnet("resnet50", R50, cfg, design="v2", coco=COCO_V2)
 
 
-@register_backbone
+@register_backbone(family="resnet", head="v2", attention="se", neck="fpn", imagenet="resnet50.tv_in1k", coco=COCO_V2)
 def resnet50_v2_se(cfg: ModelConfig) -> BackboneSpec:
     """ResNet-50 with SE in every bottleneck (timm) + FPN with BatchNorm, v2 heads."""
     return timm_resnet("resnet50", "tv_in1k", cfg, attn="se", design="v2", coco=COCO_V2)
 
 
-@register_backbone
+@register_backbone(family="resnet", head="v2", attention="cbam", neck="fpn", imagenet="resnet50.tv_in1k", coco=COCO_V2)
 def resnet50_v2_cbam(cfg: ModelConfig) -> BackboneSpec:
     """ResNet-50 with CBAM in every bottleneck (timm) + FPN with BatchNorm, v2 heads."""
     return timm_resnet("resnet50", "tv_in1k", cfg, attn="cbam", design="v2", coco=COCO_V2)
@@ -77,40 +88,40 @@ def resnet50_v2_cbam(cfg: ModelConfig) -> BackboneSpec:
 # ResNeXt-50 32x4d, ResNet-101
 
 
-@register_backbone
+@register_backbone(family="resnext", head="v1", attention="none", neck="fpn", imagenet=RX50)
 def resnext50_32x4d(cfg: ModelConfig) -> BackboneSpec:
     """ResNeXt-50 32x4d + FPN, v1 heads (torchvision)."""
-    return tv_resnet("resnext50_32x4d", ResNeXt50_32X4D_Weights.IMAGENET1K_V1, cfg)
+    return tv_resnet("resnext50_32x4d", RX50, cfg)
 
 
-@register_backbone
+@register_backbone(family="resnext", head="v1", attention="se", neck="fpn", imagenet="resnext50_32x4d.tv_in1k")
 def resnext50_32x4d_se(cfg: ModelConfig) -> BackboneSpec:
     """ResNeXt-50 32x4d with SE in every bottleneck (timm) + FPN, v1 heads."""
     return timm_resnet("resnext50_32x4d", "tv_in1k", cfg, attn="se")
 
 
-@register_backbone
+@register_backbone(family="resnext", head="v1", attention="cbam", neck="fpn", imagenet="resnext50_32x4d.tv_in1k")
 def resnext50_32x4d_cbam(cfg: ModelConfig) -> BackboneSpec:
     """ResNeXt-50 32x4d with CBAM in every bottleneck (timm) + FPN, v1 heads."""
     return timm_resnet("resnext50_32x4d", "tv_in1k", cfg, attn="cbam")
 
 
-@register_backbone
+@register_backbone(family="resnet", head="v1", attention="none", neck="fpn", imagenet=R101)
 def resnet101(cfg: ModelConfig) -> BackboneSpec:
     """ResNet-101 + FPN, v1 heads (torchvision)."""
-    return tv_resnet("resnet101", ResNet101_Weights.IMAGENET1K_V1, cfg)
+    return tv_resnet("resnet101", R101, cfg)
 
 
-@register_backbone
+@register_backbone(family="resnet", head="v1", attention="none", neck="dc5", imagenet=R101)
 def resnet101_dc5(cfg: ModelConfig) -> BackboneSpec:
     """ResNet-101 with dilated C5, its stride-16 res5 map the only level (Detectron2 R101-DC5 form, the #1 leaderboard result), v1 heads."""
-    return tv_resnet_dc5("resnet101", ResNet101_Weights.IMAGENET1K_V1, cfg)
+    return tv_resnet_dc5("resnet101", R101, cfg)
 
 
-@register_backbone
+@register_backbone(family="resnext", head="v1", attention="none", neck="fpn", imagenet=RX101)
 def resnext101_32x8d(cfg: ModelConfig) -> BackboneSpec:
     """ResNeXt-101 32x8d + FPN, v1 heads (torchvision; the #2 leaderboard result's backbone)."""
-    return tv_resnet("resnext101_32x8d", ResNeXt101_32X8D_Weights.IMAGENET1K_V1, cfg)
+    return tv_resnet("resnext101_32x8d", RX101, cfg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,19 +133,19 @@ EFFICIENTNET_STAGES = (
 CONVNEXT_STAGES = (("stem_0", "stem_1"), ("stages_0",), ("stages_1",), ("stages_2",), ("stages_3",))
 
 
-@register_backbone
+@register_backbone(family="efficientnet", head="v1", attention="none", neck="fpn", imagenet="efficientnet_b0.ra_in1k")
 def efficientnet_b0(cfg: ModelConfig) -> BackboneSpec:
     """EfficientNet-B0 (timm features_only) + FPN, v1 heads."""
     return timm_fpn("efficientnet_b0", "ra_in1k", cfg, EFFICIENTNET_STAGES)
 
 
-@register_backbone
+@register_backbone(family="efficientnet", head="v1", attention="none", neck="fpn", imagenet="efficientnet_b1.ft_in1k")
 def efficientnet_b1(cfg: ModelConfig) -> BackboneSpec:
     """EfficientNet-B1 (timm features_only) + FPN, v1 heads."""
     return timm_fpn("efficientnet_b1", "ft_in1k", cfg, EFFICIENTNET_STAGES)
 
 
-@register_backbone
+@register_backbone(family="convnext", head="v1", attention="none", neck="fpn", imagenet="convnext_tiny.fb_in1k")
 def convnext_tiny(cfg: ModelConfig) -> BackboneSpec:
     """ConvNeXt-T (timm features_only, LayerNorm: model.norm must be auto) + FPN, v1 heads."""
     return timm_fpn("convnext_tiny", "fb_in1k", cfg, CONVNEXT_STAGES, out_indices=(0, 1, 2, 3), norms=("auto",))
@@ -144,13 +155,13 @@ def convnext_tiny(cfg: ModelConfig) -> BackboneSpec:
 # small, CPU-friendly
 
 
-@register_backbone
+@register_backbone(family="resnet", head="v1", attention="none", neck="fpn", imagenet=R18)
 def resnet18(cfg: ModelConfig) -> BackboneSpec:
     """ResNet-18 + FPN, v1 heads (torchvision; small, for CPU tests and the demo)."""
-    return tv_resnet("resnet18", ResNet18_Weights.IMAGENET1K_V1, cfg)
+    return tv_resnet("resnet18", R18, cfg)
 
 
-@register_backbone
+@register_backbone(family="mobilenet", head="v1", attention="none", neck="fpn", imagenet=MBV3L)
 def mobilenet_v3_large(cfg: ModelConfig) -> BackboneSpec:
     """MobileNetV3-Large + FPN on strides 4-32, v1 heads (torchvision; small, for CPU)."""
-    return tv_mobilenet("mobilenet_v3_large", MobileNet_V3_Large_Weights.IMAGENET1K_V1, cfg)
+    return tv_mobilenet("mobilenet_v3_large", MBV3L, cfg)

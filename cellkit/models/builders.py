@@ -1,5 +1,5 @@
 """Generic builders the registered backbone functions call: torchvision ResNets and MobileNet
-(torchvision's own FPN extractors, so torchvision's COCO weights fit), and timm ``features_only``
+(torchvision's own FPN builders, so torchvision's COCO weights fit), and timm ``features_only``
 models under a torchvision ``FeaturePyramidNetwork``.
 
 Each builder resolves three config knobs the same way:
@@ -94,11 +94,23 @@ def resolve_trainable(cfg: ModelConfig, num_stages: int = 5) -> int:
 
 
 def freeze_stages(module: nn.Module, stages: Sequence[Sequence[str]], trainable: int) -> None:
-    """Freeze the parameters of all but the last ``trainable`` of ``stages`` (prefix lists, input first)."""
-    frozen = [prefix for stage in stages[: len(stages) - trainable] for prefix in stage]
-    for name, p in module.named_parameters():
-        if any(name == f or name.startswith(f + ".") for f in frozen):
-            p.requires_grad_(False)
+    """Freeze the parameters of all but the last ``trainable`` of ``stages`` (lists of submodule
+    names, input first) with ``timm.utils.freeze``.
+
+    Only ``requires_grad`` changes (``include_bn_running_stats=False``): how BatchNorm behaves is
+    the ``model.norm`` knob's business, fixed when the layers are built (``frozen_bn`` everywhere,
+    or ``bn`` updating its statistics in every stage, as torchvision's own extractors leave a
+    frozen stage). Letting timm also swap the BatchNorm of frozen stages for its FrozenBatchNorm2d
+    would make ``norm: bn`` mean different things per stage and per ``trainable_layers``.
+
+    Raises:
+        AttributeError: a stage names a submodule ``module`` does not have.
+    """
+    from timm.utils import freeze
+
+    frozen = [name for stage in stages[: len(stages) - trainable] for name in stage]
+    if frozen:  # timm freezes the whole module for an empty list
+        freeze(module, frozen, include_bn_running_stats=False)
 
 
 def attention_types() -> tuple[type[nn.Module], ...]:
@@ -153,6 +165,11 @@ def _fpn_norm(design: Design) -> Callable[..., nn.Module] | None:
 
 def tv_resnet(arch: str, imagenet: Any, cfg: ModelConfig, design: Design = "v1", coco: Any = None) -> BackboneSpec:
     """A torchvision ResNet/ResNeXt + FPN through torchvision's own ``_resnet_fpn_extractor``.
+
+    The private extractor, not the public ``resnet_fpn_backbone``: only the extractor takes the
+    FPN's ``norm_layer`` (BatchNorm in the FPN is what the v2 design and torchvision's
+    ``maskrcnn_resnet50_fpn_v2`` COCO weights need), and it takes a network we built, so the
+    ImageNet download runs inside :func:`~cellkit.models.weights.downloading` with our errors.
 
     Args:
         arch: torchvision builder name (``resnet50``, ``resnext50_32x4d`` ...).
@@ -292,14 +309,13 @@ def timm_fpn(
 
 
 def tv_mobilenet(arch: str, imagenet: Any, cfg: ModelConfig) -> BackboneSpec:
-    """A torchvision MobileNetV3 + FPN through torchvision's ``_mobilenet_extractor``.
+    """A torchvision MobileNetV3 + FPN through torchvision's public ``mobilenet_backbone``.
 
     The four FPN inputs are the first blocks of the stride 4, 8, 16 and 32 stages
     (``returned_layers=[1, 2, 3, 4]``; torchvision's detection default keeps only the two
     coarsest, too coarse for cells). ``trainable_layers`` ranges over 0..6 as in torchvision.
     """
-    import torchvision
-    from torchvision.models.detection.backbone_utils import _mobilenet_extractor
+    from torchvision.models.detection.backbone_utils import mobilenet_backbone
 
     norm = resolve_norm(cfg, "v1")
     trainable = resolve_trainable(cfg, 6)
@@ -309,8 +325,8 @@ def tv_mobilenet(arch: str, imagenet: Any, cfg: ModelConfig) -> BackboneSpec:
     if norm == "bn":
         layer = partial(nn.BatchNorm2d, eps=1e-3, momentum=0.01)  # torchvision's MobileNetV3 default
     with downloading(what):
-        net = getattr(torchvision.models, arch)(weights=weights, norm_layer=layer)
-    module = _mobilenet_extractor(net, True, trainable, returned_layers=[1, 2, 3, 4])
+        module = mobilenet_backbone(backbone_name=arch, weights=weights, fpn=True, norm_layer=layer,
+                                    trainable_layers=trainable, returned_layers=[1, 2, 3, 4])
     return BackboneSpec(module, imagenet=f"torchvision {type(imagenet).__name__}.{imagenet.name}")
 
 

@@ -1,17 +1,23 @@
 """The backbone table of ``cellkit models``: registered backbones, trainable-parameter counts, weights.
 
-Heavy imports (torch, torchvision, timm) happen inside the functions.
+Names, tags, weights and the cache check come from the registry's metadata
+(:func:`~cellkit.models.registry.backbone_info`); only the parameter counts need a model, built on
+the meta device. Heavy imports (torch, torchvision, timm) happen inside the functions.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .registry import BackboneInfo, Pretrained
 
 PARAM_LIMIT = 200_000_000
 """The task's rule: under 200M trainable parameters."""
 
 
-def backbone_table(cfg: Any = None) -> list[dict[str, Any]]:
-    """One row per registered backbone: parameter counts of the model ``cfg`` builds with it.
+def backbone_table(cfg: Any = None, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """One row per registered backbone (or per name of ``names``): parameter counts of the model
+    ``cfg`` builds with it.
 
     Models are built on the meta device (no memory, no weights loaded: ``model.weights`` is
     taken as ``none``, so ``trainable_layers: null`` counts every stage as trainable, the upper
@@ -20,71 +26,65 @@ def backbone_table(cfg: Any = None) -> list[dict[str, Any]]:
     Returns:
         dicts with ``name``, ``trainable_params``, ``params`` (ints), ``head``, ``imagenet`` and
         ``coco`` (the weights each option loads, None if none), ``cached`` (which of those are in
-        the local cache, loadable offline) and ``description``; or ``name``, ``error`` and
-        ``description`` where the config does not fit that backbone.
+        the local cache, loadable offline), ``tags`` and ``description``; or ``name``, ``error``,
+        ``tags`` and ``description`` where the config does not fit that backbone.
     """
     import torch
 
     from ..config import load_config
     from ..errors import ConfigError
     from .maskrcnn import assemble, count_parameters, count_trainable_parameters, validate_model_config
-    from .registry import backbone_description, create_backbone, list_backbones
+    from .registry import backbone_info, create_backbone, list_backbones
 
     cfg = cfg if cfg is not None else load_config()
     rows: list[dict[str, Any]] = []
-    for name in list_backbones():
+    for name in list_backbones() if names is None else names:
+        info = backbone_info(name)
         m = cfg.replace({"model.backbone": name, "model.weights": "none"}).model
         try:
             validate_model_config(m)
             with torch.device("meta"):
-                spec = create_backbone(m)
-                model = assemble(spec, m)
+                model = assemble(create_backbone(m), m)
         except ConfigError as e:  # e.g. --set model.norm=gn, which some backbones do not support
-            rows.append({"name": name, "error": str(e), "description": backbone_description(name)})
+            rows.append({"name": name, "error": str(e), "tags": info.tags, "description": info.description})
             continue
-        coco = f"{type(spec.coco).__name__}.{spec.coco.name}" if spec.coco is not None else None
         rows.append({
             "name": name,
             "trainable_params": count_trainable_parameters(model),
             "params": count_parameters(model),
-            "head": spec.head,
-            "imagenet": spec.imagenet,
-            "coco": coco,
-            "cached": _cached(spec),
-            "description": backbone_description(name),
+            "head": info.head,
+            "imagenet": str(info.imagenet) if info.imagenet else None,
+            "coco": info.coco.name if info.coco else None,
+            "cached": cached_weights(info),
+            "tags": info.tags,
+            "description": info.description,
         })
     return rows
 
 
-def _cached(spec: Any) -> list[str]:
-    """Which of the backbone's downloadable weights are already in the local cache."""
+def cached_weights(info: BackboneInfo) -> list[str]:
+    """Which of the backbone's pretrained sources (``imagenet``, ``coco``) are in the local cache
+    (torch hub for torchvision weights, the Hugging Face cache for timm's), so load offline."""
+    return [source for source in info.pretrained if _in_cache(getattr(info, source))]
+
+
+def _in_cache(weights: Pretrained) -> bool:
     import os
     from pathlib import Path
     from urllib.parse import urlparse
 
-    import torch
+    if weights.library == "torchvision":
+        import torch
 
-    out = []
-    hub = Path(torch.hub.get_dir()) / "checkpoints"
-    if spec.coco is not None and (hub / os.path.basename(urlparse(spec.coco.url).path)).is_file():
-        out.append("coco")
-    if spec.imagenet and spec.imagenet.startswith("timm "):
-        import timm.models
-        from huggingface_hub import try_to_load_from_cache
+        hub = Path(torch.hub.get_dir()) / "checkpoints"
+        return (hub / os.path.basename(urlparse(weights.weights.url).path)).is_file()
+    import timm.models
+    from huggingface_hub import try_to_load_from_cache
 
-        pcfg = timm.models.get_pretrained_cfg(spec.imagenet.split(" ", 1)[1])
-        if pcfg is not None and pcfg.hf_hub_id and any(
-            isinstance(try_to_load_from_cache(pcfg.hf_hub_id, f), str) for f in ("model.safetensors", "pytorch_model.bin")
-        ):
-            out.append("imagenet")
-    elif spec.imagenet and spec.imagenet.startswith("torchvision "):
-        import torchvision.models as tvm
-
-        enum_name, member = spec.imagenet.split(" ", 1)[1].split(".")
-        url = getattr(getattr(tvm, enum_name), member).url
-        if (hub / os.path.basename(urlparse(url).path)).is_file():
-            out.append("imagenet")
-    return out
+    pcfg = timm.models.get_pretrained_cfg(weights.weights)
+    return bool(pcfg is not None and pcfg.hf_hub_id and any(
+        isinstance(try_to_load_from_cache(pcfg.hf_hub_id, f), str) for f in ("model.safetensors", "pytorch_model.bin")
+    ))
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

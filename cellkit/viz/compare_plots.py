@@ -71,7 +71,7 @@ def plot_run_comparison(cmp: Any, max_images: int = 12, title: str | None = None
         yy = np.arange(len(diffs))
         ax.barh(yy, [-d.a_only for d in diffs], color=colors["a_only"], label=labels["a_only"])
         ax.barh(yy, [d.b_only for d in diffs], color=colors["b_only"], label=labels["b_only"])
-        ax.set_yticks(yy, [_short(d.file_name) for d in diffs], fontsize=7)
+        ax.set_yticks(yy, [_short_name(d.file_name) for d in diffs], fontsize=7)
         ax.invert_yaxis()
         ax.axvline(0, color="black", lw=0.8)
         ax.legend(fontsize=8)
@@ -85,6 +85,6 @@ def plot_run_comparison(cmp: Any, max_images: int = 12, title: str | None = None
     return fig
 
 
-def _short(name: str, n: int = 18) -> str:
+def _short_name(name: str, n: int = 18) -> str:
     name = name.split("/")[0]
     return name if len(name) <= n else name[: n - 1] + "…"
