@@ -8,8 +8,10 @@ weights), so the random initial weights fade quickly in a short run.
 
 Buffers (BatchNorm running statistics, ``num_batches_tracked``) are copied from the training
 model at every update with ``train.ema_buffers: copy`` (the default; timm's ``exclude_buffers``);
-``average`` averages floating-point buffers like weights. On the CPU demo, averaged running
-statistics cost about 0.15 AP50, hence the default.
+``average`` averages floating-point buffers like weights. Copying is the default because an
+earlier, lost attempt at this hook measured averaged running statistics at about 0.15 AP50 below
+copied ones on the CPU demo (not re-measured since; the running statistics of the averaged
+weights are not the average of the running statistics).
 
 The hook sets :attr:`Trainer.eval_model <cellkit.engine.trainer.Trainer.eval_model>` to the
 averaged model, so validation (``ValidationHook``) scores it and ``checkpoints/best.pth``
