@@ -102,6 +102,28 @@ class InstanceBank:
         return image[y0:y1, x0:x1], mask
 
 
+@dataclass
+class Pasted:
+    """One cell pasted by the last call of :meth:`CopyPaste.paste` (for tests, figures, debugging).
+
+    Attributes:
+        instance_id: its id in the crop's label maps.
+        label: its class.
+        top, left: where ``mask[0, 0]`` landed in the crop.
+        mask: ``(h, w)`` bool, the cell as pasted (turned, with its context padding).
+        pixels: ``(h, w, 3)`` the source pixels as pasted.
+        source: index of the cell in the bank (-1 when pasted by hand).
+    """
+
+    instance_id: int
+    label: int
+    top: int
+    left: int
+    mask: np.ndarray
+    pixels: np.ndarray
+    source: int = -1
+
+
 def _to_unit(a: np.ndarray) -> np.ndarray:
     """Pixels as float32 in [0, 1] (uint8 / 255, uint16 / 65535, floats as they are)."""
     if a.dtype == np.uint8:
@@ -140,6 +162,8 @@ class CopyPaste:
         self.num_classes = num_classes
         self.tries = tries
         self.pad = math.ceil(2 * blur) if blur > 0 else 0
+        self.last: list[Pasted] = []
+        """The cells the last call pasted (in order; later ones lie on top)."""
 
     def cell_weights(self, bank: InstanceBank) -> np.ndarray:
         """``(len(bank),)`` float64 draw weight of every cell (its class weight, not normalised)."""
@@ -163,6 +187,7 @@ class CopyPaste:
             the new image (same dtype), layers ``(L, H, W)`` int32 and labels ``(N + 1 + k,)``
             with the ``k`` pasted cells as ids ``N + 1 ..``; unchanged when nothing is pasted.
         """
+        self.last = []
         if self.prob <= 0 or float(torch.rand(())) >= self.prob:
             return image, layers, labels
         bank = dataset.instance_bank()
@@ -175,29 +200,36 @@ class CopyPaste:
         img = image.as_subclass(torch.Tensor).permute(1, 2, 0).numpy().copy()  # (H, W, 3)
         lay = layers.as_subclass(torch.Tensor).numpy().astype(np.int32, copy=True)
         out_img, lay, labels = self.paste(img, lay, np.asarray(labels, dtype=np.int64),
-                                          [bank.cell(j, dataset.load, self.pad) + (int(bank.label[j]),) for j in picks])
+                                          [bank.cell(j, dataset.load, self.pad) + (int(bank.label[j]),) for j in picks],
+                                          sources=picks)
         new_image = tv_tensors.Image(torch.from_numpy(out_img).permute(2, 0, 1).contiguous())
         return new_image, tv_tensors.Mask(torch.from_numpy(lay)), labels
 
     def paste(self, image: np.ndarray, layers: np.ndarray, labels: np.ndarray,
-              cells: Sequence[tuple[np.ndarray, np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              cells: Sequence[tuple[np.ndarray, np.ndarray, int]], sources: Sequence[int] | None = None,
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Paste ``cells`` (pixels ``(h, w, 3)``, mask ``(h, w)`` bool, class) onto one crop, in order.
+
+        Each cell is turned at random and placed at a random position (see the module docstring);
+        what was pasted where is left in :attr:`last`.
 
         Args:
             image: ``(H, W, 3)`` uint8 / uint16 / float32 crop (not modified).
             layers: ``(L, H, W)`` int32 instance ids, modified in place.
             labels: ``(N + 1,)`` int64.
+            sources: bank index of each cell (recorded in :attr:`last`).
 
         Returns:
             image ``(H, W, 3)`` of the input dtype, ``layers`` and labels extended by the pasted cells.
         """
+        self.last = []
         H, W = layers.shape[-2:]
         n0 = len(labels)
         area_before = _areas(layers, n0)
         out = _to_unit(image)
         new_labels = list(labels)
         pasted_area: list[int] = []
-        for pixels, mask, label in cells:
+        for c, (pixels, mask, label) in enumerate(cells):
             pixels, mask = _random_turn(pixels, mask)
             h, w = mask.shape
             if h > H or w > W or not mask.any():
@@ -218,6 +250,7 @@ class CopyPaste:
             region[0][mask] = new_id
             new_labels.append(label)
             pasted_area.append(int(mask.sum()))
+            self.last.append(Pasted(new_id, label, y, x, mask, pixels, -1 if sources is None else int(sources[c])))
         if len(new_labels) == n0:
             return image, layers, labels
         self._drop_covered(layers, area_before, n0)
