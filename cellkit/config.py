@@ -180,7 +180,7 @@ class ModelConfig:
     image_std: tuple[Positive, Positive, Positive] = (0.229, 0.224, 0.225)
     """Per-channel standard deviation the model divides by."""
     anchor_sizes: tuple[AtLeast1, ...] = (8, 16, 32, 64, 128)
-    """One anchor size in input pixels per FPN level, finest first (5 levels for every registered backbone)."""
+    """One anchor size in input pixels per FPN level, finest first (5 levels for the FPN backbones); a single-level backbone (resnet101_dc5) puts every size on its one map."""
     aspect_ratios: tuple[Positive, ...] = (0.5, 1.0, 2.0)
     """Anchor height/width ratios, the same at every level (3 keeps the COCO RPN head loadable)."""
     rpn_pre_nms_top_n_train: AtLeast1 = 2000
@@ -211,6 +211,15 @@ class ModelConfig:
     """Weight of the Dice term when ``mask_loss`` is ``bce+dice``."""
     mask_geometry: Literal["exact", "torchvision"] = "exact"
     """Mask targets and paste: exact (RoIAlign aligned=True targets, paste at pixel centres, no extra pixel) or torchvision's (aligned=False targets, paste one pixel wider); training and prediction alike."""
+    roi_head: Literal["standard", "cascade"] = "standard"
+    """RoI box head: standard (one Fast R-CNN stage) or cascade (Cascade Mask R-CNN: ``cascade_iou_thresholds`` stages of class-agnostic box refinement, scores averaged over stages, masks on the last stage's boxes; ``cellkit.models.cascade``)."""
+    cascade_iou_thresholds: tuple[UnitOpen0, ...] = (0.5, 0.6, 0.7)
+    """Cascade: the foreground IoU threshold of each stage (one entry per stage, rising)."""
+    cascade_stage_weights: tuple[NonNegative, ...] = (1.0, 0.5, 0.25)
+    """Cascade: factor of each stage's box losses (``loss_classifier_stageK``, ``loss_box_reg_stageK``)."""
+    cascade_box_coder_weights: tuple[tuple[Positive, Positive, Positive, Positive], ...] = (
+        (10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))
+    """Cascade: box-coder weights (wx, wy, ww, wh) of each stage (larger: finer regression targets for the later stages)."""
 
 
 @dataclass
@@ -259,6 +268,14 @@ class TrainConfig:
     """Validate every this many epochs and after the last one (0: never validate)."""
     hooks: tuple[str, ...] = ()
     """Extra trainer hooks as import paths ``module:Class`` (appended to the defaults; see ``cellkit.engine.hooks``)."""
+    ema_decay: Annotated[float, Range(0.0, 1.0, hi_open=True)] | None = None
+    """Exponential moving average of the weights (``cellkit.engine.ema``, timm's ModelEmaV3), updated after every optimiser step; validation and best.pth use the averaged weights (None: off; e.g. 0.999)."""
+    ema_warmup: bool = True
+    """Warm up the EMA decay: step t uses min(ema_decay, 1 - (1 + t) ** -ema_warmup_power), so early weights fade fast."""
+    ema_warmup_power: Positive = 0.75
+    """Exponent of the EMA decay warm-up (timm's; 3/4 for short runs, 2/3 for long ones)."""
+    ema_buffers: Literal["copy", "average"] = "copy"
+    """EMA of buffers (BatchNorm running statistics): copy the training model's (default) or average them like weights."""
     tensorboard: bool = True
     """Write TensorBoard event files into the run directory (``tensorboard --logdir RUN_OR_GRID_DIR``)."""
     tensorboard_images: AtLeast0 = 2

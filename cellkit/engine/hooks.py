@@ -16,6 +16,8 @@ the order given); a hook with ``main_process_only`` runs only on rank 0 under DD
 hooks (:meth:`Trainer.default_hooks`), by priority:
 
 ==== =================== ==================================================================
+  15 EMAHook             weights EMA after every step (``train.ema_decay``; validation and
+                         best.pth then use the averaged weights; :mod:`cellkit.engine.ema`)
   20 ValidationHook      validation every ``train.eval_every`` epochs and at the last epoch
   30 LRScheduleHook      the learning-rate schedule (warm-up per step, the scheduler per epoch)
   40 EarlyStoppingHook   ``train.early_stop_decays`` / ``train.early_stop_patience``
@@ -378,6 +380,10 @@ def default_hooks(cfg: Any) -> list[Hook]:
 
     hooks: list[Hook] = [ValidationHook(), LRScheduleHook(), EarlyStoppingHook(), CheckpointHook(),
                          MetricsWriter(), CurvePlotHook(), EpochLogger()]
+    if cfg.train.ema_decay is not None:
+        from .ema import EMAHook
+
+        hooks.append(EMAHook.from_config(cfg.train))
     if cfg.train.tensorboard:
         from .tensorboard import TensorBoardHook
 

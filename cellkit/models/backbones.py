@@ -2,7 +2,9 @@
 
 The rows of the original ablation (resnet50, resnet50_v2 and resnext50_32x4d, each without
 attention, with SE and with CBAM; resnet101; efficientnet_b0/b1), a strong modern backbone
-(convnext_tiny) and small CPU-friendly ones for tests and the demo (resnet18, mobilenet_v3_large).
+(convnext_tiny), the leaderboard's large ones (resnet101_dc5: ResNet-101 with a dilated last
+stage in Detectron2's DC5 form; resnext101_32x8d + FPN) and small CPU-friendly ones for tests and
+the demo (resnet18, mobilenet_v3_large).
 
 Rows without attention use torchvision's builders; ``_se`` / ``_cbam`` rows use timm ResNets
 built with ``block_args=dict(attn_layer=...)``, whose blocks call the attention module in their
@@ -16,11 +18,12 @@ from torchvision.models import (
     ResNet50_Weights,
     ResNet101_Weights,
     ResNeXt50_32X4D_Weights,
+    ResNeXt101_32X8D_Weights,
 )
 from torchvision.models.detection import MaskRCNN_ResNet50_FPN_V2_Weights, MaskRCNN_ResNet50_FPN_Weights
 
 from ..config import ModelConfig
-from .builders import timm_fpn, timm_resnet, tv_mobilenet, tv_resnet
+from .builders import timm_fpn, timm_resnet, tv_mobilenet, tv_resnet, tv_resnet_dc5
 from .registry import BackboneSpec, register_backbone
 
 COCO_V1 = MaskRCNN_ResNet50_FPN_Weights.COCO_V1
@@ -96,6 +99,18 @@ def resnext50_32x4d_cbam(cfg: ModelConfig) -> BackboneSpec:
 def resnet101(cfg: ModelConfig) -> BackboneSpec:
     """ResNet-101 + FPN, v1 heads (torchvision)."""
     return tv_resnet("resnet101", ResNet101_Weights.IMAGENET1K_V1, cfg)
+
+
+@register_backbone
+def resnet101_dc5(cfg: ModelConfig) -> BackboneSpec:
+    """ResNet-101 with dilated C5, its stride-16 res5 map the only level (Detectron2 R101-DC5 form, the #1 leaderboard result), v1 heads."""
+    return tv_resnet_dc5("resnet101", ResNet101_Weights.IMAGENET1K_V1, cfg)
+
+
+@register_backbone
+def resnext101_32x8d(cfg: ModelConfig) -> BackboneSpec:
+    """ResNeXt-101 32x8d + FPN, v1 heads (torchvision; the #2 leaderboard result's backbone)."""
+    return tv_resnet("resnext101_32x8d", ResNeXt101_32X8D_Weights.IMAGENET1K_V1, cfg)
 
 
 # --------------------------------------------------------------------------------------------

@@ -173,6 +173,50 @@ def tv_resnet(arch: str, imagenet: Any, cfg: ModelConfig, design: Design = "v1",
     return BackboneSpec(module, head=design, coco=coco, imagenet=f"torchvision {type(imagenet).__name__}.{imagenet.name}")
 
 
+class DilatedC5(nn.Module):
+    """A ResNet's res5 map alone, at stride 16 (Detectron2's DC5): ``layer4`` dilated, no FPN.
+
+    ``body`` is torchvision's ``IntermediateLayerGetter`` up to ``layer4`` (so torchvision
+    checkpoints' ``backbone.body.*`` tensors load).
+
+    forward: ``(B, 3, H, W)`` float32 -> ``OrderedDict`` ``{"0": (B, 2048, ceil(H/16), ceil(W/16))}``.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        from torchvision.models._utils import IntermediateLayerGetter
+
+        self.body = IntermediateLayerGetter(net, {"layer4": "0"})
+        self.out_channels = net.fc.in_features  # type: ignore[union-attr]
+
+    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        return self.body(x)
+
+
+def tv_resnet_dc5(arch: str, imagenet: Any, cfg: ModelConfig) -> BackboneSpec:
+    """A torchvision ResNet with a dilated last stage (``replace_stride_with_dilation=[False, False,
+    True]``), its stride-16 res5 map the only feature map: the Detectron2 ``R101-DC5`` form.
+
+    The RPN and both RoI poolers read that one 2048-channel map (so the RPN head's 3 x 3 conv and
+    the box head's first layer are 2048 channels wide, as in Detectron2's DC5 models); every
+    ``model.anchor_sizes`` entry is an anchor size on it. ``trainable_layers`` and ``norm`` as
+    :func:`tv_resnet`.
+    """
+    import torchvision
+
+    norm = resolve_norm(cfg, "v1")
+    trainable = resolve_trainable(cfg, 5)
+    what = f"ImageNet weights of {arch} ({type(imagenet).__name__}.{imagenet.name})"
+    weights = torchvision_weights(imagenet, what) if imagenet_requested(cfg) else None
+    with downloading(what):
+        net = getattr(torchvision.models, arch)(
+            weights=weights, norm_layer=norm_layer(norm), replace_stride_with_dilation=[False, False, True]
+        )
+    freeze_stages(net, RESNET_STAGES, trainable)
+    return BackboneSpec(DilatedC5(net), featmap_names=("0",), strides=(16,), pool_level=False,
+                        imagenet=f"torchvision {type(imagenet).__name__}.{imagenet.name}")
+
+
 def timm_resnet(
     arch: str, tag: str, cfg: ModelConfig, attn: str | None, design: Design = "v1", coco: Any = None
 ) -> BackboneSpec:

@@ -19,6 +19,7 @@ from torchvision.ops.poolers import initLevelMapper
 
 from ..config import Config, ModelConfig, validate_section
 from ..errors import ConfigError
+from .cascade import make_cascade, validate_cascade
 from .losses import DiceRoIHeads
 from .roi_heads import MaskRoIHeads
 from .registry import BackboneSpec, create_backbone
@@ -43,7 +44,9 @@ def build_model(cfg: Config | ModelConfig) -> MaskRCNN:
     ``model.transform`` is a :class:`~cellkit.models.transform.ResizeTransform`; ``backbone``
     and ``rpn`` are torchvision's modules, ``roi_heads`` a
     :class:`~cellkit.models.roi_heads.MaskRoIHeads` (torchvision's ``RoIHeads`` whose mask loss
-    follows ``model.mask_geometry``, stored as ``roi_heads.mask_geometry`` for prediction). The
+    follows ``model.mask_geometry``, stored as ``roi_heads.mask_geometry`` for prediction; with
+    ``model.roi_head: cascade`` a :class:`~cellkit.models.cascade.CascadeRoIHeads`, whose training
+    losses are ``loss_classifier_stageK`` / ``loss_box_reg_stageK`` per stage instead). The
     full-size ``masks`` of ``model(images)`` are torchvision's paste whatever the geometry;
     cellkit's prediction (:mod:`cellkit.engine.predict`) pastes in the model's geometry.
 
@@ -79,26 +82,36 @@ def build_model(cfg: Config | ModelConfig) -> MaskRCNN:
 def assemble(spec: BackboneSpec, m: ModelConfig) -> MaskRCNN:
     """The Mask R-CNN around ``spec.module`` with ``spec.head``'s head design and the knobs of ``m`` (no weight loading)."""
     levels = spec.num_levels
-    if len(m.anchor_sizes) != levels:
+    if levels == 1:  # a single feature map (resnet101_dc5): every anchor size on it, as Detectron2's DC5
+        sizes: tuple[tuple[int, ...], ...] = (tuple(m.anchor_sizes),)
+    elif len(m.anchor_sizes) != levels:
         raise ConfigError(
             f"model.anchor_sizes: backbone {m.backbone} has {levels} FPN levels, so it needs {levels} anchor sizes "
-            f"(one per level, finest first), got {len(m.anchor_sizes)}: {list(m.anchor_sizes)}"
+            f"(one per level, finest first), got {len(m.anchor_sizes)}: {list(m.anchor_sizes)} "
+            "(a single-level backbone such as resnet101_dc5 takes any number of sizes, all on its one map)"
         )
+    else:
+        sizes = tuple((s,) for s in m.anchor_sizes)
     out = spec.module.out_channels
     n_out = m.num_classes + 1
     v2 = spec.head == "v2"
-    anchors = AnchorGenerator(tuple((s,) for s in m.anchor_sizes), (tuple(m.aspect_ratios),) * levels)
+    anchors = AnchorGenerator(sizes, (tuple(m.aspect_ratios),) * levels)
     rpn_head = RPNHead(out, anchors.num_anchors_per_location()[0], conv_depth=2 if v2 else 1)
     names = list(spec.featmap_names)
     box_roi_pool = fixed_scale_pooler(names, spec.strides, BOX_ROI_SIZE)
     mask_roi_pool = fixed_scale_pooler(names, spec.strides, m.mask_roi_size)
+
+    def new_box_head() -> nn.Module:
+        if v2:
+            return FastRCNNConvFCHead(
+                (out, BOX_ROI_SIZE, BOX_ROI_SIZE), [256, 256, 256, 256], [REPRESENTATION], norm_layer=nn.BatchNorm2d
+            )
+        return TwoMLPHead(out * BOX_ROI_SIZE**2, REPRESENTATION)
+
+    box_head = new_box_head()
     if v2:
-        box_head: nn.Module = FastRCNNConvFCHead(
-            (out, BOX_ROI_SIZE, BOX_ROI_SIZE), [256, 256, 256, 256], [REPRESENTATION], norm_layer=nn.BatchNorm2d
-        )
         mask_head = MaskRCNNHeads(out, list(MASK_LAYERS), 1, norm_layer=nn.BatchNorm2d)
     else:
-        box_head = TwoMLPHead(out * BOX_ROI_SIZE**2, REPRESENTATION)
         mask_head = MaskRCNNHeads(out, list(MASK_LAYERS), 1)
     model = MaskRCNN(
         spec.module,
@@ -125,7 +138,10 @@ def assemble(spec: BackboneSpec, m: ModelConfig) -> MaskRCNN:
     model.transform = ResizeTransform(
         m.min_size, m.max_size, m.image_mean, m.image_std, resize_mode=m.resize_mode, scale=m.scale
     )
-    if m.mask_loss == "bce+dice":
+    if m.roi_head == "cascade":  # stage 1 keeps box_head; masks, geometry and Dice as the standard heads
+        dice = m.dice_weight if m.mask_loss == "bce+dice" else None
+        model.roi_heads = make_cascade(model.roi_heads, m, new_box_head, REPRESENTATION, dice)
+    elif m.mask_loss == "bce+dice":
         model.roi_heads = DiceRoIHeads.from_roi_heads(model.roi_heads, m.dice_weight, m.mask_geometry)
     else:  # the mask loss follows mask_geometry; prediction reads roi_heads.mask_geometry to paste
         model.roi_heads = MaskRoIHeads.from_roi_heads(model.roi_heads, mask_geometry=m.mask_geometry)
@@ -160,6 +176,8 @@ def validate_model_config(m: ModelConfig) -> None:
         ConfigError: the first invalid value, naming its key.
     """
     validate_section(m, "model")
+    if m.roi_head == "cascade":
+        validate_cascade(m)
 
 
 def count_trainable_parameters(model: nn.Module) -> int:

@@ -34,7 +34,8 @@ class BackboneSpec:
         module: the feature pyramid. ``forward(x)`` takes ``(B, 3, H, W)`` float32 (normalised)
             and returns an ``OrderedDict[str, Tensor]`` of ``(B, out_channels, H / s, W / s)``
             maps, finest first, named ``featmap_names`` plus ``"pool"`` (torchvision's
-            ``LastLevelMaxPool``). It has an ``out_channels`` attribute (256).
+            ``LastLevelMaxPool``) unless ``pool_level`` is False. It has an ``out_channels``
+            attribute (256 for an FPN; 2048 for ``resnet101_dc5``'s res5 map).
         head: ``"v1"`` (maskrcnn_resnet50_fpn heads: one-conv RPN, two-MLP box head, plain mask
             head) or ``"v2"`` (maskrcnn_resnet50_fpn_v2: two-conv RPN, 4-conv + FC box head and
             mask head with BatchNorm).
@@ -43,6 +44,9 @@ class BackboneSpec:
         imagenet: the ImageNet weights ``weights: imagenet`` loads, in words (None: none exist).
         featmap_names: the maps the box and mask RoI poolers read (every level but ``"pool"``).
         strides: the stride (input px per feature px) of each of ``featmap_names``, finest first.
+        pool_level: the module also returns torchvision's ``"pool"`` map (an FPN's
+            ``LastLevelMaxPool``), which only the RPN sees. False for a single-map backbone
+            (``resnet101_dc5``), whose RPN and RoI poolers all read its one map.
     """
 
     module: "nn.Module"
@@ -51,11 +55,13 @@ class BackboneSpec:
     imagenet: str | None = None
     featmap_names: tuple[str, ...] = ("0", "1", "2", "3")
     strides: tuple[int, ...] = (4, 8, 16, 32)
+    pool_level: bool = True
 
     @property
     def num_levels(self) -> int:
-        """FPN levels the RPN sees (the RoI levels plus ``"pool"``): one anchor size each."""
-        return len(self.featmap_names) + 1
+        """Feature levels the RPN sees (the RoI levels plus ``"pool"`` if any): one anchor size each
+        (a single level takes all of ``model.anchor_sizes``)."""
+        return len(self.featmap_names) + (1 if self.pool_level else 0)
 
 
 BackboneFn = Callable[[ModelConfig], BackboneSpec]

@@ -116,17 +116,34 @@ class MaskRoIHeads(RoIHeads):
         assert sampled is not None and targets is not None and len(logits) == 1
         props, matched_idxs, labels = sampled
         positive = [torch.where(lab > 0)[0] for lab in labels]
-        mask_logits = logits[0]
+        own = self.mask_losses(logits[0], [p[i] for p, i in zip(props, positive)],
+                               [m[i] for m, i in zip(matched_idxs, positive)], targets)
+        if self.mask_geometry == "torchvision":
+            own.pop("loss_mask")  # torchvision's own loss_mask stays, bit for bit
+        losses.update(own)
+        return result, losses
+
+    def mask_losses(self, mask_logits: Tensor, boxes: list[Tensor], matched_idxs: list[Tensor],
+                    targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """``loss_mask`` (BCE) and, with ``dice_weight``, ``loss_mask_dice`` against targets in ``mask_geometry``.
+
+        Args:
+            mask_logits: ``(R, C, M, M)`` float mask logits of the R positive RoIs of the batch.
+            boxes: per image ``(R_i, 4)`` float xyxy boxes of those RoIs (sum of R_i = R).
+            matched_idxs: per image ``(R_i,)`` int64 index of each RoI's ground-truth instance.
+            targets: per image the ground truth (``labels`` ``(N_i,)`` int64, ``masks`` ``(N_i, H, W)`` uint8).
+
+        Returns:
+            scalar float tensors (0 connected to the graph when there is no positive RoI).
+        """
         size = mask_logits.shape[-1]
-        gt_labels = torch.cat([t["labels"][m[i]] for t, m, i in zip(targets, matched_idxs, positive)])
+        gt_labels = torch.cat([t["labels"][m] for t, m in zip(targets, matched_idxs)])
         goal = torch.cat([
-            mask_targets(t["masks"], p[i], m[i], size, self.mask_geometry)
-            for t, p, m, i in zip(targets, props, matched_idxs, positive)
+            mask_targets(t["masks"], b, m, size, self.mask_geometry) for t, b, m in zip(targets, boxes, matched_idxs)
         ])
         picked = mask_logits[torch.arange(gt_labels.shape[0], device=gt_labels.device), gt_labels]
-        if self.mask_geometry != "torchvision":
-            losses["loss_mask"] = (F.binary_cross_entropy_with_logits(picked, goal) if goal.numel()
-                                   else mask_logits.sum() * 0)
+        losses = {"loss_mask": (F.binary_cross_entropy_with_logits(picked, goal) if goal.numel()
+                                else mask_logits.sum() * 0)}
         if self.dice_weight is not None:
             losses["loss_mask_dice"] = self.dice_weight * soft_dice(picked.sigmoid(), goal)
-        return result, losses
+        return losses

@@ -18,7 +18,8 @@ def plot_history(history: Sequence[dict[str, Any]], title: str = "") -> Figure:
     """
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
     epochs = [h["epoch"] for h in history]
-    for key in LOSS_KEYS:
+    extra = sorted({k for h in history for k in h if k.startswith("loss_") and k not in LOSS_KEYS})
+    for key in (*LOSS_KEYS, *extra):  # extra: the cascade's per-stage losses, loss_mask_dice ...
         ys = [h.get(key) for h in history]
         if any(y is not None for y in ys):
             ax1.plot(epochs, ys, marker="o" if len(epochs) < 30 else None, lw=2 if key == "loss" else 1, label=key)
