@@ -201,3 +201,41 @@ def test_config_keys_and_errors() -> None:
     with pytest.raises(ConfigError, match="one weight per class"):
         build_copy_paste(load_config(None, {"data.augment.copy_paste": 1.0,
                                             "data.augment.copy_paste_class_weights": [1, 2]}).data.augment, 4)
+
+
+def test_pasted_cells_clear_every_label_map_layer(fixture_copy: Path) -> None:
+    """Class maps that overlap are packed into two layers: a pasted cell covers both."""
+    import tifffile
+
+    folder = next((fixture_copy / "train").iterdir())
+    class2 = tifffile.imread(folder / "class2.tif")
+    shifted = np.zeros_like(class2)
+    shifted[6:, 6:] = class2[:-6, :-6]  # every class-2 cell again, shifted: overlaps the originals
+    tifffile.imwrite(folder / "class3.tif", shifted)
+    s = scan_train(fixture_copy)[0]
+    cp = CopyPaste(prob=1.0, max_cells=30, blur=0.0)
+    ds = CellDataset([s, s], None, copy_paste=cp)
+    assert ds.load(0)[1].layers.shape[0] == 2
+    dropped = 0
+    for seed in range(2):
+        torch.manual_seed(seed)
+        image, target = ds[seed]
+        dropped += check_paste(ds, cp, seed, target, image, exact_pixels=True)["dropped"]
+        assert any(p.label == 3 for p in cp.last)
+    assert dropped > 0
+
+
+def test_the_trainer_wires_copy_paste_into_its_training_set(synth_root: Path) -> None:
+    from cellkit.engine.trainer import Trainer
+
+    cfg = load_config(None, {"data.root": str(synth_root), "data.augment.copy_paste": 1.0,
+                             "data.augment.crop_size": 96, "model.backbone": "resnet18", "train.batch_size": 2})
+    trainer = Trainer(cfg, None, progress=False)
+    assert isinstance(trainer.train_set.copy_paste, CopyPaste)
+    assert trainer.val_set.copy_paste is None  # validation images stay as they are
+    torch.manual_seed(0)
+    images, targets = next(iter(trainer.train_loader()))
+    n0 = {s.image_id: len(CellDataset([s]).load(0)[1].labels) for s in trainer.train_set.samples}
+    for target in targets:
+        check_boxes(target)
+    assert sum(int((t["instance_ids"] >= n0[t["image_id"]]).sum()) for t in targets) > 0  # cells were pasted
