@@ -45,3 +45,18 @@ def test_public_recipes_carry_their_source_knobs() -> None:
         c = load_config(name)
         assert (c.model.roi_head, c.train.sampler) == ("cascade", "repeat_factor")
         assert c.data.augment.copy_paste > 0 and c.data.augment.copy_paste_class_weights is None  # class-aware
+
+
+def test_copy_paste_grid_expands_to_three_settings_times_two_seeds() -> None:
+    from cellkit.ablation import expand_grid
+
+    runs = {r.name: r for r in expand_grid("copy_paste")}
+    assert sorted(runs) == sorted(f"{n}-seed={s}" for n in ("off", "uniform", "class_aware") for s in (0, 1))
+    for r in runs.values():
+        aug = r.cfg.data.augment
+        assert r.cfg.name == "demo" and r.cfg.train.seed == int(r.name[-1])
+        if r.name.startswith("off"):
+            assert aug.copy_paste == 0.0
+        else:
+            assert aug.copy_paste == 0.5
+            assert aug.copy_paste_class_weights == ((1.0,) * 4 if r.name.startswith("uniform") else None)
