@@ -260,6 +260,7 @@ class CopyPaste:
                    H: int, W: int) -> tuple[int, int] | None:
         """A random top-left corner where ``mask`` hides no earlier pasted cell beyond ``max_covered``."""
         h, w = mask.shape
+        visible = _visible(layer0, n0, len(pasted_area))
         for _ in range(self.tries):
             y = int(torch.randint(0, H - h + 1, ()))
             x = int(torch.randint(0, W - w + 1, ()))
@@ -267,7 +268,6 @@ class CopyPaste:
                 return y, x
             under = layer0[y : y + h, x : x + w][mask]
             covered = np.bincount(under[under >= n0] - n0, minlength=len(pasted_area))
-            visible = _visible(layer0, n0, len(pasted_area))
             if np.all(visible - covered >= (1.0 - self.max_covered) * np.asarray(pasted_area)):
                 return y, x
         return None

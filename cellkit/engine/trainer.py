@@ -76,7 +76,10 @@ class Trainer:
     """Train Mask R-CNN on a :class:`~cellkit.config.Config`.
 
     Args:
-        cfg: the configuration (``data``, ``model``, ``train``, ``eval``, ``predict``).
+        cfg: the configuration (``data``, ``model``, ``train``, ``eval``, ``predict``). A
+            ``model.scale: auto`` is measured on the training set here
+            (:func:`cellkit.analysis.scale.resolve_auto_scale`); ``self.cfg``, the run's
+            ``config.yaml`` and the checkpoints hold the resulting number.
         run_dir: where results go (None: nothing is written; handy in notebooks and tests).
         hooks: extra hooks, appended to :meth:`default_hooks` (None: the defaults alone). Hooks
             run in order of their ``priority``.
