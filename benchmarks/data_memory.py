@@ -5,9 +5,11 @@ the real layout, then measures the decoded cache entry, the instance masks of th
 of a 512 px training crop, and the time to produce each.
 
     python benchmarks/data_memory.py
+    python benchmarks/data_memory.py --height 300 --width 240 --crop 128 --crops 2   # smoke run
 """
 from __future__ import annotations
 
+import argparse
 import resource
 import tempfile
 import time
@@ -25,8 +27,14 @@ MB = 1024**2
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--height", type=int, default=2500)
+    ap.add_argument("--width", type=int, default=2000)
+    ap.add_argument("--crop", type=int, default=512, help="training crop side (default 512)")
+    ap.add_argument("--crops", type=int, default=20, help="crops to average (default 20)")
+    args = ap.parse_args()
     rng = np.random.default_rng(0)
-    h, w = 2500, 2000
+    h, w = args.height, args.width
     rgba, owner, classes = synth_image(rng, h, w, density=1.4e-4)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "train" / "big"
@@ -45,11 +53,11 @@ def main() -> None:
         n = len(full["labels"])
         full_bytes = full["masks"].numel() * full["masks"].element_size()
         del full
-        ds.transforms = build_train_transforms(AugmentConfig(crop_size=512))
+        ds.transforms = build_train_transforms(AugmentConfig(crop_size=args.crop))
         torch.manual_seed(0)
         t = time.perf_counter()
-        crops = [ds[0][1] for _ in range(20)]
-        t_crop = (time.perf_counter() - t) / 20
+        crops = [ds[0][1] for _ in range(args.crops)]
+        t_crop = (time.perf_counter() - t) / args.crops
         crop_n = np.mean([len(c["labels"]) for c in crops])
         crop_bytes = np.mean([c["masks"].numel() * c["masks"].element_size() for c in crops])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -58,7 +66,7 @@ def main() -> None:
           f"({maps.layers.shape[0]} layer, {maps.layers.dtype}); decode {t_decode:.2f} s")
     print(f"instance masks of the whole image: {full_bytes / MB:.0f} MB uint8 ({t_full:.2f} s); "
           f"torchvision's transform resizes them as float32: another {4 * full_bytes / MB:.0f} MB at scale 1")
-    print(f"512 px training crop: {crop_n:.0f} instances, masks {crop_bytes / MB:.1f} MB, {t_crop * 1000:.0f} ms per item")
+    print(f"{args.crop} px training crop: {crop_n:.0f} instances, masks {crop_bytes / MB:.1f} MB, {t_crop * 1000:.0f} ms per item")
     print(f"process peak RSS {peak:.0f} MB")
 
 

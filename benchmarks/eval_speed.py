@@ -82,7 +82,7 @@ def make_data(out: Path, n_images: int, dets_per_image: int, seed: int = 0) -> t
             elif op == 2:
                 pad = ndi.binary_dilation(pad, iterations=int(rng.integers(1, 3)))
             dy, dx = (int(v) for v in rng.integers(-3, 4, 2)) if op == 3 else (0, 0)
-            prle = enc.encode(pad, sl[0].start - 3 + dy, sl[1].start - 3 + dx)
+            prle = encode_region(pad, sl[0].start - 3 + dy, sl[1].start - 3 + dx, h, w)
             if mask_utils.area(prle) == 0:
                 continue
             cat = k if rng.random() > 0.1 else int(rng.integers(1, 5))
@@ -92,7 +92,7 @@ def make_data(out: Path, n_images: int, dets_per_image: int, seed: int = 0) -> t
         while n_img_preds < dets_per_image:  # false positives: ellipses anywhere
             a, b, th = rng.uniform(3, 13), rng.uniform(3, 13), rng.uniform(0, np.pi)
             blob = ((xx * np.cos(th) + yy * np.sin(th)) / a) ** 2 + ((-xx * np.sin(th) + yy * np.cos(th)) / b) ** 2 <= 1
-            prle = enc.encode(blob, int(rng.integers(-10, h - 10)), int(rng.integers(-10, w - 10)))
+            prle = encode_region(blob, int(rng.integers(-10, h - 10)), int(rng.integers(-10, w - 10)), h, w)
             if mask_utils.area(prle) == 0:
                 continue
             preds.append(_entry(image_id, int(rng.integers(1, 5)), float(rng.random() * 0.7), prle))

@@ -61,7 +61,8 @@ def make_trainer(args: argparse.Namespace, size: int, batch: int, **extra: objec
     overrides = {
         "model.backbone": args.backbone, "train.batch_size": batch, "train.eval_every": 0,
         "train.iters_per_epoch": args.iters, "train.epochs": 1, "data.augment.crop_size": size,
-        "data.augment.scale_range": None, "data.synth_max_size": max(512, size), **extra,
+        "data.augment.scale_range": None, "data.synth_max_size": max(512, size), "data.synth_train": args.images,
+        **extra,
     }
     trainer = Trainer(cellkit.load_config("demo", overrides), None, progress=False)
     trainer.train_set.preload(False)
@@ -115,6 +116,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--images", type=int, default=40, help="synthetic training images (default 40, the demo's)")
     ap.add_argument("--gpu-sweep", action="store_true")
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 800])
     ap.add_argument("--batches", type=int, nargs="+", default=[2, 4, 8])

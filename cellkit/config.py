@@ -203,6 +203,16 @@ class ModelConfig:
     """Detections scoring below this are dropped by the model (0.0 for evaluation: AP needs the low scores)."""
     box_nms_thresh: UnitOpen0 = 0.5
     """IoU threshold of the class-wise box NMS on detections."""
+    box_positive_fraction: UnitOpen0 = 0.25
+    """Fraction of the sampled RoIs that are positives (the mask head trains on the positives only)."""
+    fpn_channels: AtLeast1 | None = None
+    """Channels of the FPN outputs, and so of the RPN head and RoI features (None: the backbone's 256; fewer is cheaper, and COCO weights then fit only the backbone body)."""
+    box_head_dim: AtLeast1 = 1024
+    """Width of the box head's fully connected layers (torchvision: 1024)."""
+    mask_head_layers: AtLeast1 = 4
+    """3x3 convolutions of the mask head before its upsampling (torchvision: 4)."""
+    mask_head_channels: AtLeast1 = 256
+    """Channels of the mask head's convolutions and upsampling (torchvision: 256); the mask head is most of a training step's FLOPs on crowded images."""
     mask_roi_size: Literal[14, 28] = 14
     """RoIAlign output of the mask head: 14 gives 28x28 masks, 28 gives 56x56 masks."""
     mask_loss: Literal["bce", "bce+dice"] = "bce"

@@ -187,7 +187,8 @@ def test_registry_lists_the_ablation_rows_and_small_backbones() -> None:
     names = set(list_backbones())
     rows = {"resnet50", "resnet50_se", "resnet50_cbam", "resnet50_v2", "resnet50_v2_se", "resnet50_v2_cbam",
             "resnext50_32x4d", "resnext50_32x4d_se", "resnext50_32x4d_cbam", "resnet101", "efficientnet_b0",
-            "efficientnet_b1", "convnext_tiny", "resnet18", "mobilenet_v3_large"}
+            "efficientnet_b1", "convnext_tiny", "resnet18", "mobilenet_v3_large",
+            "resnet101_dc5", "resnext101_32x8d"}  # the leaderboard's #1 and #2 backbones
     assert rows <= names
 
 
@@ -308,6 +309,37 @@ def test_every_knob_reaches_the_model() -> None:
     losses = model([image(96)], [cell_target(96, classes=(1, 2, 3))])
     assert shapes and shapes[0][1:] == (4, 56, 56)
     assert {"loss_mask", "loss_mask_dice"} <= set(losses)
+
+
+def test_head_width_knobs_reach_the_model() -> None:
+    """The Demo issue's cost knobs: FPN width, box head width, mask head depth/width, positive fraction."""
+    cfg = load_config(overrides={
+        "model.backbone": "resnet18", "model.fpn_channels": 64, "model.box_head_dim": 200,
+        "model.mask_head_layers": 2, "model.mask_head_channels": 48, "model.box_positive_fraction": 0.5,
+    })
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    bb, rh = model.backbone, model.roi_heads
+    assert bb.out_channels == 64
+    assert all(b[0].out_channels == 64 for b in bb.fpn.layer_blocks)
+    assert [b[0].in_channels for b in bb.fpn.inner_blocks] == [64, 128, 256, 512]  # the body is untouched
+    assert model.rpn.head.conv[0][0].in_channels == 64
+    assert rh.box_head.fc6.in_features == 64 * 7 * 7 and rh.box_head.fc7.out_features == 200
+    assert rh.box_predictor.cls_score.in_features == 200
+    convs = [m for m in rh.mask_head.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(64, 48), (48, 48)]
+    assert rh.mask_predictor.conv5_mask.in_channels == 48
+    assert rh.fg_bg_sampler.positive_fraction == 0.5
+    model.train()
+    losses = model([image(96)], [cell_target(96, classes=(1, 2, 3))])
+    assert all(torch.isfinite(v) for v in losses.values())
+    # the v2 design keeps BatchNorm in its resized FPN
+    with torch.device("meta"):
+        v2 = build_model(small_cfg("resnet50_v2", **{"model.fpn_channels": 96}))
+    assert v2.backbone.out_channels == 96
+    assert any(isinstance(m, nn.BatchNorm2d) for m in v2.backbone.fpn.modules())
+    with pytest.raises(ConfigError, match="model.fpn_channels"):
+        load_config(overrides={"model.fpn_channels": 0})
 
 
 @pytest.mark.parametrize(
@@ -677,7 +709,7 @@ ALL_YAML = sorted(p for p in CONFIGS.rglob("*.yaml") if p.relative_to(CONFIGS).p
 
 def test_configs_exist() -> None:
     names = {p.relative_to(CONFIGS).as_posix() for p in ALL_YAML}
-    for required in ("leaderboard.yaml", "report004.yaml", "report004_no_scheduler.yaml", "demo.yaml",
+    for required in ("leaderboard.yaml", "cascade.yaml", "report004.yaml", "report004_no_scheduler.yaml", "demo.yaml",
                      "ablation/_base.yaml", "ablation/resnet50.yaml", "ablation/resnet50_cbam.yaml",
                      "ablation/resnet50_v2_se.yaml", "ablation/resnext50_32x4d_cbam.yaml",
                      "ablation/efficientnet_b0.yaml", "ablation/resnet101.yaml"):

@@ -312,3 +312,27 @@ def tv_mobilenet(arch: str, imagenet: Any, cfg: ModelConfig) -> BackboneSpec:
         net = getattr(torchvision.models, arch)(weights=weights, norm_layer=layer)
     module = _mobilenet_extractor(net, True, trainable, returned_layers=[1, 2, 3, 4])
     return BackboneSpec(module, imagenet=f"torchvision {type(imagenet).__name__}.{imagenet.name}")
+
+
+def resize_fpn(module: nn.Module, channels: int, backbone: str = "") -> None:
+    """Give the feature pyramid of ``module`` ``channels`` output channels (``model.fpn_channels``).
+
+    Replaces ``module.fpn`` (torchvision's ``BackboneWithFPN`` and :class:`TimmFeaturePyramid`
+    both keep it there) by a fresh ``FeaturePyramidNetwork`` with the same input channels, extra
+    block and normalisation, and sets ``module.out_channels``. The backbone body is untouched, so
+    ImageNet weights loaded into it stay. Forward then returns ``(B, channels, H / s, W / s)`` maps.
+
+    Raises:
+        ConfigError: the backbone has no FPN of that form.
+    """
+    fpn = getattr(module, "fpn", None)
+    if not isinstance(fpn, FeaturePyramidNetwork):
+        raise ConfigError(f"model.fpn_channels: backbone {backbone} has no feature pyramid to resize; leave it unset")
+    if channels == module.out_channels:
+        return
+    in_channels = [block[0].in_channels for block in fpn.inner_blocks]
+    normed = any(isinstance(layer, nn.BatchNorm2d) for layer in fpn.inner_blocks[0])
+    module.fpn = FeaturePyramidNetwork(
+        in_channels, channels, extra_blocks=fpn.extra_blocks, norm_layer=nn.BatchNorm2d if normed else None
+    )
+    module.out_channels = channels

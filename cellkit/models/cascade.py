@@ -24,11 +24,14 @@ by ``K`` stages (Cai & Vasconcelos, *Cascade R-CNN*), built from torchvision's p
   so prediction, TTA, tiling, threshold tuning and the lean paste work unchanged.
 
 Stage 1's modules keep the standard names (``roi_heads.box_head``, ``roi_heads.box_predictor``),
-so ``weights: coco`` loads the COCO box head into stage 1 (the class-agnostic predictors start
-fresh); stages 2.. are ``roi_heads.cascade_stages.{0,1,..}.box_head`` / ``.box_predictor``.
+so ``weights: coco`` (or a standard model's file) loads the COCO box head into stage 1, and
+:meth:`CascadeRoIHeads.init_stages_from_first` copies it into the later stages' box heads (same
+shape); the class-agnostic predictors start fresh. Stages 2.. are
+``roi_heads.cascade_stages.{0,1,..}.box_head`` / ``.box_predictor``.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional, Sequence
 
 import torch
@@ -41,6 +44,8 @@ from torchvision.ops import boxes as box_ops
 from ..config import ModelConfig
 from ..errors import ConfigError
 from .roi_heads import MaskRoIHeads
+
+log = logging.getLogger(__name__)
 
 
 class AgnosticBoxPredictor(nn.Module):
@@ -122,10 +127,6 @@ class CascadeRoIHeads(MaskRoIHeads):
         self.stage_matchers = [Matcher(t, t, allow_low_quality_matches=False) for t in self.iou_thresholds]
         self.stage_coders = [BoxCoder(tuple(float(v) for v in w)) for w in coder_weights]
 
-    @classmethod
-    def from_roi_heads(cls, heads: RoIHeads, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
-        return super().from_roi_heads(heads, *args, **kwargs)
-
     @property
     def num_stages(self) -> int:
         return len(self.cascade_stages) + 1
@@ -136,6 +137,29 @@ class CascadeRoIHeads(MaskRoIHeads):
             return self.box_head, self.box_predictor
         stage = self.cascade_stages[k - 1]
         return stage["box_head"], stage["box_predictor"]
+
+    def init_stages_from_first(self, loaded: Sequence[str], missing: Sequence[str], prefix: str = "roi_heads.") -> list[int]:
+        """After a partial weight load: copy stage 1's box head into every later stage whose box
+        head the file did not have (``missing``), if stage 1's came from it (``loaded``). The box
+        heads have the same shape; the class-agnostic predictors stay fresh.
+
+        Returns:
+            the 0-based stages initialised this way (logged).
+        """
+        loaded_set, missing_set = set(loaded), set(missing)
+        first = [f"{prefix}box_head.{k}" for k in self.box_head.state_dict()]
+        if not first or not all(k in loaded_set for k in first):
+            return []
+        done = []
+        for k, stage in enumerate(self.cascade_stages, start=1):
+            keys = [f"{prefix}cascade_stages.{k - 1}.box_head.{n}" for n in stage["box_head"].state_dict()]
+            if keys and all(n in missing_set for n in keys):
+                stage["box_head"].load_state_dict(self.box_head.state_dict())
+                done.append(k)
+        if done:
+            log.info("cascade: box heads of stages %s initialised from the loaded stage-1 box head",
+                     ", ".join(str(k + 1) for k in done))
+        return done
 
     # ---------------------------------------------------------------------------------------
     # one stage

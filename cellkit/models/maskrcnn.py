@@ -19,16 +19,15 @@ from torchvision.ops.poolers import initLevelMapper
 
 from ..config import Config, ModelConfig, validate_section
 from ..errors import ConfigError
-from .cascade import make_cascade, validate_cascade
+from .cascade import CascadeRoIHeads, make_cascade, validate_cascade
 from .losses import DiceRoIHeads
 from .roi_heads import MaskRoIHeads
+from .builders import resize_fpn
 from .registry import BackboneSpec, create_backbone
 from .transform import ResizeTransform
 from .weights import load_coco, load_file, weights_path
 
 BOX_ROI_SIZE = 7
-REPRESENTATION = 1024  # box head output features
-MASK_LAYERS = (256, 256, 256, 256)
 
 
 def build_model(cfg: Config | ModelConfig) -> MaskRCNN:
@@ -52,7 +51,8 @@ def build_model(cfg: Config | ModelConfig) -> MaskRCNN:
 
     Weights: ``imagenet`` loads into the backbone while it is built; ``coco`` and a file path load
     every tensor that fits after assembly (predictors always have ``num_classes + 1`` outputs
-    and start fresh, as do attention layers).
+    and start fresh, as do attention layers). With cascade heads, a file without the later
+    stages (COCO's, a standard model's) gives every stage's box head the stage-1 box head it loaded.
 
     Raises:
         ConfigError: an invalid knob (unknown backbone, anchors not one per FPN level, ...).
@@ -73,9 +73,13 @@ def build_model(cfg: Config | ModelConfig) -> MaskRCNN:
                 f"model.weights: no COCO Mask R-CNN weights fit backbone {m.backbone}; `cellkit models` lists "
                 "the backbones that have them (the resnet50 family), or use weights imagenet or a file"
             )
-        load_coco(model, spec.coco)  # logs what loaded and what starts fresh
+        report = load_coco(model, spec.coco)  # logs what loaded and what starts fresh
     elif path is not None:
-        load_file(model, path)
+        report = load_file(model, path)
+    else:
+        return model
+    if isinstance(model.roi_heads, CascadeRoIHeads):  # a standard model's box head fits every stage
+        model.roi_heads.init_stages_from_first(report.loaded, report.missing)
     return model
 
 
@@ -92,6 +96,8 @@ def assemble(spec: BackboneSpec, m: ModelConfig) -> MaskRCNN:
         )
     else:
         sizes = tuple((s,) for s in m.anchor_sizes)
+    if m.fpn_channels is not None:
+        resize_fpn(spec.module, m.fpn_channels, m.backbone)
     out = spec.module.out_channels
     n_out = m.num_classes + 1
     v2 = spec.head == "v2"
@@ -100,19 +106,20 @@ def assemble(spec: BackboneSpec, m: ModelConfig) -> MaskRCNN:
     names = list(spec.featmap_names)
     box_roi_pool = fixed_scale_pooler(names, spec.strides, BOX_ROI_SIZE)
     mask_roi_pool = fixed_scale_pooler(names, spec.strides, m.mask_roi_size)
+    mask_layers = [m.mask_head_channels] * m.mask_head_layers
 
     def new_box_head() -> nn.Module:
         if v2:
             return FastRCNNConvFCHead(
-                (out, BOX_ROI_SIZE, BOX_ROI_SIZE), [256, 256, 256, 256], [REPRESENTATION], norm_layer=nn.BatchNorm2d
+                (out, BOX_ROI_SIZE, BOX_ROI_SIZE), [256, 256, 256, 256], [m.box_head_dim], norm_layer=nn.BatchNorm2d
             )
-        return TwoMLPHead(out * BOX_ROI_SIZE**2, REPRESENTATION)
+        return TwoMLPHead(out * BOX_ROI_SIZE**2, m.box_head_dim)
 
     box_head = new_box_head()
     if v2:
-        mask_head = MaskRCNNHeads(out, list(MASK_LAYERS), 1, norm_layer=nn.BatchNorm2d)
+        mask_head = MaskRCNNHeads(out, mask_layers, 1, norm_layer=nn.BatchNorm2d)
     else:
-        mask_head = MaskRCNNHeads(out, list(MASK_LAYERS), 1)
+        mask_head = MaskRCNNHeads(out, mask_layers, 1)
     model = MaskRCNN(
         spec.module,
         num_classes=None,
@@ -126,21 +133,22 @@ def assemble(spec: BackboneSpec, m: ModelConfig) -> MaskRCNN:
         rpn_batch_size_per_image=m.rpn_batch_size_per_image,
         box_roi_pool=box_roi_pool,
         box_head=box_head,
-        box_predictor=FastRCNNPredictor(REPRESENTATION, n_out),
+        box_predictor=FastRCNNPredictor(m.box_head_dim, n_out),
         box_score_thresh=m.box_score_thresh,
         box_nms_thresh=m.box_nms_thresh,
         box_detections_per_img=m.box_detections_per_img,
         box_batch_size_per_image=m.box_batch_size_per_image,
+        box_positive_fraction=m.box_positive_fraction,
         mask_roi_pool=mask_roi_pool,
         mask_head=mask_head,
-        mask_predictor=MaskRCNNPredictor(MASK_LAYERS[-1], 256, n_out),
+        mask_predictor=MaskRCNNPredictor(m.mask_head_channels, m.mask_head_channels, n_out),
     )
     model.transform = ResizeTransform(
         m.min_size, m.max_size, m.image_mean, m.image_std, resize_mode=m.resize_mode, scale=m.scale
     )
     if m.roi_head == "cascade":  # stage 1 keeps box_head; masks, geometry and Dice as the standard heads
         dice = m.dice_weight if m.mask_loss == "bce+dice" else None
-        model.roi_heads = make_cascade(model.roi_heads, m, new_box_head, REPRESENTATION, dice)
+        model.roi_heads = make_cascade(model.roi_heads, m, new_box_head, m.box_head_dim, dice)
     elif m.mask_loss == "bce+dice":
         model.roi_heads = DiceRoIHeads.from_roi_heads(model.roi_heads, m.dice_weight, m.mask_geometry)
     else:  # the mask loss follows mask_geometry; prediction reads roi_heads.mask_geometry to paste
