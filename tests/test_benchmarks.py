@@ -52,7 +52,7 @@ def test_demo_flops_smoke() -> None:
              "data.synth_max_size=160", "data.val_fraction=0.25"]
     out = run_benchmark("demo_flops.py", "--batches", "1", "--no-time", "--json", *[f"--set={kv}" for kv in small])
     r = last_json(out)
-    assert r["recipe"] == "demo" and r["steps"] == 120
+    assert r["recipe"] == "demo" and r["steps"] == 240  # 12 epochs x 20 steps
     assert r["gflop_per_step"] > 1
     assert r["tflop_training"] == pytest.approx(r["gflop_per_step"] * r["steps"] / 1e3)
     parts = r["gflop_by_module"]
