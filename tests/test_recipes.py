@@ -54,7 +54,7 @@ def test_copy_paste_grid_expands_to_three_settings_times_two_seeds() -> None:
     assert [r.name for r in runs] == [f"{n}-seed{s}" for s in (0, 1) for n in ("off", "class_aware", "uniform")]
     for r in runs:
         aug = r.cfg.data.augment
-        assert r.cfg.name == "demo" and r.cfg.train.seed == int(r.name[-1]) and r.cfg.train.epochs == 6
+        assert r.cfg.name == "demo" and r.cfg.train.seed == int(r.name[-1]) and r.cfg.train.epochs == 4
         if r.name.startswith("off"):
             assert aug.copy_paste == 0.0
         else:
