@@ -110,7 +110,8 @@ def open_cluster(spec: "str | ClusterSpec | None", gpus: Sequence[int | str] | N
     with dask.config.set({"distributed.scheduler.allowed-failures": int(retries)}):
         if cs.kind == "local":
             try:
-                cluster, desc = _local_cluster(cs.workers, gpus)
+                with _keep_thread_env():
+                    cluster, desc = _local_cluster(cs.workers, gpus)
             except RuntimeError as e:  # a worker process could not start
                 raise CellkitError(
                     f"the local cluster's worker processes did not start ({e}). They are spawned and import "
@@ -145,6 +146,26 @@ def open_cluster(spec: "str | ClusterSpec | None", gpus: Sequence[int | str] | N
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def _keep_thread_env() -> Iterator[None]:
+    """Undo what starting a LocalCluster does to this process's environment: its nannies set
+    ``OMP_NUM_THREADS=1`` (and MKL/OpenBLAS) here for their workers (dask's
+    ``distributed.nanny.pre-spawn-environ``), which :meth:`Cluster.threads_for` would then read as
+    the user's choice, giving every run of a local grid one thread."""
+    saved = {k: os.environ.get(k) for k in THREAD_VARS}
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _probe(address: str) -> None:

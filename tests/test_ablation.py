@@ -528,6 +528,23 @@ def test_local_cluster_gives_each_worker_one_gpu(tmp_path: Path) -> None:
         assert set(cl.threads) == set(info) and all(n >= 1 for n in cl.threads.values())
 
 
+def test_a_local_cluster_leaves_the_runs_their_share_of_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Starting a LocalCluster sets OMP_NUM_THREADS=1 in the runner's own process (dask's nanny
+    pre-spawn environment); that was read back as the user's choice, so every run of a local grid
+    trained on one thread (the heads grid ran at half speed on 2 cores)."""
+    from cellkit.cluster import cpu_count
+
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    with open_cluster("local:1") as cl:
+        assert os.environ.get("OMP_NUM_THREADS") is None
+        [address] = cl.threads
+        assert cl.threads_for(address) == cl.threads[address] == cpu_count()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's own setting still wins
+    with open_cluster("local:1") as cl:
+        assert os.environ["OMP_NUM_THREADS"] == "1" and cl.threads_for(next(iter(cl.threads))) == 1
+
+
 @pytest.mark.slow
 def test_a_failing_run_is_recorded_and_the_grid_goes_on(tmp_path: Path) -> None:
     notebook = write_standin(tmp_path)
