@@ -60,3 +60,14 @@ def test_copy_paste_grid_expands_to_three_settings_times_two_seeds() -> None:
         else:
             assert aug.copy_paste == 0.5
             assert aug.copy_paste_class_weights == ((1.0,) * 4 if r.name.startswith("uniform") else None)
+
+
+def test_copy_paste_full_grid_runs_the_whole_demo() -> None:
+    from cellkit.ablation import expand_grid
+
+    runs = expand_grid("copy_paste_full")
+    assert [r.name for r in runs] == ["off-seed0", "class_aware-seed0", "off-seed1", "class_aware-seed1"]
+    demo = load_config("demo")
+    for r in runs:
+        assert (r.cfg.train.epochs, r.cfg.train.iters_per_epoch) == (demo.train.epochs, demo.train.iters_per_epoch)
+        assert r.cfg.data.augment.copy_paste == (0.0 if r.name.startswith("off") else 0.5)
