@@ -107,10 +107,32 @@ class AugmentConfig:
     saturation: NonNegative = 0.1
     hue: Annotated[float, Range(0.0, 0.5)] = 0.02
     """Colour jitter strengths (hue at most 0.5, as torchvision's ColorJitter)."""
+    preset: Literal["default", "lsj"] = "default"
+    """Geometric preset. default: rescale by ``scale_range``, then a random crop of at most ``crop_size``; lsj: large-scale jitter (torchvision references' lsj, Detectron2's new baselines): rescale by ``lsj_scale_range``, then a crop padded to exactly ``crop_size`` x ``crop_size``."""
+    lsj_scale_range: tuple[Positive, Positive] = (0.1, 2.0)
+    """Rescale factors of ``preset: lsj``, relative to each image (cells keep their size distribution centred on their true size)."""
+    copy_paste: Unit = 0.0
+    """Probability that a training crop gets cells pasted from other training images (0: off)."""
+    copy_paste_max: AtLeast1 = 8
+    """Cells pasted into one crop: drawn uniformly from 1 to this."""
+    copy_paste_class_weights: tuple[NonNegative, ...] | None = None
+    """Weight of each class's cells (one per class): a cell is drawn with probability proportional to its class weight. None: 1 / cells of the class, so every class is pasted equally often (rare classes most per cell); [1, 1, 1, 1]: every cell alike (classes in their natural shares)."""
+    copy_paste_max_covered: Annotated[float, Range(0.0, 1.0, hi_open=True)] = 0.5
+    """A cell covered by pasted cells beyond this fraction of its own area is dropped from the target (the rest of a covered cell is trimmed); a cell is never pasted where a later one would hide it that much."""
+    copy_paste_blur: NonNegative = 1.0
+    """Soft edge of pasted cells: sigma in px of the Gaussian blur of their alpha mask (0: hard edge). Their target masks stay exact."""
 
     def _validate(self, prefix: str) -> None:
         if self.scale_range is not None and self.scale_range[0] > self.scale_range[1]:
             raise ConfigError(f"{prefix}scale_range: the lower bound must not exceed the upper one, got {list(self.scale_range)}")
+        if self.lsj_scale_range[0] > self.lsj_scale_range[1]:
+            raise ConfigError(f"{prefix}lsj_scale_range: the lower bound must not exceed the upper one, "
+                              f"got {list(self.lsj_scale_range)}")
+        if self.preset == "lsj" and self.crop_size is None:
+            raise ConfigError(f"{prefix}crop_size: preset lsj crops to a fixed size; set crop_size (e.g. 512)")
+        w = self.copy_paste_class_weights
+        if w is not None and (len(w) == 0 or sum(w) <= 0):
+            raise ConfigError(f"{prefix}copy_paste_class_weights: needs one weight per class, not all zero, got {list(w)}")
 
 
 @dataclass
@@ -154,8 +176,10 @@ class ModelConfig:
     """Backbone normalisation; auto: frozen BatchNorm with pretrained weights (BatchNorm for the v2 design and from scratch)."""
     resize_mode: Literal["min_size", "fixed_scale"] = "min_size"
     """min_size: shorter side to ``min_size`` (torchvision); fixed_scale: every image scaled by ``scale``; both capped by ``max_size``."""
-    scale: Positive = 1.0
-    """Resize factor of ``resize_mode: fixed_scale`` (1.0: native resolution, 2.0: cells twice as large)."""
+    scale: Positive | Literal["auto"] = 1.0
+    """Resize factor of ``resize_mode: fixed_scale`` (1.0: native resolution, 2.0: cells twice as large); auto: ``target_cell_diameter`` / the median equivalent diameter of the training cells, measured when training starts (implies fixed_scale; the run's config.yaml and checkpoints store the number, so prediction and tiling use it)."""
+    target_cell_diameter: Positive = 30.0
+    """Median cell diameter in px that ``scale: auto`` scales the images to (Cellpose rescales to 30 px)."""
     min_size: AtLeast1 = 800
     """Shorter image side after resizing in ``resize_mode: min_size`` (torchvision's GeneralizedRCNNTransform)."""
     max_size: AtLeast1 = 1333

@@ -9,6 +9,7 @@ import numpy as np
 from ..progress import bar
 from ..config import DataConfig
 from ..data import CellDataset, resolve_root, scan_train
+from .scale import equivalent_diameter
 
 
 @dataclass
@@ -45,6 +46,7 @@ class DatasetStats:
                 "share": float(len(a) / max(1, len(self.instance_area))),
                 "images_with": int((self.counts[:, k - 1] > 0).sum()),
                 "area_p5_p50_p95": [float(v) for v in np.percentile(a, [5, 50, 95])] if len(a) else None,
+                "median_diameter": float(np.median(equivalent_diameter(a))) if len(a) else None,
             }
         per_image = self.counts.sum(1)
         return {
@@ -55,8 +57,14 @@ class DatasetStats:
                                     "max": int(per_image.max())},
             "image_height_min_median_max": [int(self.heights.min()), float(np.median(self.heights)), int(self.heights.max())],
             "image_width_min_median_max": [int(self.widths.min()), float(np.median(self.widths)), int(self.widths.max())],
+            "median_diameter": float(np.median(self.instance_diameter)) if len(self.instance_area) else None,
             "classes": per_class,
         }
+
+    @property
+    def instance_diameter(self) -> np.ndarray:
+        """``(n_instances,)`` float64 equivalent diameter ``sqrt(4 * area / pi)`` in px of every instance."""
+        return equivalent_diameter(self.instance_area)
 
 
 def dataset_stats(cfg: DataConfig, num_classes: int = 4, progress: bool = True) -> DatasetStats:
@@ -96,9 +104,13 @@ def format_stats(stats: DatasetStats) -> str:
         f"images: {d['images']}   instances: {d['instances']}   per image: mean {d['instances_per_image']['mean']:.1f}, "
         f"max {d['instances_per_image']['max']}",
         f"image height min/median/max: {d['image_height_min_median_max']}   width: {d['image_width_min_median_max']}",
-        f"{'class':<8}{'instances':>10}{'share':>8}{'images':>8}   area p5/p50/p95 (px)",
+        f"{'class':<8}{'instances':>10}{'share':>8}{'images':>8}{'median diameter (px)':>22}   area p5/p50/p95 (px)",
     ]
     for name, c in d["classes"].items():
         area = "-" if c["area_p5_p50_p95"] is None else " / ".join(f"{v:.0f}" for v in c["area_p5_p50_p95"])
-        lines.append(f"{name:<8}{c['instances']:>10}{c['share']:>8.1%}{c['images_with']:>8}   {area}")
+        diam = "-" if c["median_diameter"] is None else f"{c['median_diameter']:.1f}"
+        lines.append(f"{name:<8}{c['instances']:>10}{c['share']:>8.1%}{c['images_with']:>8}{diam:>22}   {area}")
+    if d["median_diameter"] is not None:
+        lines.append(f"median cell diameter (all classes): {d['median_diameter']:.1f} px "
+                     "(model.scale: auto scales it to model.target_cell_diameter)")
     return "\n".join(lines)

@@ -6,6 +6,7 @@ from pathlib import Path
 from ..config import DataConfig
 from ..evaluation.rle import encode_mask, encode_region
 from .coco import build_coco, convert
+from .copy_paste import CopyPaste, InstanceBank, build_copy_paste
 from .dataset import CellDataset, TestImageDataset, collate, image_to_tensor
 from ..structures.label_maps import LabelMaps
 from .instances import load_sample
@@ -32,5 +33,6 @@ __all__ = [
     "CellDataset", "TestImageDataset", "collate", "image_to_tensor", "LabelMaps",
     "load_sample", "read_image", "read_label_map", "TestImage", "TrainSample", "read_test_index", "scan_train",
     "split_samples", "ensure_synthetic", "write_synthetic", "build_train_transforms", "build_coco", "convert",
-    "encode_mask", "encode_region", "resolve_root", "train_val_samples",
+    "encode_mask", "encode_region", "resolve_root", "train_val_samples", "CopyPaste", "InstanceBank",
+    "build_copy_paste",
 ]

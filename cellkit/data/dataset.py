@@ -1,7 +1,7 @@
 """torch Datasets that yield what torchvision's Mask R-CNN trains on and predicts from."""
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -14,6 +14,9 @@ from ..structures.label_maps import LabelMaps
 from .instances import load_sample
 from .io import read_image
 from .layout import TestImage, TrainSample
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .copy_paste import CopyPaste, InstanceBank
 
 Target = dict[str, Any]
 
@@ -35,6 +38,9 @@ class CellDataset(Dataset):
             ``tv_tensors.Image`` and a ``tv_tensors.Mask`` ``(L, H, W)`` int32 of instance ids,
             e.g. :func:`cellkit.data.transforms.build_train_transforms`. None for validation.
         cache: keep decoded images and label maps in memory (an epoch then decodes nothing).
+        copy_paste: cells of other images of this dataset pasted onto each augmented crop
+            (:class:`cellkit.data.copy_paste.CopyPaste`, from
+            :func:`~cellkit.data.copy_paste.build_copy_paste`); None: off.
 
     Each item is ``(image, target)``: image ``(3, H, W)`` float32 in [0, 1]; target with
     ``boxes`` ``(N, 4)`` float32 xyxy, ``labels`` ``(N,)`` int64 in 1..4, ``masks``
@@ -47,11 +53,14 @@ class CellDataset(Dataset):
         samples: Sequence[TrainSample],
         transforms: Callable[..., Any] | None = None,
         cache: bool = True,
+        copy_paste: "CopyPaste | None" = None,
     ) -> None:
         self.samples = list(samples)
         self.transforms = transforms
         self.cache = cache
+        self.copy_paste = copy_paste
         self._cache: dict[int, tuple[np.ndarray, LabelMaps]] = {}
+        self._bank: "InstanceBank | None" = None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -91,6 +100,14 @@ class CellDataset(Dataset):
             out[i] = self.load(i)[1].class_counts(num_classes) > 0
         return out
 
+    def instance_bank(self) -> "InstanceBank":
+        """The cells copy-paste draws from (built once, from the decoded label maps)."""
+        if self._bank is None:
+            from .copy_paste import InstanceBank
+
+            self._bank = InstanceBank.build(self.load, len(self))
+        return self._bank
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
         image, maps = self.load(index)
         img: torch.Tensor = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))
@@ -99,7 +116,10 @@ class CellDataset(Dataset):
         layers: torch.Tensor = tv_tensors.Mask(torch.from_numpy(maps.layers.astype(np.int32)))
         if self.transforms is not None:
             img, layers = self.transforms(img, layers)
-        target = LabelMaps(layers.as_subclass(torch.Tensor).numpy(), maps.labels).to_target()
+        labels = maps.labels
+        if self.copy_paste is not None:
+            img, layers, labels = self.copy_paste(img, layers, labels, self, index)
+        target = LabelMaps(layers.as_subclass(torch.Tensor).numpy(), labels).to_target()
         target["image_id"] = self.samples[index].image_id
         image_t = F.to_dtype(img.as_subclass(torch.Tensor), torch.float32, scale=True).contiguous()
         return image_t, target

@@ -78,15 +78,25 @@ class RandomCropUpTo(v2.Transform):
 
 
 def build_train_transforms(aug: AugmentConfig) -> v2.Compose:
-    """The training augmentation of ``data.augment``: flips, 90-degree turns, rescale, crop, colour.
+    """The training augmentation of ``data.augment``: rescale, crop, flips, 90-degree turns, colour.
+
+    ``preset: default`` rescales by ``scale_range`` and crops at most ``crop_size``; ``preset: lsj``
+    (large-scale jitter) rescales by ``lsj_scale_range`` and then crops, padding where needed, to
+    exactly ``crop_size`` x ``crop_size`` (``v2.RandomCrop`` with ``pad_if_needed``; padding is
+    black in the image and background in the masks).
 
     Inputs are ``(tv_tensors.Image uint8/float (3, H, W), tv_tensors.Mask int (L, H, W))``.
     """
     steps: list[v2.Transform] = []
-    if aug.scale_range is not None and tuple(aug.scale_range) != (1.0, 1.0):
-        steps.append(RandomRescale(tuple(aug.scale_range)))
-    if aug.crop_size is not None:
-        steps.append(RandomCropUpTo(aug.crop_size))
+    if aug.preset == "lsj":
+        assert aug.crop_size is not None  # AugmentConfig._validate
+        steps.append(RandomRescale(tuple(aug.lsj_scale_range)))
+        steps.append(v2.RandomCrop(aug.crop_size, pad_if_needed=True, fill=0, padding_mode="constant"))
+    else:
+        if aug.scale_range is not None and tuple(aug.scale_range) != (1.0, 1.0):
+            steps.append(RandomRescale(tuple(aug.scale_range)))
+        if aug.crop_size is not None:
+            steps.append(RandomCropUpTo(aug.crop_size))
     if aug.hflip > 0:
         steps.append(v2.RandomHorizontalFlip(aug.hflip))
     if aug.vflip > 0:

@@ -36,9 +36,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .. import __version__
 from ..config import Config
-from ..data import CellDataset, build_train_transforms, collate, train_val_samples
+from ..data import CellDataset, build_copy_paste, build_train_transforms, collate, train_val_samples
 from ..data.coco import build_coco, coco_from_dataset, write_json
 from ..data.sampling import RepeatFactorSampler, repeat_factors
+from ..analysis.scale import resolve_auto_scale
 from ..errors import ConfigError, DataError, TrainingError
 from ..progress import bar
 from . import distributed as dist_utils
@@ -75,7 +76,10 @@ class Trainer:
     """Train Mask R-CNN on a :class:`~cellkit.config.Config`.
 
     Args:
-        cfg: the configuration (``data``, ``model``, ``train``, ``eval``, ``predict``).
+        cfg: the configuration (``data``, ``model``, ``train``, ``eval``, ``predict``). A
+            ``model.scale: auto`` is measured on the training set here
+            (:func:`cellkit.analysis.scale.resolve_auto_scale`); ``self.cfg``, the run's
+            ``config.yaml`` and the checkpoints hold the resulting number.
         run_dir: where results go (None: nothing is written; handy in notebooks and tests).
         hooks: extra hooks, appended to :meth:`default_hooks` (None: the defaults alone). Hooks
             run in order of their ``priority``.
@@ -110,11 +114,13 @@ class Trainer:
         if train_set is None or val_set is None:
             train_samples, val_samples = train_val_samples(cfg.data, cfg.model.num_classes, progress=self.progress)
             if train_set is None:
-                train_set = CellDataset(train_samples, build_train_transforms(cfg.data.augment), cache=cfg.data.cache)
+                train_set = CellDataset(train_samples, build_train_transforms(cfg.data.augment), cache=cfg.data.cache,
+                                        copy_paste=build_copy_paste(cfg.data.augment, cfg.model.num_classes))
             if val_set is None:
                 val_set = CellDataset(val_samples, None, cache=cfg.data.cache)
         self.train_set: Dataset = train_set
         self.val_set: Dataset = val_set
+        cfg = self.cfg = resolve_auto_scale(cfg, train_set, log=self._log)  # model.scale: auto -> a number
 
         if model is None:
             from ..models import build_model

@@ -61,6 +61,9 @@ def build_model(cfg: Config | ModelConfig) -> MaskRCNN:
     """
     m = cfg.model if isinstance(cfg, Config) else cfg
     validate_model_config(m)
+    if m.scale == "auto":
+        raise ConfigError("model.scale: auto is measured from the training cells when training starts "
+                          "(cellkit.analysis.scale.resolve_auto_scale(cfg)); build_model needs a number")
     path = weights_path(m.weights)
     spec = create_backbone(m)
     model = assemble(spec, m)
