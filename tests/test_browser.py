@@ -84,6 +84,21 @@ def jupyterlab(tmp_path: Path):
         log.close()
 
 
+def dismiss_dialogs(page) -> list[str]:
+    """Accept every JupyterLab dialog on the page and return their texts. A modal dialog (a
+    kernel chooser when the kernel connection lags, a "kernel busy" notice) intercepts every click
+    on the menus, which made this test time out on the Run menu now and then (CI included)."""
+    texts = []
+    for dialog in page.query_selector_all(".jp-Dialog"):
+        texts.append(" ".join(dialog.inner_text().split())[:200])
+        button = dialog.query_selector("button.jp-mod-accept") or dialog.query_selector("button")
+        if button is not None:
+            button.click()
+    if texts:
+        page.wait_for_timeout(500)
+    return texts
+
+
 @pytest.mark.browser
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_mask_browser_renders_in_jupyterlab(jupyterlab: str, tmp_path: Path) -> None:
@@ -103,15 +118,17 @@ def test_mask_browser_renders_in_jupyterlab(jupyterlab: str, tmp_path: Path) -> 
             # kernel connection is up, so a click that starts no cell is made again
             page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
             started = "() => [...document.querySelectorAll('.jp-InputPrompt')].some(p => /\\[(\\*|\\d+)\\]/.test(p.textContent))"
+            dialogs: list[str] = []
             for attempt in range(4):
-                page.get_by_role("menuitem", name="Run", exact=True).click()
-                page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+                dialogs += dismiss_dialogs(page)
+                page.get_by_role("menuitem", name="Run", exact=True).click(timeout=30_000)
+                page.get_by_role("menuitem", name="Run All Cells", exact=True).click(timeout=30_000)
                 try:
                     page.wait_for_function(started, timeout=20_000)
                     break
                 except Exception:
                     if attempt == 3:
-                        raise
+                        raise AssertionError(f"Run All Cells started no cell; dialogs seen: {dialogs}") from None
             try:
                 widget = page.wait_for_selector(".cellkit-mask-browser", timeout=240_000)
             except Exception:
