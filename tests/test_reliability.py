@@ -19,7 +19,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +33,8 @@ from cellkit.cli import main
 from cellkit.config import Config, ModelConfig, load_config
 from cellkit.data import read_image, read_test_index, scan_train, split_samples
 from cellkit.engine.rundir import RunDirLock, claim_run_dir
-from cellkit.errors import CellkitError, ConfigError, DataError
+from cellkit.errors import ConfigError, DataError
 from cellkit.evaluation.rle import rle_decodes, rle_run_lengths
-from cellkit.evaluation.submission import check_submission
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_MODEL = {"model.backbone": "resnet18", "model.min_size": 128, "model.max_size": 160,
