@@ -56,3 +56,15 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from cellkit.data.synth import write_synthetic
 
     return write_synthetic(tmp_path_factory.mktemp("synth"), n_train=8, n_test=3, seed=3, max_size=192, progress=False)
+
+
+@pytest.fixture(scope="module")
+def two_threads():
+    """torch on 2 threads (CI's cores) for a module of model tests, whatever the machine has;
+    a module opts in with ``pytestmark = pytest.mark.usefixtures("two_threads")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)

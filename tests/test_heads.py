@@ -33,12 +33,7 @@ from cellkit.models.cascade import CascadeRoIHeads
 STAGE_LOSSES = {f"loss_{kind}_stage{k}" for kind in ("classifier", "box_reg") for k in (1, 2, 3)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _two_threads() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("two_threads")
 
 
 def tiny(synth_root: Path, **overrides: Any) -> cellkit.Config:
