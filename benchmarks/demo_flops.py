@@ -77,11 +77,11 @@ def main() -> None:
 
     import cellkit
     from cellkit.config import parse_set_args
-    from cellkit.engine.trainer import Trainer
+    from cellkit.engine.defaults import DefaultTrainer
 
     cfg = cellkit.load_config(args.config, parse_set_args(args.set))
     cfg.train.device = "cpu"
-    trainer = Trainer(cfg, None, progress=False)
+    trainer = DefaultTrainer(cfg, None, progress=False)
     model = trainer.model.train()
     loader = trainer.train_loader()
     steps = cfg.train.epochs * (cfg.train.iters_per_epoch or len(loader))

@@ -55,9 +55,9 @@ def make_data(out: Path, n_images: int, dets_per_image: int, seed: int = 0) -> t
     from pycocotools import mask as mask_utils
 
     from cellkit.data.coco import categories
-    from cellkit.outputs import write_json
-    from cellkit.evaluation.rle import encode_region
     from cellkit.data.synth import synth_image
+    from cellkit.outputs import write_json
+    from cellkit.structures.rle import encode_region
 
     rng = np.random.default_rng(seed)
     images, anns, preds = [], [], []

@@ -4,7 +4,7 @@ Every ground-truth cell of the real sample (``tests/data/hw3-sample``: one 397 x
 class-1 and 159 class-2 cells, median box side 19 px) is sampled into its own ground-truth box as
 the ``M x M`` training target, then pasted back at the same box, thresholded at 0.5 and compared
 with the cell (mask IoU, pycocotools). Both steps are cellkit's own code, in each geometry
-(:mod:`cellkit.models.mask_geometry`):
+(:mod:`cellkit.structures.mask_geometry`):
 
 * ``torchvision``: targets from ``roi_align(aligned=False)`` (torchvision's
   ``project_masks_on_boxes``), torchvision's paste (``paste_and_encode(geometry="torchvision")``,
@@ -56,9 +56,9 @@ def roundtrip_ious(masks, boxes, size: int, geometry: str, mask_thresh: float = 
     import torch
     from pycocotools import mask as mask_utils
 
-    from cellkit.evaluation.rle import encode_mask
-    from cellkit.engine.postprocess import paste_and_encode
-    from cellkit.models.mask_geometry import mask_targets
+    from cellkit.structures.coco_results import paste_and_encode
+    from cellkit.structures.mask_geometry import mask_targets
+    from cellkit.structures.rle import encode_mask
 
     n, height, width = masks.shape
     targets = mask_targets(masks, boxes, torch.arange(n), size, geometry)  # type: ignore[arg-type]

@@ -9,10 +9,10 @@ RSS just before the variant starts (imports and inputs excluded).
 * ``torchvision``: ``paste_masks_in_image`` for all N masks (N full-size float32 images, stacked:
   twice N x H x W x 4 bytes), ``> 0.5``, ``encode_mask`` per mask.
 * ``torchvision-chunked``: the same, 50 masks at a time (what a careful caller does by hand).
-* ``lean``: :func:`cellkit.engine.postprocess.paste_and_encode` (box-region paste, one reused buffer).
+* ``lean``: :func:`cellkit.structures.coco_results.paste_and_encode` (box-region paste, one reused buffer).
 * ``lean-exact``: the same in the exact mask geometry (``geometry="exact"``, cellkit's default
-  for its models; :mod:`cellkit.models.mask_geometry`).
-* ``predict``: :func:`cellkit.engine.predict.predict_image` with a random-weight ResNet-18 FPN
+  for its models; :mod:`cellkit.structures.mask_geometry`).
+* ``predict``: :func:`cellkit.inference.predict.predict_image` with a random-weight ResNet-18 FPN
   Mask R-CNN at full resolution (2000 px input, no tiling) returning N detections: model time,
   post-processing time and peak memory of the whole prediction.
 
@@ -64,8 +64,8 @@ def run_variant(variant: str, n: int, size: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-    from cellkit.evaluation.rle import encode_mask
-    from cellkit.engine.postprocess import paste_and_encode
+    from cellkit.structures.coco_results import paste_and_encode
+    from cellkit.structures.rle import encode_mask
 
     if variant == "predict":
         return run_predict(n, size)
@@ -101,8 +101,8 @@ def run_predict(n: int, size: int) -> dict:
     from cellkit.config import PredictConfig
     from cellkit.data import image_to_tensor
     from cellkit.data.synth import synth_image
-    from cellkit.engine import predict as P
-    from cellkit.models.mask_geometry import mask_geometry_of
+    from cellkit.inference import predict as P
+    from cellkit.structures.mask_geometry import mask_geometry_of
 
     cfg = cellkit.load_config(None, {
         "model.backbone": "resnet18", "model.min_size": size, "model.max_size": size,

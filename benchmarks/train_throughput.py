@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import cellkit
 from cellkit.data import collate
-from cellkit.engine.trainer import Trainer, peak_memory_mb
+from cellkit.engine.train_loop import Trainer, peak_memory_mb
 
 
 class Frozen(Dataset):

@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def build_model(config: Config) -> "torch.nn.Module":
     """Mask R-CNN for ``config.model`` (see :func:`cellkit.models.build_model`)."""
-    from .models import build_model as _build
+    from .models import build_model as _build  # here: the package face stays torch-free (cellkit evaluate)
 
     return _build(config)
 

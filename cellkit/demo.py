@@ -17,6 +17,11 @@ from typing import Any, Mapping
 from .analysis.stats import dataset_stats, format_stats
 from .config import load_config
 from .data import convert, resolve_root
+from .engine.defaults import train
+from .evaluation.coco import evaluate_predictions
+from .inference.submit import predict_submission
+from .outputs import check_writable_dir, write_json
+from .runs import RunDir
 
 
 def _step(n: int, text: str) -> None:
@@ -26,12 +31,6 @@ def _step(n: int, text: str) -> None:
 def run_demo(out: str | Path, config: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> int:
     """Run the demo into ``out``; returns 0 on success. Running it again into the same ``out``
     replaces the previous demo's run (``out/run``), submission and COCO files."""
-    from .evaluation.coco import evaluate_predictions
-    from .engine.submit import predict_submission
-    from .engine.trainer import train
-
-    from .outputs import check_writable_dir, write_json
-
     t0 = time.time()
     cfg = load_config(config or "demo", overrides)
     out = check_writable_dir(out, "demo folder")
@@ -45,26 +44,26 @@ def run_demo(out: str | Path, config: str | Path | None = None, overrides: Mappi
         print(f"      {p}: {len(d['images'])} images, {len(d['annotations'])} instances")
 
     _step(3, f"training a {cfg.model.backbone} Mask R-CNN for {cfg.train.epochs} epochs (cellkit train)")
-    run = out / "run"
-    summary = train(cfg, run, overwrite=True)  # a demo run again replaces the previous demo's run
+    run = RunDir(out / "run")
+    summary = train(cfg, run.path, overwrite=True)  # a demo run again replaces the previous demo's run
 
     _step(4, f"evaluation of the best epoch ({summary['best_epoch']}) on the validation split")
-    report = evaluate_predictions(run / "val_gt.json", run / "val_predictions.json", max_dets=cfg.eval.max_dets,
+    report = evaluate_predictions(run.val_gt, run.predictions(), max_dets=cfg.eval.max_dets,
                                   backend=cfg.eval.backend, num_classes=cfg.model.num_classes)
     print(report.format())
-    write_json(report.to_dict(), run / "eval.json", indent=1)
+    write_json(report.to_dict(), run.eval_file, indent=1)
 
     _step(5, "test images -> submission (cellkit predict), scored against the synthetic test ground truth")
     submission = out / "test-results.json"
-    predict_submission([run / "checkpoints" / "best.pth"], root, submission)
+    predict_submission([run.checkpoint("best")], root, submission)
     test = evaluate_predictions(root / "test_gt.json", submission, iou_types=("segm",), max_dets=cfg.eval.max_dets,
                                 backend=cfg.eval.backend, num_classes=cfg.model.num_classes, cell_metrics=False)
 
     val_ap50 = report.results["segm"].ap50
     print(f"\ndone in {(time.time() - t0) / 60:.1f} min: validation segm AP50 {val_ap50:.4f} "
           f"(epoch {summary['best_epoch']}), test segm AP50 {test.results['segm'].ap50:.4f}")
-    print(f"  run directory     {run}/  (config.yaml, metrics.jsonl, checkpoints/, plots/curves.png, eval.json)")
-    print(f"  training curves   {run / 'plots' / 'curves.png'}")
+    print(f"  run directory     {run.path}/  (config.yaml, metrics.jsonl, checkpoints/, plots/curves.png, eval.json)")
+    print(f"  training curves   {run.curves}")
     print(f"  submission        {submission} and {submission.with_suffix('.zip')}")
     print("  next: open notebooks/02_training.ipynb or notebooks/04_error_analysis.ipynb in JupyterLab")
     return 0

@@ -14,7 +14,7 @@ Every file cellkit writes whole goes through one of three writers: :func:`write_
 bytes), :func:`write_json` (JSON through it) and :func:`write_texts_together` (several files as
 one change). Each writes a temporary file beside the target and renames it over the target, so a
 reader (the ablation's status view, a resumed run) sees the old file or the new one, never half
-of one. Checkpoints (:func:`cellkit.engine.checkpoint.save_checkpoint`) stream ``torch.save``
+of one. Checkpoints (:func:`cellkit.models.checkpoint.save_checkpoint`) stream ``torch.save``
 into such a temporary file themselves, with an ``fsync``, and appended logs (``ledger.jsonl``)
 are appended under a lock instead.
 """

@@ -1,13 +1,22 @@
-"""What the notebooks call, so they stay thin: config from parameters, tables, run loading."""
+"""What the notebooks call, so they stay thin: config from parameters, tables, results, browsers.
+
+A finished run is opened with :func:`cellkit.runs.open_run`.
+"""
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+import yaml
+
 from .config import Config, load_config
-from .errors import ConfigError, DataError
+from .data import CellDataset
+from .errors import ConfigError
+from .evaluation.analysis import ErrorAnalysis
+from .outputs import write_json
+from .viz.browser import BrowserItem, MaskBrowser
+from .viz.overlay import instances_from_coco
 
 
 def notebook_config(config: str | Path | None, overrides: Mapping[str, Any] | str | None = None,
@@ -26,8 +35,6 @@ def parse_overrides(overrides: Mapping[str, Any] | str | None) -> dict[str, Any]
     """A notebook's ``overrides`` parameter as a dict: a mapping, a YAML/JSON string
     (``papermill -p overrides '{"train.lr": 0.001}'``) or None."""
     if isinstance(overrides, str):
-        import yaml
-
         parsed = yaml.safe_load(overrides) if overrides.strip() else {}
         if not isinstance(parsed, dict):
             raise ConfigError(f"overrides: expected a mapping of config keys, got {overrides!r}")
@@ -60,40 +67,14 @@ def table(rows: list[Mapping[str, Any]], columns: list[str] | None = None, float
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-@dataclass
-class RunFiles:
-    """The files of a training run that the analysis notebooks read."""
-
-    run_dir: Path
-    config: Config
-    gt: Path
-    predictions: Path
-
-
-def open_run(run_dir: str | Path) -> RunFiles:
-    """A training run's config, validation ground truth and validation predictions of its best epoch.
-
-    Raises:
-        DataError: the folder is not a finished run (``make demo`` or notebook 02 make one).
-    """
-    run = Path(run_dir).expanduser()
-    for name in ("config.yaml", "val_gt.json", "val_predictions.json"):
-        if not (run / name).is_file():
-            raise DataError(run / name, "not found: point run_dir at a finished training run "
-                                        "(make demo writes runs/demo/run; notebook 02 writes its run_dir)")
-    return RunFiles(run, load_config(run / "config.yaml"), run / "val_gt.json", run / "val_predictions.json")
-
-
 def save_results(obj: Any, path: str | Path | None) -> None:
     """Write a notebook's key numbers as JSON (what tests and the ablation read back); None: skip."""
     if path:
-        from .outputs import write_json
-
         write_json(obj, path, indent=1, default=float)  # atomic: the ablation may read it any time
 
 
-def error_browser(dataset: Any, analysis: Any, image_ids: list[int], score_thresh: float = 0.5,
-                  notes: Mapping[int, str] | None = None) -> Any:
+def error_browser(dataset: CellDataset, analysis: ErrorAnalysis, image_ids: list[int], score_thresh: float = 0.5,
+                  notes: Mapping[int, str] | None = None) -> MaskBrowser:
     """A :class:`~cellkit.viz.browser.MaskBrowser` over ``image_ids`` of ``dataset`` whose predictions
     are drawn by status: true positives green, false positives red, missed cells (FN) blue.
 
@@ -101,9 +82,6 @@ def error_browser(dataset: Any, analysis: Any, image_ids: list[int], score_thres
         analysis: the :class:`~cellkit.evaluation.ErrorAnalysis` of the predictions (its matching
             at ``score_thresh`` is computed once and shared by every image).
     """
-    from .viz.browser import BrowserItem, MaskBrowser
-    from .viz.overlay import instances_from_coco
-
     index = {s.image_id: i for i, s in enumerate(dataset.samples)}
     items = []
     for image_id in image_ids:

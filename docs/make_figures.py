@@ -99,7 +99,8 @@ def train(args: argparse.Namespace) -> None:
 
 def ablation(args: argparse.Namespace) -> None:
     """03_ablation: a small grid of the demo recipe (constant vs cosine lr, 2 backbones)."""
-    from cellkit.ablation import read_history, run_grid
+    from cellkit.grid import run_grid
+    from cellkit.runs import read_history
     from cellkit.viz.ablation_plots import plot_ablation_bars, plot_ablation_curves
 
     grid = {"name": "readme", "config": "demo",

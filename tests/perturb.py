@@ -16,7 +16,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from cellkit.evaluation.rle import encode_mask
+from cellkit.structures.rle import encode_mask
 
 
 def prediction(image_id: int, category_id: int, score: float, mask: np.ndarray) -> dict[str, Any]:

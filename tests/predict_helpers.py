@@ -6,7 +6,7 @@ import scipy.ndimage as ndi
 import torch
 from torchvision.ops import roi_align
 
-from cellkit.structures import Detections
+from cellkit.structures.detections import Detections
 
 
 def tiny_model(detections: int = 40, seed: int = 0, num_classes: int = 5) -> torch.nn.Module:

@@ -17,14 +17,22 @@ import pytest
 import yaml
 from tb_helpers import assert_tensorboard_equals_history
 
-from cellkit.ablation import (
-    GRIDS, attention_of, collect_results, expand_grid, format_results_table, load_grid, read_history, run_action,
-    run_grid, scheduler_label,
-)
 from cellkit.cli import main
-from cellkit.cluster import ClusterSpec, open_cluster, parse_cluster
 from cellkit.errors import CellkitError, ConfigError
-from cellkit.gridcell import CellBusy, CellLock
+from cellkit.grid import (
+    attention_of,
+    collect_results,
+    expand_grid,
+    format_results_table,
+    load_grid,
+    run_action,
+    run_grid,
+    scheduler_label,
+)
+from cellkit.grid.cluster import ClusterSpec, open_cluster, parse_cluster
+from cellkit.grid.task import RunBusy, RunLock
+from cellkit.resources import GRIDS
+from cellkit.runs import read_history
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_NOTEBOOK = REPO / "notebooks" / "02_training.ipynb"
@@ -49,8 +57,8 @@ from pathlib import Path
 print("KERNEL_PREFIX", sys.prefix)
 print("KERNEL_OMP", os.environ.get("OMP_NUM_THREADS"))
 import cellkit
-from cellkit.engine.hooks import Hook
-from cellkit.engine.trainer import train
+from cellkit.engine.train_loop import Hook
+from cellkit.engine.defaults import train
 
 
 class PauseOnFirstAttempt(Hook):
@@ -276,7 +284,7 @@ def killed_grid(tmp_path_factory: pytest.TempPathFactory) -> dict:
         # the kernel, its papermill process and the worker are one chain, each tagged with the cell
         assert psutil.Process(kernel).ppid() == victim["child_pid"]
         assert psutil.Process(victim["child_pid"]).ppid() == victim["pid"]
-        assert psutil.Process(kernel).environ()["CELLKIT_GRID_CELL"] == str(out / ".locks" / "resnet18.lock")
+        assert psutil.Process(kernel).environ()["CELLKIT_GRID_RUN"] == str(out / ".locks" / "resnet18.lock")
         os.kill(victim["pid"], signal.SIGKILL)
         t_kill = time.time()
         wait_for(lambda: not alive([victim["child_pid"], kernel]), 30, runner, "the killed worker's processes to end")
@@ -340,7 +348,7 @@ def test_a_killed_runner_leaves_nothing_running_and_the_rerun_finishes(killed_gr
     assert table == RUNS and "Attempts" in md  # each run once
     # the lock files say who held them last; nothing holds them now
     for name in RUNS + ["runner"]:
-        CellLock(out / ".locks" / f"{name}.lock").acquire(timeout=0).release()
+        RunLock(out / ".locks" / f"{name}.lock").acquire(timeout=0).release()
 
 
 @pytest.mark.slow
@@ -391,8 +399,8 @@ def test_rerun_skips_finished_runs(killed_grid: dict) -> None:
 def test_a_second_live_runner_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "out"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from cellkit.gridcell import CellLock; "
-        f"CellLock({str(out / '.locks' / 'runner.lock')!r}).acquire(); print('held', flush=True); time.sleep(60)")],
+        "import sys, time; from cellkit.grid.task import RunLock; "
+        f"RunLock({str(out / '.locks' / 'runner.lock')!r}).acquire(); print('held', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -410,23 +418,23 @@ def test_the_lock_outlives_a_killed_holder_while_its_child_runs(tmp_path: Path) 
     # free the run for a second attempt while the first one's training process still runs
     path = tmp_path / "cell.lock"
     code = (
-        "import subprocess, sys, time; from cellkit.gridcell import CellLock\n"
-        f"lock = CellLock({str(path)!r}).acquire()\n"
+        "import subprocess, sys, time; from cellkit.grid.task import RunLock\n"
+        f"lock = RunLock({str(path)!r}).acquire()\n"
         "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], pass_fds=(lock.fd,))\n"
         "print(child.pid, flush=True); time.sleep(60)\n"
     )
     task = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     child = int(task.stdout.readline())
     try:
-        with pytest.raises(CellBusy, match=f"held by pid {task.pid}"):
-            CellLock(path).acquire(timeout=0.3)
+        with pytest.raises(RunBusy, match=f"held by pid {task.pid}"):
+            RunLock(path).acquire(timeout=0.3)
         task.kill()
         task.wait()
-        with pytest.raises(CellBusy):  # the child still holds it
-            CellLock(path).acquire(timeout=0.3)
+        with pytest.raises(RunBusy):  # the child still holds it
+            RunLock(path).acquire(timeout=0.3)
     finally:
         os.kill(child, signal.SIGKILL)
-    lock = CellLock(path).acquire(timeout=10)  # free once the last holder is gone
+    lock = RunLock(path).acquire(timeout=10)  # free once the last holder is gone
     assert lock.holder()["pid"] == os.getpid()
     lock.release()
 
@@ -435,7 +443,7 @@ def test_papermill_worker_dies_with_its_parent(tmp_path: Path) -> None:
     # die_with_parent (PR_SET_PDEATHSIG): a process that called it is killed when its parent dies
     code = (
         "import subprocess, sys, time\n"
-        "child = subprocess.Popen([sys.executable, '-c', 'import time; from cellkit.gridcell import die_with_parent; "
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; from cellkit.grid.processes import die_with_parent; "
         "die_with_parent(); print(1, flush=True); time.sleep(60)'], stdout=subprocess.PIPE, text=True)\n"
         "child.stdout.readline(); print(child.pid, flush=True); time.sleep(60)\n"
     )
@@ -532,7 +540,7 @@ def test_a_local_cluster_leaves_the_runs_their_share_of_the_cores(monkeypatch: p
     """Starting a LocalCluster sets OMP_NUM_THREADS=1 in the runner's own process (dask's nanny
     pre-spawn environment); that was read back as the user's choice, so every run of a local grid
     trained on one thread (the heads grid ran at half speed on 2 cores)."""
-    from cellkit.cluster import cpu_count
+    from cellkit.grid.cluster import cpu_count
 
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         monkeypatch.delenv(var, raising=False)

@@ -9,11 +9,11 @@ import pytest
 
 from cellkit.cli import main
 from cellkit.config import load_config
-from cellkit.engine.checkpoint import load_checkpoint, model_from_checkpoint
-from cellkit.engine.predict import tiling_limits
-from cellkit.engine.trainer import Trainer
+from cellkit.engine.defaults import DefaultTrainer
 from cellkit.errors import ConfigError
+from cellkit.inference.predict import tiling_limits
 from cellkit.models import build_model
+from cellkit.models.checkpoint import load_checkpoint, model_from_checkpoint
 
 
 def median_diameters(gt: dict) -> dict[int, float]:
@@ -34,7 +34,7 @@ def test_scale_auto_measures_the_cells_and_the_checkpoint_keeps_the_factor(
         "train.batch_size": 1, "train.eval_every": 0, "train.tensorboard": False})
     median = median_diameters(real_gt)[0]
     assert 10 < median < 30  # the real sample: 161 cells of about 100-600 px
-    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    trainer = DefaultTrainer(cfg, tmp_path / "run", progress=False)
     factor = trainer.cfg.model.scale
     assert math.isclose(factor, 30 / median, rel_tol=1e-3)
     assert trainer.cfg.model.resize_mode == "fixed_scale" and trainer.model.transform.scale == factor

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from perturb import prediction
 
-from cellkit.evaluation.cellmetrics import cell_metrics, match_masks
 from cellkit.data.coco import build_coco, categories
-from cellkit.evaluation.rle import encode_mask
 from cellkit.data.layout import scan_train
+from cellkit.evaluation.cellmetrics import cell_metrics, match_masks
+from cellkit.structures.rle import encode_mask
 
 H, W = 96, 128
 CENTRES = [(20, 20), (20, 64), (20, 108), (70, 30), (70, 90)]

@@ -10,7 +10,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from cellkit.data import convert, read_label_map, scan_train, split_samples
-from cellkit.evaluation.rle import encode_mask, encode_region
+from cellkit.structures.rle import encode_mask, encode_region
 
 
 def _check_round_trip(root: Path, gt_path: Path) -> int:

@@ -226,11 +226,11 @@ def test_pasted_cells_clear_every_label_map_layer(fixture_copy: Path) -> None:
 
 
 def test_the_trainer_wires_copy_paste_into_its_training_set(synth_root: Path) -> None:
-    from cellkit.engine.trainer import Trainer
+    from cellkit.engine.defaults import DefaultTrainer
 
     cfg = load_config(None, {"data.root": str(synth_root), "data.augment.copy_paste": 1.0,
                              "data.augment.crop_size": 96, "model.backbone": "resnet18", "train.batch_size": 2})
-    trainer = Trainer(cfg, None, progress=False)
+    trainer = DefaultTrainer(cfg, None, progress=False)
     assert isinstance(trainer.train_set.copy_paste, CopyPaste)
     assert trainer.val_set.copy_paste is None  # validation images stay as they are
     torch.manual_seed(0)

@@ -13,8 +13,8 @@ from torchvision.transforms import v2
 
 from cellkit.config import AugmentConfig
 from cellkit.data import CellDataset, build_train_transforms, collate, scan_train
-from cellkit.structures import LabelMaps
 from cellkit.data.transforms import RandomCropUpTo, RandomRescale, RandomRot90
+from cellkit.structures import LabelMaps
 
 
 def _check_target(img: torch.Tensor, t: dict) -> None:
@@ -138,7 +138,7 @@ def test_uint16_images_scale_to_unit_range(tmp_path: Path, fixture_copy: Path) -
 
 
 def test_images_only_reads_no_label_maps(fixture_copy: Path) -> None:
-    from cellkit.engine.split import ImagesOnly
+    from cellkit.inference.split import ImagesOnly
 
     ds = CellDataset(scan_train(fixture_copy), cache=False)
     for p in (fixture_copy / "train/sample-0001").glob("class*.tif"):

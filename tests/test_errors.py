@@ -20,13 +20,13 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from cellkit.evaluation.cellmetrics import cell_metrics
+from cellkit.errors import CellkitError
 from cellkit.evaluation import ErrorAnalysis
+from cellkit.evaluation.cellmetrics import cell_metrics
+from cellkit.evaluation.coco import coco_evaluate
 from cellkit.evaluation.curves import ap50_vs_score_threshold, pr_curves, score_distributions
 from cellkit.evaluation.operating import confusion_matrix, per_image, recall_by_size, status_entries
 from cellkit.evaluation.tide import ERROR_TYPES, SPECIAL_TYPES, match_predictions, tide_decomposition
-from cellkit.evaluation.coco import coco_evaluate
-from cellkit.errors import CellkitError
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

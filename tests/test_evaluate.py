@@ -12,10 +12,14 @@ import numpy as np
 import pytest
 from perturb import perturb_predictions, prediction, same, textbook_cocoeval, write
 
-from cellkit.evaluation.coco import (
-    DROP_REASONS, coco_evaluate, evaluate_predictions, faster_coco_eval_available, sanitize_predictions,
-)
 from cellkit.errors import CellkitError, DataError
+from cellkit.evaluation.coco import (
+    DROP_REASONS,
+    coco_evaluate,
+    evaluate_predictions,
+    faster_coco_eval_available,
+    sanitize_predictions,
+)
 
 FIXTURE = Path(__file__).parent / "data" / "hw3-sample"
 AP_KEYS = ("ap50", "ap", "ap75", "ap_small", "ap_medium", "ap_large", "ar")

@@ -20,15 +20,16 @@ from torchvision.ops import boxes as box_ops
 
 import cellkit
 from cellkit.config import PredictConfig
-from cellkit.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from cellkit.engine.defaults import DefaultTrainer
 from cellkit.engine.ema import EMAHook
-from cellkit.engine.predict import predict_image
-from cellkit.engine.split import predict_split
-from cellkit.engine.trainer import Trainer
-from cellkit.engine.tune import tune_thresholds
+from cellkit.engine.hooks import VALIDATION
 from cellkit.errors import ConfigError
+from cellkit.inference.predict import predict_image
+from cellkit.inference.split import predict_split
+from cellkit.inference.tune import tune_thresholds
 from cellkit.models import assemble, build_model, count_trainable_parameters, create_backbone, load_matching
 from cellkit.models.cascade import CascadeRoIHeads
+from cellkit.models.checkpoint import load_checkpoint, model_from_checkpoint
 
 STAGE_LOSSES = {f"loss_{kind}_stage{k}" for kind in ("classifier", "box_reg") for k in (1, 2, 3)}
 
@@ -54,10 +55,10 @@ def tiny(synth_root: Path, **overrides: Any) -> cellkit.Config:
 
 
 @pytest.fixture(scope="module")
-def cascade_run(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Trainer, Path]:
+def cascade_run(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[DefaultTrainer, Path]:
     cfg = tiny(synth_root, **{"model.roi_head": "cascade"})
     run = tmp_path_factory.mktemp("cascade") / "run"
-    trainer = Trainer(cfg, run, progress=False)
+    trainer = DefaultTrainer(cfg, run, progress=False)
     trainer.fit()
     return trainer, run
 
@@ -66,7 +67,7 @@ def cascade_run(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> t
 # cascade
 
 
-def test_cascade_trains_every_stage_and_validates(cascade_run: tuple[Trainer, Path]) -> None:
+def test_cascade_trains_every_stage_and_validates(cascade_run: tuple[DefaultTrainer, Path]) -> None:
     trainer, run = cascade_run
     heads = trainer.model.roi_heads
     assert isinstance(heads, CascadeRoIHeads) and heads.num_stages == 3
@@ -99,7 +100,7 @@ def test_cascade_trains_every_stage_and_validates(cascade_run: tuple[Trainer, Pa
     assert len(a["scores"]) > 0 and torch.equal(a["scores"], b["scores"]) and torch.equal(a["boxes"], b["boxes"])
 
 
-def test_cascade_scores_are_the_mean_of_the_stage_scores(cascade_run: tuple[Trainer, Path]) -> None:
+def test_cascade_scores_are_the_mean_of_the_stage_scores(cascade_run: tuple[DefaultTrainer, Path]) -> None:
     """Each stage scored by hand from its own head and predictor on the boxes the stage before
     regressed: every detection's score is the mean over stages for its box's class, not any one
     stage's score, and its box is the last stage's."""
@@ -134,7 +135,7 @@ def test_cascade_scores_are_the_mean_of_the_stage_scores(cascade_run: tuple[Trai
     assert differs == len(det["scores"])
 
 
-def test_cascade_predicts_with_tta_tiles_and_tuned_thresholds(cascade_run: tuple[Trainer, Path]) -> None:
+def test_cascade_predicts_with_tta_tiles_and_tuned_thresholds(cascade_run: tuple[DefaultTrainer, Path]) -> None:
     trainer, run = cascade_run
     img = trainer.val_set[0][0]
     h, w = int(img.shape[-2]), int(img.shape[-1])
@@ -225,10 +226,10 @@ def test_ema_resumes_exactly(synth_root: Path, tmp_path: Path) -> None:
     """Two epochs straight and one epoch + resume end with the same EMA weights, bit for bit."""
     over = {"train.ema_decay": 0.9, "train.eval_every": 0, "train.iters_per_epoch": 1}
     straight, split = tmp_path / "straight", tmp_path / "split"
-    Trainer(tiny(synth_root, **over, **{"train.epochs": 2}), straight, progress=False).fit()
-    Trainer(tiny(synth_root, **over, **{"train.epochs": 1}), split, progress=False).fit()
+    DefaultTrainer(tiny(synth_root, **over, **{"train.epochs": 2}), straight, progress=False).fit()
+    DefaultTrainer(tiny(synth_root, **over, **{"train.epochs": 1}), split, progress=False).fit()
     once = ema_tensors(split / "checkpoints" / "last.pth")
-    resumed = Trainer(tiny(synth_root, **over, **{"train.epochs": 2}), split, progress=False)
+    resumed = DefaultTrainer(tiny(synth_root, **over, **{"train.epochs": 2}), split, progress=False)
     resumed.fit(resume=True)
     a, b = ema_tensors(straight / "checkpoints" / "last.pth"), ema_tensors(split / "checkpoints" / "last.pth")
     assert a.keys() == b.keys()
@@ -242,7 +243,7 @@ def test_ema_resumes_exactly(synth_root: Path, tmp_path: Path) -> None:
 
 def test_validation_and_best_use_the_ema_weights(synth_root: Path, tmp_path: Path) -> None:
     cfg = tiny(synth_root, **{"train.ema_decay": 0.5, "train.ema_warmup": False})
-    trainer = Trainer(cfg, tmp_path / "run", progress=False)
+    trainer = DefaultTrainer(cfg, tmp_path / "run", progress=False)
     trainer.fit()
     hook = next(h for h in trainer.hooks if isinstance(h, EMAHook))
     ema = hook.module
@@ -256,7 +257,7 @@ def test_validation_and_best_use_the_ema_weights(synth_root: Path, tmp_path: Pat
     bn = [k for k in own if k.endswith("running_mean")]
     assert bn and all(torch.equal(raw[k], own[k]) for k in bn)
     # the validation predictions are the averaged model's, not the training weights'
-    val = next(h for h in trainer.hooks if type(h).__name__ == "ValidationHook")
+    val = trainer.storage[VALIDATION]  # what the last epoch's validation handed the other hooks
     scores = lambda model: sorted(e["score"] for e in predict_split(  # noqa: E731
         model, cfg, dataset=trainer.val_set, progress=False).entries())
     assert sorted(e["score"] for e in val.predictions) == pytest.approx(scores(ema), abs=1e-6)

@@ -1,65 +1,65 @@
-"""The package's layering: module-level imports between cellkit modules form no cycle, no library
-module imports the CLI, and the evaluation package imports nothing of the training side."""
+"""The package's layering (docs/architecture.md): the import-linter contracts of pyproject.toml hold,
+the whole-package import graph (imports inside functions and under TYPE_CHECKING included) has no
+cycle, and cellkit-internal imports inside functions stay in the documented torch-free faces."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "cellkit"
+import pytest
+from importlinter.cli import lint_imports
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE = REPO / "cellkit"
+FACES = ("cellkit.cli", "cellkit")
+"""Modules whose functions may import cellkit modules: the command line and the package face stay torch-free."""
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+def module_name(path: Path, package: Path = PACKAGE) -> str:
+    parts = list(path.relative_to(package.parent).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts = parts[:-1]
     return ".".join(parts)
 
 
-def _top_level_imports(tree: ast.Module) -> list[ast.stmt]:
-    """Import statements that run when the module is imported (not inside functions or
-    ``if TYPE_CHECKING:``; try/except and other top-level blocks are followed)."""
-    out: list[ast.stmt] = []
+def imports_of(path: Path, name: str, modules: set[str]) -> list[tuple[str, ast.stmt, bool]]:
+    """``(target module, statement, inside a function or TYPE_CHECKING)`` of every cellkit import."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out: list[tuple[str, ast.stmt, bool]] = []
 
-    def walk(body: list[ast.stmt]) -> None:
-        for node in body:
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                out.append(node)
-            elif isinstance(node, ast.If):
-                if "TYPE_CHECKING" not in ast.unparse(node.test):
-                    walk(node.body)
-                    walk(node.orelse)
-            elif isinstance(node, ast.Try):
-                walk(node.body)
-                for h in node.handlers:
-                    walk(h.body)
-                walk(node.orelse)
-                walk(node.finalbody)
-    walk(tree.body)
+    def visit(node: ast.AST, nested: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = nested or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) or (
+                isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test))
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                if isinstance(child, ast.Import):
+                    targets = [a.name for a in child.names]
+                else:
+                    base = package
+                    for _ in range(child.level - 1):
+                        base = base.rpartition(".")[0]
+                    root = f"{base}.{child.module or ''}".strip(".") if child.level else (child.module or "")
+                    targets = [root] + [f"{root}.{a.name}" for a in child.names]
+                for t in targets:
+                    while t and t not in modules:
+                        t = t.rpartition(".")[0]
+                    if t and t != name:
+                        out.append((t, child, nested))
+            visit(child, inner)
+
+    visit(ast.parse(path.read_text()), False)
     return out
 
 
-def import_graph() -> dict[str, set[str]]:
-    """cellkit module -> the cellkit modules it imports at import time."""
-    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
-    graph: dict[str, set[str]] = {m: set() for m in modules}
-    for name, path in modules.items():
-        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        for node in _top_level_imports(ast.parse(path.read_text())):
-            targets: list[str] = []
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            else:
-                base = package
-                for _ in range(node.level - 1):
-                    base = base.rpartition(".")[0]
-                mod = node.module or ""
-                root = f"{base}.{mod}".strip(".") if node.level else mod
-                targets = [root] + [f"{root}.{a.name}" for a in node.names]
-            for t in targets:
-                while t and t not in modules:
-                    t = t.rpartition(".")[0]
-                if t and t != name and t.startswith("cellkit"):
-                    graph[name].add(t)
+def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
+    """cellkit module -> every cellkit module it imports, wherever the import statement is."""
+    paths = {module_name(p, package): p for p in package.rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in paths}
+    for name, path in paths.items():
+        graph[name] = {t for t, _, _ in imports_of(path, name, set(paths))}
     return graph
 
 
@@ -85,11 +85,43 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def test_the_import_linter_contracts_hold() -> None:
+    # layers (each imports only those below it), structures import nothing above them, the
+    # evaluation is torch-free; grimp counts imports inside functions and under TYPE_CHECKING
+    assert lint_imports(config_filename=str(REPO / "pyproject.toml"), no_cache=True) == 0
+
+
+def test_a_broken_layer_is_caught(tmp_path: Path) -> None:
+    """The contracts can fail: a lower layer importing a higher one, inside a function, breaks them."""
+    pkg = tmp_path / "toy"
+    (pkg / "low").mkdir(parents=True)
+    (pkg / "high").mkdir()
+    for f, text in {"__init__.py": "", "low/__init__.py": "", "high/__init__.py": "",
+                    "high/a.py": "from ..low import b\n",
+                    "low/b.py": "def f():\n    from ..high import a\n    return a\n"}.items():
+        (pkg / f).write_text(text)
+    (tmp_path / "setup.cfg").write_text(textwrap.dedent("""
+        [importlinter]
+        root_package = toy
+
+        [importlinter:contract:layers]
+        name = toy layers
+        type = layers
+        containers = toy
+        layers =
+            high
+            low
+    """))
+    r = subprocess.run([sys.executable, "-c", "import sys; from importlinter.cli import lint_imports; "
+                        "sys.exit(lint_imports(config_filename='setup.cfg', no_cache=True))"],
+                       cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 1 and "toy.low.b -> toy.high.a" in r.stdout, r.stdout + r.stderr
+    assert find_cycle(import_graph(pkg)) == ["toy.high.a", "toy.low.b", "toy.high.a"]
+
+
 def test_no_import_cycle_between_modules() -> None:
     graph = import_graph()
-    # packages import their own submodules in __init__; a submodule importing its package back is
-    # what makes a cycle, so the package -> child edges are kept and checked like the rest
-    assert len(graph) > 60
+    assert len(graph) > 80
     cycle = find_cycle(graph)
     assert cycle is None, " -> ".join(cycle or [])
 
@@ -99,6 +131,21 @@ def test_the_cycle_check_finds_a_cycle() -> None:
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
+def test_imports_inside_functions_only_in_the_torch_free_faces() -> None:
+    paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    offenders = []
+    for name, path in paths.items():
+        lines = path.read_text().splitlines()
+        for target, node, nested in imports_of(path, name, set(paths)):
+            if not nested:
+                continue
+            face = name == "cellkit" or name.startswith("cellkit.cli.")
+            commented = "#" in lines[node.lineno - 1]
+            if not (face and commented):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno} imports {target}")
+    assert offenders == []
+
+
 def test_no_library_module_imports_the_cli() -> None:
     graph = import_graph()
     offenders = {m: sorted(t for t in ts if t.startswith("cellkit.cli")) for m, ts in graph.items()
@@ -106,10 +153,8 @@ def test_no_library_module_imports_the_cli() -> None:
     assert not {m: t for m, t in offenders.items() if t}
 
 
-def test_evaluation_depends_on_nothing_of_training() -> None:
-    graph = import_graph()
-    for m, targets in graph.items():
-        if m.startswith("cellkit.evaluation"):
-            bad = [t for t in targets if t.startswith(("cellkit.engine", "cellkit.models", "cellkit.data.dataset",
-                                                       "cellkit.viz", "cellkit.cli"))]
-            assert not bad, f"{m} imports {bad}"
+@pytest.mark.parametrize("face", ["cellkit.evaluation", "cellkit.structures", "cellkit.cli", "cellkit.runs"])
+def test_the_torch_free_faces_import_no_torch(face: str) -> None:
+    r = subprocess.run([sys.executable, "-c", f"import sys, {face}; print('torch' in sys.modules)"],
+                       capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "False"

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from predict_helpers import gt_detections, instance_ids, tiny_model
 from pycocotools import mask as mask_utils
 from torchvision.models.detection.roi_heads import paste_masks_in_image, project_masks_on_boxes
 from torchvision.ops import roi_align
@@ -19,22 +20,27 @@ from torchvision.ops import roi_align
 from cellkit import load_config
 from cellkit.config import PredictConfig
 from cellkit.data import CellDataset, image_to_tensor, scan_train
-from cellkit.evaluation.rle import encode_mask
 from cellkit.data.synth import synth_image
-from cellkit.engine.checkpoint import model_from_checkpoint, save_checkpoint
-from cellkit.engine.postprocess import flip_detections, paste_and_encode
-from cellkit.evaluation.rle import rle_areas
-from cellkit.structures import Detections, LabelMaps
-from cellkit.engine.predict import finalize, merge_views, predict_image, raw_detections
-from cellkit.engine.tiling import place_tile, tile_grid
 from cellkit.errors import ConfigError
+from cellkit.inference.postprocess import flip_detections
+from cellkit.inference.predict import finalize, merge_views, predict_image, raw_detections
+from cellkit.inference.tiling import place_tile, tile_grid
 from cellkit.models import build_model
+from cellkit.models.checkpoint import model_from_checkpoint, save_checkpoint
 from cellkit.models.losses import DiceRoIHeads
-from cellkit.models.mask_geometry import (
-    exact_mask_targets, mask_geometry_of, mask_targets, paste_masks, paste_region, pixel_span,
-)
 from cellkit.models.roi_heads import MaskRoIHeads
-from predict_helpers import gt_detections, instance_ids, tiny_model
+from cellkit.structures import LabelMaps
+from cellkit.structures.coco_results import paste_and_encode
+from cellkit.structures.detections import Detections
+from cellkit.structures.mask_geometry import (
+    exact_mask_targets,
+    mask_geometry_of,
+    mask_targets,
+    paste_masks,
+    paste_region,
+    pixel_span,
+)
+from cellkit.structures.rle import encode_mask, rle_areas
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -25,7 +25,6 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from cellkit import load_config
 from cellkit.config import Config
-from cellkit.structures import LabelMaps
 from cellkit.errors import CellkitError, ConfigError
 from cellkit.models import (
     BackboneSpec,
@@ -40,12 +39,13 @@ from cellkit.models import (
     load_file,
     load_matching,
     register_backbone,
+    registry,
     resize_masks,
 )
-from cellkit.models import registry
 from cellkit.models.builders import attention_types
 from cellkit.models.losses import DiceRoIHeads, dice_loss
 from cellkit.models.weights import downloading
+from cellkit.structures import LabelMaps
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -242,8 +242,9 @@ def test_list_backbones_filters_on_metadata_without_building_any(monkeypatch: py
 
 
 def test_a_registration_that_contradicts_its_build_is_caught() -> None:
-    from cellkit.models.builders import tv_resnet
     from torchvision.models import ResNet18_Weights, ResNet34_Weights
+
+    from cellkit.models.builders import tv_resnet
 
     @register_backbone(family="resnet", head="v2", imagenet=ResNet18_Weights.IMAGENET1K_V1)
     def resnet34(cfg: Any) -> BackboneSpec:
@@ -265,8 +266,9 @@ def test_unknown_backbone_suggests_the_nearest_name() -> None:
 
 
 def test_adding_a_backbone_is_one_function() -> None:
-    from cellkit.models.builders import tv_resnet
     from torchvision.models import ResNet34_Weights
+
+    from cellkit.models.builders import tv_resnet
 
     def resnet34(cfg: Any) -> BackboneSpec:
         """ResNet-34 + FPN (a test registration)."""

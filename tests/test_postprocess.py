@@ -7,20 +7,17 @@ import math
 import numpy as np
 import pytest
 import torch
+from predict_helpers import gt_detections, tiny_model
 from pycocotools import mask as mask_utils
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from cellkit.data import image_to_tensor, read_image, scan_train
-from cellkit.evaluation.rle import encode_mask
 from cellkit.data.synth import synth_image
-from cellkit.engine.postprocess import (
-    DropCounts, detections_to_coco, flip_detections, flip_image, mask_nms, paste_and_encode, resample_masks,
-    weighted_fusion,
-)
-from cellkit.evaluation.rle import encode_region, rle_areas
-from cellkit.structures import Detections
-from cellkit.engine.predict import raw_detections
-from predict_helpers import gt_detections, tiny_model
+from cellkit.inference.postprocess import flip_detections, flip_image, mask_nms, resample_masks, weighted_fusion
+from cellkit.inference.predict import raw_detections
+from cellkit.structures.coco_results import DropCounts, detections_to_coco, paste_and_encode
+from cellkit.structures.detections import Detections
+from cellkit.structures.rle import encode_mask, encode_region, rle_areas
 
 
 def torchvision_rles(boxes: torch.Tensor, probs: torch.Tensor, h: int, w: int, thresh: float) -> list[dict]:

@@ -12,22 +12,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from predict_helpers import gt_detections, instance_ids, tiny_model
 from pycocotools import mask as mask_utils
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from cellkit.config import PredictConfig, load_config
-from cellkit.errors import ConfigError
 from cellkit.data import image_to_tensor, read_test_index
 from cellkit.data.coco import categories
-from cellkit.evaluation.rle import encode_mask
 from cellkit.data.synth import synth_image
-from cellkit.structures import Detections
-from cellkit.engine.predict import (
-    finalize, merge_views, predict_image, predict_images, raw_detections, scaled_input_size, tta_views,
+from cellkit.errors import ConfigError
+from cellkit.inference.predict import (
+    finalize,
+    merge_views,
+    predict_image,
+    predict_images,
+    raw_detections,
+    scaled_input_size,
+    tta_views,
 )
-from cellkit.engine.tiling import dedupe_tiles, place_tile, tile_grid, tile_starts
-from cellkit.engine.tune import find_thresholds, load_thresholds, tune_thresholds, write_thresholds
-from predict_helpers import gt_detections, instance_ids, tiny_model
+from cellkit.inference.tiling import dedupe_tiles, place_tile, tile_grid, tile_starts
+from cellkit.inference.tune import load_thresholds, tune_thresholds, write_thresholds
+from cellkit.runs import find_thresholds
+from cellkit.structures.detections import Detections
+from cellkit.structures.rle import encode_mask
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -239,7 +246,7 @@ def test_dedupe_tiles_prefers_detections_away_from_borders():
     merged, _ = tiled_gt(owner, classes, 160, 16)
     merged = merged.replace(image_id=1, image_size=owner.shape)
     entries = finalize(merged, PredictConfig())
-    from cellkit.engine.predict import encode_detections
+    from cellkit.inference.predict import encode_detections
 
     det, rles, _ = encode_detections(merged, 0.5)
     keep = dedupe_tiles(det, rles)
@@ -266,7 +273,7 @@ def test_fixed_scale_models_tile_what_max_size_would_shrink():
     # at scale 2 with max_size 256 an image longer than 128 px would be shrunk below the training
     # scale by the cap; it is tiled instead, in tiles that fit
     import cellkit
-    from cellkit.engine.predict import detect, tiling_limits
+    from cellkit.inference.predict import detect, tiling_limits
 
     cfg = load_config(None, {"model.backbone": "resnet18", "model.resize_mode": "fixed_scale", "model.scale": 2.0,
                              "model.max_size": 256, "model.box_detections_per_img": 10,
@@ -350,7 +357,7 @@ def run_dir(tmp_path_factory, synth_root) -> Path:
     if not _models_ready():
         pytest.skip("cellkit.models.build_model is not available yet")
     import cellkit
-    from cellkit.engine.checkpoint import save_checkpoint
+    from cellkit.models.checkpoint import save_checkpoint
 
     cfg = load_config(None, {"model.backbone": "resnet18", "model.min_size": 128, "model.max_size": 160,
                              "model.box_detections_per_img": 20, "data.root": str(synth_root),

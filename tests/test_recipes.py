@@ -48,7 +48,7 @@ def test_public_recipes_carry_their_source_knobs() -> None:
 
 
 def test_copy_paste_grid_expands_to_three_settings_times_two_seeds() -> None:
-    from cellkit.ablation import expand_grid
+    from cellkit.grid import expand_grid
 
     runs = expand_grid("copy_paste")
     assert [r.name for r in runs] == [f"{n}-seed{s}" for s in (0, 1) for n in ("off", "class_aware", "uniform")]
@@ -63,7 +63,7 @@ def test_copy_paste_grid_expands_to_three_settings_times_two_seeds() -> None:
 
 
 def test_copy_paste_full_grid_runs_the_whole_demo() -> None:
-    from cellkit.ablation import expand_grid
+    from cellkit.grid import expand_grid
 
     runs = expand_grid("copy_paste_full")
     assert [r.name for r in runs] == ["off-seed0", "class_aware-seed0", "off-seed1", "class_aware-seed1"]

@@ -32,9 +32,9 @@ import cellkit
 from cellkit.cli import main
 from cellkit.config import Config, ModelConfig, load_config
 from cellkit.data import read_image, read_test_index, scan_train, split_samples
-from cellkit.engine.rundir import RunDirLock, claim_run_dir
 from cellkit.errors import ConfigError, DataError
-from cellkit.evaluation.rle import rle_decodes, rle_run_lengths
+from cellkit.runs import RunDirLock, claim_run_dir
+from cellkit.structures.rle import rle_decodes, rle_run_lengths
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_MODEL = {"model.backbone": "resnet18", "model.min_size": 128, "model.max_size": 160,
@@ -67,7 +67,7 @@ def one_line_error(rc: int, err: str, *names: str) -> None:
 def run_dir(tmp_path_factory: pytest.TempPathFactory, synth_root: Path) -> Path:
     """A run trained with nothing but its weights: config.yaml and checkpoints/best.pth of a
     resnet18 model of ``synth_root`` (a quarter of the images for validation)."""
-    from cellkit.engine.checkpoint import save_checkpoint
+    from cellkit.models.checkpoint import save_checkpoint
 
     cfg = load_config(None, {**SMALL_MODEL, "data.root": str(synth_root), "data.val_fraction": 0.25})
     torch.manual_seed(0)
@@ -110,10 +110,10 @@ def test_out_of_range_keys_fail_when_the_config_is_built(capsys, synth_root: Pat
 def test_ranges_hold_for_configs_changed_by_hand(synth_root: Path) -> None:
     cfg = load_config(None, {"data.root": str(synth_root)})
     cfg.train.accumulate = 0
-    from cellkit.engine.trainer import Trainer
+    from cellkit.engine.defaults import DefaultTrainer
 
     with pytest.raises(ConfigError, match="train.accumulate: must be at least 1, got 0"):
-        Trainer(cfg, None)
+        DefaultTrainer(cfg, None)
     with pytest.raises(ConfigError, match="model.num_classes: must be at least 1"):
         cellkit.build_model(ModelConfig(backbone="resnet18", num_classes=0))
     assert isinstance(Config().validate(), Config)
@@ -370,7 +370,7 @@ def test_train_into_an_existing_run_needs_resume_or_overwrite(capsys, synth_root
     assert rc == 0, err
     assert "replaced the previous run" in out
     assert not (run / "thresholds.json").exists() and (run / "notes.txt").read_bytes() == b"mine"
-    from cellkit.engine.checkpoint import load_checkpoint
+    from cellkit.models.checkpoint import load_checkpoint
 
     assert load_checkpoint(run / "checkpoints" / "best.pth")["epoch"] == 1
     assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]
@@ -439,7 +439,7 @@ def test_convert_leaves_the_previous_pair_when_an_image_is_bad(capsys, synth_roo
 
 HOLDER = """
 import sys, time
-from cellkit.engine.rundir import claim_run_dir
+from cellkit.runs import claim_run_dir
 with claim_run_dir(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(120)

@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from predict_helpers import gt_detections
 from pycocotools import mask as mask_utils
 
 from cellkit.data import load_sample, scan_train
-from cellkit.engine.postprocess import DropCounts, detections_to_coco, paste_and_encode
-from cellkit.structures import Detections, LabelMaps, MaskRegion
-from predict_helpers import gt_detections
+from cellkit.structures import LabelMaps, MaskRegion
+from cellkit.structures.coco_results import DropCounts, detections_to_coco, paste_and_encode
+from cellkit.structures.detections import Detections
 
 
 @pytest.fixture(scope="module")

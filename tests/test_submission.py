@@ -14,9 +14,9 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from cellkit.data.layout import read_test_index
-from cellkit.evaluation.rle import rle_decodes
-from cellkit.evaluation.submission import check_submission, read_image_sizes, write_submission
 from cellkit.errors import DataError
+from cellkit.evaluation.submission import check_submission, read_image_sizes, write_submission
+from cellkit.structures.rle import rle_decodes
 
 FIXTURE = Path(__file__).parent / "data" / "hw3-sample"
 IDS = FIXTURE / "test_image_name_to_ids.json"
@@ -79,7 +79,7 @@ def test_a_lone_corner_like_box_among_good_ones_is_not_warned(submission: list[d
 def test_small_box_at_the_origin_is_not_called_a_corner_box(synth_root: Path) -> None:
     # near (0, 0) the two readings of a box coincide; a model box a little off the mask's box
     # (a real prediction at the image corner) must not be warned about
-    from cellkit.evaluation.rle import encode_region
+    from cellkit.structures.rle import encode_region
 
     ids = synth_root / "test_image_name_to_ids.json"
     image_id, (h, w) = next(iter(read_image_sizes(ids).items()))

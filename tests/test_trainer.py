@@ -16,15 +16,16 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from tb_helpers import assert_tensorboard_equals_history, event_images, event_text
 from torch.utils.data import DataLoader
 
 import cellkit
 from cellkit.data import collate
-from cellkit.engine.checkpoint import load_checkpoint, save_checkpoint
+from cellkit.engine.defaults import DefaultTrainer
 from cellkit.engine.schedule import lr_trajectory
-from cellkit.engine.trainer import Trainer, amp_dtype
+from cellkit.engine.train_loop import Trainer, amp_dtype
 from cellkit.errors import TrainingError
-from tb_helpers import assert_tensorboard_equals_history, event_images, event_text
+from cellkit.models.checkpoint import load_checkpoint, save_checkpoint
 
 TINY: dict[str, Any] = {
     "name": "tiny",
@@ -58,7 +59,7 @@ def test_run_directory_and_lr_read_back(tmp_path: Path) -> None:
                                       "train.scheduler": "multistep", "train.milestones": [0.5, 0.75],
                                       "train.warmup_epochs": 1, "train.warmup_factor": 0.1})
     run = tmp_path / "run"
-    summary = Trainer(cfg, run, progress=False).fit()
+    summary = DefaultTrainer(cfg, run, progress=False).fit()
     group = load_checkpoint(run / "checkpoints/last.pth")["optimizer"]["param_groups"][0]
     assert (group["momentum"], group["weight_decay"]) == (0.8, 5e-4)
     lines = read_jsonl(run / "metrics.jsonl")
@@ -97,7 +98,7 @@ def test_run_directory_and_lr_read_back(tmp_path: Path) -> None:
     assert len(gt["images"]) == 2 and gt["annotations"]
 
     # evaluating another checkpoint leaves the best epoch's predictions (what notebook 04 reads) alone
-    from cellkit.engine.split import evaluate_run
+    from cellkit.inference.split import evaluate_run
 
     before = (run / "val_predictions.json").read_bytes()
     report = evaluate_run(run, checkpoint="last", iou_types=("segm",), cell_metrics=False, progress=False)
@@ -105,8 +106,8 @@ def test_run_directory_and_lr_read_back(tmp_path: Path) -> None:
     assert (run / "val_predictions_last.json").is_file() and report.cells is None
 
     # predict_split from the best checkpoint reproduces the best epoch's validation exactly
-    from cellkit.engine.checkpoint import model_from_checkpoint
-    from cellkit.engine.split import predict_split
+    from cellkit.inference.split import predict_split
+    from cellkit.models.checkpoint import model_from_checkpoint
 
     model, run_cfg, _ = model_from_checkpoint(run / "checkpoints/best.pth")
     sp = predict_split(model, run_cfg, run_dir=run, with_gt=True, progress=False)
@@ -126,7 +127,7 @@ def test_user_datasets_from_a_notebook(tmp_path: Path) -> None:
     train_s, val_s = train_val_samples(cfg.data, progress=False)
     train_set = Subset(CellDataset(train_s), range(len(train_s)))
     val_set = Subset(CellDataset(val_s), range(len(val_s)))
-    t = Trainer(cfg, tmp_path / "run", train_set=train_set, val_set=val_set, progress=False)
+    t = DefaultTrainer(cfg, tmp_path / "run", train_set=train_set, val_set=val_set, progress=False)
     summary = t.fit()
     assert summary["best_val_ap50"] is not None
     gt, ref = t.val_gt, build_coco(val_s, progress=False)
@@ -143,7 +144,7 @@ def test_plateau_decays_hold_in_a_real_run(tmp_path: Path) -> None:
     _, cfg = tiny_config(tmp_path, **{"train.epochs": 4, "train.iters_per_epoch": 1, "train.lr": 1e-3,
                                       "train.scheduler": "plateau", "train.plateau_patience": 0,
                                       "train.plateau_factor": 0.5})
-    t = Trainer(cfg, None, progress=False)
+    t = DefaultTrainer(cfg, None, progress=False)
     t.fit()
     lrs = [m["lr"] for m in t.history]
     assert lrs == pytest.approx(lr_trajectory(cfg.train, [m["val_ap50"] for m in t.history]))
@@ -158,7 +159,8 @@ def test_amp_is_off_on_cpu() -> None:
 
 
 def test_tensorboard_hook_follows_the_config() -> None:
-    from cellkit.engine.hooks import CheckpointHook, default_hooks
+    from cellkit.engine.defaults import default_hooks
+    from cellkit.engine.hooks import CheckpointHook
     from cellkit.engine.tensorboard import TensorBoardHook, scalar_tag
 
     on, off = cellkit.load_config("demo"), cellkit.load_config("demo", {"train.tensorboard": False})
@@ -176,7 +178,7 @@ def _with_batches(trainer: Trainer, batches: list[tuple[list, list]]) -> None:
 
 def test_nonfinite_loss_skips_the_step_and_is_counted(tmp_path: Path) -> None:
     _, cfg = tiny_config(tmp_path, **{"train.iters_per_epoch": 4, "train.eval_every": 0})
-    t = Trainer(cfg, None, progress=False)
+    t = DefaultTrainer(cfg, None, progress=False)
     good = collate([t.train_set[0], t.train_set[1]])
     bad_img = [good[0][0].clone() * float("nan"), good[0][1]]
     _with_batches(t, [good, (bad_img, good[1]), good, good])
@@ -190,7 +192,7 @@ def test_nonfinite_loss_skips_the_step_and_is_counted(tmp_path: Path) -> None:
 
 def test_nonfinite_losses_in_a_row_stop_the_run(tmp_path: Path) -> None:
     _, cfg = tiny_config(tmp_path, **{"train.iters_per_epoch": 4, "train.eval_every": 0, "train.max_nonfinite": 3})
-    t = Trainer(cfg, None, progress=False)
+    t = DefaultTrainer(cfg, None, progress=False)
     good = collate([t.train_set[0], t.train_set[1]])
     bad = ([im * float("nan") for im in good[0]], good[1])
     _with_batches(t, [good, bad, bad, bad])
@@ -202,7 +204,7 @@ def test_accumulation_and_clipping(tmp_path: Path) -> None:
     _, cfg = tiny_config(tmp_path, **{"train.iters_per_epoch": 2, "train.accumulate": 2, "train.eval_every": 0,
                                       "train.optimizer": "sgd", "train.momentum": 0.0, "train.weight_decay": 0.0,
                                       "train.lr": 1.0, "train.grad_clip": 1e-3})
-    t = Trainer(cfg, None, progress=False)
+    t = DefaultTrainer(cfg, None, progress=False)
     batch = collate([t.train_set[0], t.train_set[1]])
     _with_batches(t, [batch] * 4)
     before = torch.cat([p.detach().flatten().clone() for p in t.params])
@@ -218,7 +220,7 @@ def test_repeat_factor_sampler_oversamples_rare_classes(tmp_path: Path) -> None:
 
     _, cfg = tiny_config(tmp_path, **{"train.sampler": "repeat_factor", "train.repeat_threshold": 0.9,
                                       "data.synth_train": 10})
-    t = Trainer(cfg, None, progress=False)
+    t = DefaultTrainer(cfg, None, progress=False)
     t.train_set.preload(False)
     sampler = t.train_loader().sampler
     assert isinstance(sampler, RepeatFactorSampler)
@@ -240,7 +242,7 @@ def _wait_for(pred, timeout: float, proc: subprocess.Popen | None = None) -> Non
 
 RECORDER = """
 import json, os
-from cellkit.engine.hooks import Hook
+from cellkit.engine.train_loop import Hook
 
 
 class CallRecorder(Hook):
@@ -324,7 +326,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path: Path) -> 
     path = tmp_path / "checkpoints" / "last.pth"
     save_checkpoint({"model": {"w": torch.arange(10)}, "epoch": 1}, path)
     code = (
-        "import torch\nfrom cellkit.engine.checkpoint import save_checkpoint\n"
+        "import torch\nfrom cellkit.models.checkpoint import save_checkpoint\n"
         f"save_checkpoint({{'model': {{'w': torch.ones(600_000_000, dtype=torch.uint8)}}, 'epoch': 2}}, {str(path)!r})\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)

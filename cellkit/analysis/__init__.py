@@ -1,1 +1,1 @@
-"""Dataset statistics, metrics beside COCO AP, and error analysis."""
+"""Dataset statistics, automatic scale, and comparisons of finished runs."""

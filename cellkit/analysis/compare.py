@@ -17,11 +17,11 @@ Each run's best-epoch validation predictions (``val_predictions.json``) are comp
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Sequence
 
 from ..evaluation.compare import RunComparison, check_same_split, compare_predictions
 from ..evaluation.inputs import load_ground_truth
+from ..runs import open_run
 
 __all__ = ["compare_runs"]
 
@@ -43,10 +43,8 @@ def compare_runs(
     Raises:
         DataError: a folder that is not a finished run, or runs validated on different splits.
     """
-    from ..workbench import open_run
-
-    dirs = [_run_dir(Path(run_a)), _run_dir(Path(run_b))]
-    runs = [open_run(d) for d in dirs]
+    runs = [open_run(run_a), open_run(run_b)]
+    dirs = [r.run_dir for r in runs]
     cfg = runs[0].config
     n = cfg.model.num_classes
     gts = [load_ground_truth(r.gt, n) for r in runs]
@@ -58,7 +56,3 @@ def compare_runs(
     return compare_predictions(gts[0], runs[0].predictions, runs[1].predictions, names, n, cfg.eval.max_dets,
                                cfg.eval.backend, iou)
 
-
-def _run_dir(path: Path) -> Path:
-    path = path.expanduser()
-    return path / "run" if not (path / "val_gt.json").is_file() and (path / "run" / "val_gt.json").is_file() else path

@@ -6,9 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from ..progress import bar
 from ..config import DataConfig
 from ..data import CellDataset, resolve_root, scan_train
+from ..progress import bar
 from .scale import equivalent_diameter
 
 

@@ -1,9 +1,10 @@
 """The ``cellkit`` command line (also ``python -m cellkit``).
 
 One module per command group; each adds its subcommands with :mod:`cellkit.cli.common`'s shared
-arguments and turns ``args`` into calls of the library (heavy imports such as torch happen inside
-the command functions, so ``cellkit --help``, ``cellkit evaluate --gt --pred`` and ``cellkit
-check-submission`` never import torch). Errors a user can fix
+arguments and turns ``args`` into calls of the library. The CLI is a torch-free face: the library
+modules a command needs are imported inside its command function (each such import says so), so
+``cellkit --help``, ``cellkit evaluate --gt --pred`` and ``cellkit check-submission`` never
+import torch. Errors a user can fix
 (:class:`cellkit.errors.CellkitError`) are printed as one line naming the file and the problem, with
 exit status 2; no traceback.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .. import __version__
 from ..errors import CellkitError
 from . import ablate, data, evaluate, info, predict, train
 
@@ -20,8 +22,6 @@ GROUPS = (train, data, info, evaluate, predict, ablate)
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``cellkit`` parser with every subcommand."""
-    from .. import __version__
-
     parser = argparse.ArgumentParser(
         prog="cellkit", description="Instance segmentation of stained cell images with Mask R-CNN."
     )

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from pathlib import Path
 from typing import Any
 
+from ..config import parse_set_args
+from ..errors import ConfigError
 from .common import add_data, add_no_progress, add_set, non_negative_int
 
 
@@ -41,13 +45,9 @@ def add_commands(sub: Any) -> None:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    import dataclasses
-    from pathlib import Path
-
-    from ..ablation import expand_grid, format_plan, format_results_table, load_grid, run_action, run_grid
-    from ..config import parse_set_args
-    from ..cluster import parse_cluster
-    from ..errors import ConfigError
+    from ..grid import (  # torch-free face: the grid (dask, torch) loads when the command runs
+        expand_grid, format_plan, format_results_table, load_grid, parse_cluster, run_action, run_grid,
+    )
 
     grid = load_grid(args.grid)
     if args.notebook:

@@ -5,6 +5,7 @@ import argparse
 import json
 from typing import Any
 
+from ..errors import ConfigError
 from .common import add_config, add_data, add_out, config_from_args, fraction, non_negative_int, positive_int
 
 
@@ -32,9 +33,7 @@ def add_commands(sub: Any) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from ..data.synth import write_synthetic
-
-    from ..errors import ConfigError
+    from ..data.synth import write_synthetic  # torch-free face: the data package loads when the command runs
 
     if args.max_size is not None and args.max_size < 16:
         raise ConfigError(f"--max-size: must be at least 16 px, got {args.max_size}")
@@ -44,7 +43,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from ..data.coco import convert
+    from ..data.coco import convert  # torch-free face: the data package loads when the command runs
 
     train, val = convert(args.data, args.out, args.val_fraction, args.seed)
     for p in (train, val):
@@ -54,7 +53,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from ..analysis.stats import dataset_stats, format_stats
+    from ..analysis.stats import dataset_stats, format_stats  # torch-free face: loads when the command runs
 
     cfg = config_from_args(args)
     stats = dataset_stats(cfg.data, num_classes=cfg.model.num_classes)

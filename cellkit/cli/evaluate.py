@@ -6,6 +6,10 @@ import json
 import sys
 from typing import Any
 
+from ..config import EvalConfig
+from ..errors import CellkitError
+from ..evaluation.coco import evaluate_predictions
+from ..evaluation.submission import check_submission, summarize_problems
 from .common import add_no_progress, iou_float, positive_int, unit_float
 
 
@@ -56,15 +60,12 @@ def add_commands(sub: Any) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """``cellkit evaluate``: print the report (or JSON); exit 0."""
-    from ..config import EvalConfig
-    from ..errors import CellkitError
-
     defaults = EvalConfig()
     iou_types = ("segm", "bbox") if args.iou_type == "both" else (args.iou_type,)
     if args.run:
         if args.gt or args.pred:
             raise CellkitError("give either --run or --gt and --pred, not both")
-        from ..engine.split import evaluate_run
+        from ..inference.split import evaluate_run  # torch-free face: torch loads only to predict
 
         report = evaluate_run(
             args.run, checkpoint=args.checkpoint, max_dets=args.max_dets, backend=args.backend, iou_types=iou_types,
@@ -74,8 +75,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         if not (args.gt and args.pred):
             raise CellkitError("give --gt GT.json and --pred PRED.json (or --run RUN_DIR)")
-        from ..evaluation.coco import evaluate_predictions
-
         report = evaluate_predictions(
             args.gt, args.pred, iou_types=iou_types,  # type: ignore[arg-type]
             max_dets=args.max_dets or defaults.max_dets, backend=args.backend or defaults.backend,  # type: ignore[arg-type]
@@ -94,8 +93,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_check_submission(args: argparse.Namespace) -> int:
     """``cellkit check-submission``: exit 0 valid, 1 problems found (CellkitError -> 2 in cli.main)."""
-    from ..evaluation.submission import check_submission, summarize_problems
-
     problems = check_submission(args.file, args.ids, num_classes=args.num_classes)
     errors = [p for p in problems if p.severity == "error"]
     if args.json:

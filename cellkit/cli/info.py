@@ -5,6 +5,9 @@ import argparse
 import json
 from typing import Any
 
+import yaml
+
+from ..errors import ConfigError
 from .common import add_config, config_from_args
 
 
@@ -26,16 +29,13 @@ def add_commands(sub: Any) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    import yaml
-
     print(yaml.safe_dump(config_from_args(args).to_dict(), sort_keys=False), end="")
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from ..errors import ConfigError
-    from ..models.registry import backbone_info, list_backbones
-    from ..models.table import backbone_table, format_table
+    from ..models.registry import backbone_info, list_backbones  # torch-free face: loads when the command runs
+    from ..models.table import backbone_table, format_table  # torch-free face: loads when the command runs
 
     tags: dict[str, list[str]] = {}
     for t in args.tag:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..config import parse_set_args
 from .common import add_data, add_device, add_no_progress, add_set, floats, floats_or_none
 
 
@@ -49,7 +50,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ..engine.submit import predict_submission
+    from ..inference.submit import predict_submission  # torch-free face: torch loads when the command runs
 
     problems = predict_submission(args.checkpoint, args.data, args.out, args.overrides, args.tta, args.device,
                                   use_thresholds=not args.no_thresholds, progress=not args.no_progress)
@@ -57,8 +58,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from ..config import parse_set_args
-    from ..engine.tune import tune_run
+    from ..inference.tune import tune_run  # torch-free face: torch loads when the command runs
 
     overrides = parse_set_args(args.overrides)
     if args.data:

@@ -7,6 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..config import parse_set_args
+from ..errors import ConfigError
+from ..runs import RunDir, check_run_dir
 from .common import add_config, add_no_progress, add_out, config_from_args
 
 
@@ -31,21 +34,18 @@ def add_commands(sub: Any) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..config import parse_set_args
-    from ..demo import run_demo
+    from ..demo import run_demo  # torch-free face: torch loads when the command runs
 
     return run_demo(args.out, config=args.config, overrides=parse_set_args(args.overrides))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..engine.rundir import check_run_dir
-    from ..engine.trainer import train
-    from ..errors import ConfigError
+    from ..engine.defaults import train  # torch-free face: torch loads when the command runs
 
     if args.resume and not args.out:
         raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
-    if args.resume and not args.config and args.out and (Path(args.out) / "config.yaml").is_file():
-        args.config = str(Path(args.out) / "config.yaml")
+    if args.resume and not args.config and args.out and RunDir(args.out).config.is_file():
+        args.config = str(RunDir(args.out).config)
     cfg = config_from_args(args)
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     # before the data and the model are built; under torchrun only rank 0 looks at the lock

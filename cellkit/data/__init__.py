@@ -4,11 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import DataConfig
-from ..evaluation.rle import encode_mask, encode_region
 from .coco import build_coco, convert
 from .copy_paste import CopyPaste, InstanceBank, build_copy_paste
 from .dataset import CellDataset, TestImageDataset, collate, image_to_tensor
-from ..structures.label_maps import LabelMaps
 from .instances import load_sample
 from .io import read_image, read_label_map
 from .layout import TestImage, TrainSample, read_test_index, scan_train, split_samples
@@ -30,9 +28,9 @@ def train_val_samples(cfg: DataConfig, num_classes: int = 4, progress: bool = Tr
 
 
 __all__ = [
-    "CellDataset", "TestImageDataset", "collate", "image_to_tensor", "LabelMaps",
+    "CellDataset", "TestImageDataset", "collate", "image_to_tensor",
     "load_sample", "read_image", "read_label_map", "TestImage", "TrainSample", "read_test_index", "scan_train",
     "split_samples", "ensure_synthetic", "write_synthetic", "build_train_transforms", "build_coco", "convert",
-    "encode_mask", "encode_region", "resolve_root", "train_val_samples", "CopyPaste", "InstanceBank",
+    "resolve_root", "train_val_samples", "CopyPaste", "InstanceBank",
     "build_copy_paste",
 ]

@@ -9,10 +9,14 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from ..outputs import check_writable_dir, write_texts_together
-from ..outputs import write_json  # noqa: F401  (re-exported: the one atomic JSON writer lives in cellkit.outputs)
+from ..outputs import (
+    check_writable_dir,
+    write_json,  # noqa: F401  (re-exported: the one atomic JSON writer lives in cellkit.outputs)
+    write_texts_together,
+)
 from ..progress import bar
 from ..structures.label_maps import LabelMaps
+from ..structures.rle import encode_mask
 from .instances import load_sample
 from .layout import TrainSample, scan_train, split_samples
 
@@ -47,8 +51,6 @@ def coco_from_dataset(dataset: Any, num_classes: int = 4, progress: bool = False
     """COCO ground truth of any dataset of ``(image (3, H, W), target)`` pairs whose targets carry
     ``masks`` ``(N, H, W)`` and ``labels`` ``(N,)`` (torchvision's Mask R-CNN format); the image id
     is ``target["image_id"]``, else the position + 1."""
-    from ..evaluation.rle import encode_mask
-
     images, annotations = [], []
     for i in bar(range(len(dataset)), desc="encoding masks", enabled=progress):
         image, target = dataset[i]

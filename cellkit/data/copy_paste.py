@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import scipy.ndimage as ndi
@@ -40,10 +40,15 @@ from ..config import AugmentConfig
 from ..errors import ConfigError
 from ..structures.label_maps import LabelMaps
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .dataset import CellDataset
-
 Loader = Callable[[int], "tuple[np.ndarray, LabelMaps]"]
+
+
+class CellSource(Protocol):
+    """What copy-paste draws cells from: decoded samples and their bank (a :class:`~cellkit.data.CellDataset`)."""
+
+    def load(self, index: int) -> tuple[np.ndarray, LabelMaps]: ...
+
+    def instance_bank(self) -> "InstanceBank": ...
 
 
 @dataclass
@@ -174,7 +179,7 @@ class CopyPaste:
             per_class = np.concatenate([[0.0], np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)])
         return per_class[np.clip(bank.label, 0, self.num_classes)]
 
-    def __call__(self, image: torch.Tensor, layers: torch.Tensor, labels: np.ndarray, dataset: "CellDataset",
+    def __call__(self, image: torch.Tensor, layers: torch.Tensor, labels: np.ndarray, dataset: CellSource,
                  index: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         """With probability ``prob``, paste cells of other images of ``dataset`` onto image ``index``'s crop.
 

@@ -1,7 +1,7 @@
 """torch Datasets that yield what torchvision's Mask R-CNN trains on and predicts from."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -11,12 +11,10 @@ from torchvision.transforms.v2 import functional as F
 
 from ..progress import bar
 from ..structures.label_maps import LabelMaps
+from .copy_paste import CopyPaste, InstanceBank
 from .instances import load_sample
 from .io import read_image
 from .layout import TestImage, TrainSample
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .copy_paste import CopyPaste, InstanceBank
 
 Target = dict[str, Any]
 
@@ -53,14 +51,14 @@ class CellDataset(Dataset):
         samples: Sequence[TrainSample],
         transforms: Callable[..., Any] | None = None,
         cache: bool = True,
-        copy_paste: "CopyPaste | None" = None,
+        copy_paste: CopyPaste | None = None,
     ) -> None:
         self.samples = list(samples)
         self.transforms = transforms
         self.cache = cache
         self.copy_paste = copy_paste
         self._cache: dict[int, tuple[np.ndarray, LabelMaps]] = {}
-        self._bank: "InstanceBank | None" = None
+        self._bank: InstanceBank | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -100,11 +98,9 @@ class CellDataset(Dataset):
             out[i] = self.load(i)[1].class_counts(num_classes) > 0
         return out
 
-    def instance_bank(self) -> "InstanceBank":
+    def instance_bank(self) -> InstanceBank:
         """The cells copy-paste draws from (built once, from the decoded label maps)."""
         if self._bank is None:
-            from .copy_paste import InstanceBank
-
             self._bank = InstanceBank.build(self.load, len(self))
         return self._bank
 

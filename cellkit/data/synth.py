@@ -37,7 +37,7 @@ import tifffile
 from ..errors import DataError
 from ..outputs import check_writable_dir
 from ..progress import bar
-from ..evaluation.rle import encode_mask
+from ..structures.rle import encode_mask
 from .coco import categories, write_json
 from .layout import TEST_INDEX
 

@@ -13,7 +13,7 @@ earlier, lost attempt at this hook measured averaged running statistics at about
 copied ones on the CPU demo (not re-measured since; the running statistics of the averaged
 weights are not the average of the running statistics).
 
-The hook sets :attr:`Trainer.eval_model <cellkit.engine.trainer.Trainer.eval_model>` to the
+The hook sets :attr:`Trainer.eval_model <cellkit.engine.train_loop.Trainer.eval_model>` to the
 averaged model, so validation (``ValidationHook``) scores it and ``checkpoints/best.pth``
 (``Trainer.inference_state``) holds its weights; ``checkpoints/last.pth`` holds both the
 training weights (``model``) and the averaged ones (this hook's state), and a resumed run
@@ -24,8 +24,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from timm.utils import ModelEmaV3
 
-from .hooks import Hook
+from .train_loop import Hook
 
 
 class EMAHook(Hook):
@@ -63,8 +64,6 @@ class EMAHook(Hook):
 
     def _ensure(self) -> Any:
         if self.ema is None:
-            from timm.utils import ModelEmaV3
-
             model = self.trainer.model
             self.ema = ModelEmaV3(
                 model, decay=self.decay, use_warmup=self.warmup, warmup_power=self.warmup_power,

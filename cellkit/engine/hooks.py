@@ -1,35 +1,12 @@
-"""Trainer hooks: everything that varies around the training loop.
+"""The concrete trainer hooks: validation, the schedule, early stopping, checkpoints, metrics files,
+the curve plot and the epoch line.
 
-The :class:`~cellkit.engine.trainer.Trainer` runs the loop and the optimiser step; what happens
-around them is a :class:`Hook`. A hook overrides any of::
-
-    before_train()            once, after the data is ready (and after a resume)
-    before_epoch(epoch)       epoch: 0-based index of the epoch about to run
-    after_step(step)          after every optimiser step; step = {"epoch", "iteration", "lr", "loss"}
-    after_epoch(metrics)      the epoch's metrics dict (losses, lr, timing); hooks may add to it
-                              (validation adds val_ap50 ...): it is the line metrics.jsonl gets
-    after_train(summary)      once, with the run's summary (what metrics.json gets)
-    state_dict() / load_state_dict(state)   saved in checkpoints/last.pth and restored on resume
-
-and sees the trainer as ``self.trainer``. Hooks run in increasing :attr:`Hook.priority` (ties in
-the order given); a hook with ``main_process_only`` runs only on rank 0 under DDP. The default
-hooks (:meth:`Trainer.default_hooks`), by priority:
-
-==== =================== ==================================================================
-  15 EMAHook             weights EMA after every step (``train.ema_decay``; validation and
-                         best.pth then use the averaged weights; :mod:`cellkit.engine.ema`)
-  20 ValidationHook      validation every ``train.eval_every`` epochs and at the last epoch
-  30 LRScheduleHook      the learning-rate schedule (warm-up per step, the scheduler per epoch)
-  40 EarlyStoppingHook   ``train.early_stop_decays`` / ``train.early_stop_patience``
-  50 (user hooks)        the default priority
-  65 TensorBoardHook     TensorBoard event files in the run directory (``train.tensorboard``;
-                         :mod:`cellkit.engine.tensorboard`)
-  70 CheckpointHook      last.pth every epoch; best.pth (+ val_predictions.json) on a new best
-  75 MetricsWriter       metrics.jsonl every epoch, metrics.json at the end
-  80 CurvePlotHook       plots/curves.png every epoch
-  85 EpochLogger         the one-line epoch summary (and the early-stop reason)
-  90 LiveCurves          live loss/AP50 curves in a notebook (only inside Jupyter; cellkit.viz.live)
-==== =================== ==================================================================
+Each is a :class:`~cellkit.engine.train_loop.Hook`; :mod:`cellkit.engine.defaults` assembles the
+default set (the table of priorities is there). Hooks hand results to each other through the
+trainer's :attr:`~cellkit.engine.train_loop.Trainer.storage`, never by looking each other up: the
+validation hook stores its :class:`Validation` under :data:`VALIDATION`, which the checkpoint and
+TensorBoard hooks read. The validation hook is handed what it runs (a callable), as Detectron2's
+``EvalHook`` is.
 
 A hook of your own is one small class; it may live anywhere (``train.hooks`` lists import paths
 ``module:Class`` for the command line)::
@@ -38,68 +15,39 @@ A hook of your own is one small class; it may live anywhere (``train.hooks`` lis
         def after_epoch(self, metrics):
             print(metrics["epoch"], metrics["lr"])
 
-    Trainer(cfg, "runs/x", hooks=[PrintLR()]).fit()
+    DefaultTrainer(cfg, "runs/x", hooks=[PrintLR()]).fit()
 """
 from __future__ import annotations
 
 import importlib
 import json
 import time
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from ..errors import ConfigError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .trainer import Trainer
+from ..evaluation.coco import EvalReport
+from ..models.checkpoint import save_checkpoint
+from ..outputs import write_atomic, write_json
+from ..runs import RunDir
+from ..viz.curves import save_history_plot
+from .schedule import EarlyStopper, Schedule
+from .train_loop import Hook, Trainer
 
 __all__ = [
-    "CheckpointHook", "CurvePlotHook", "EarlyStoppingHook", "EpochLogger", "Hook", "LRScheduleHook", "MetricsWriter",
-    "ValidationHook", "default_hooks", "hook_from_path",
+    "CheckpointHook", "CurvePlotHook", "EarlyStoppingHook", "EpochLogger", "LRScheduleHook", "MetricsWriter",
+    "VALIDATION", "Validation", "ValidationHook", "hook_from_path",
 ]
 
-
-class Hook:
-    """Base class of trainer hooks: every method does nothing; override what you need."""
-
-    priority: int = 50
-    """Lower runs first (see the module docstring for the defaults' priorities)."""
-    main_process_only: bool = False
-    """Run only on rank 0 under DDP (hooks that write files or print)."""
-    trainer: "Trainer"
-
-    def before_train(self) -> None:
-        """Once, before the first epoch of this process (after a resume has restored the state)."""
-
-    def before_epoch(self, epoch: int) -> None:
-        """Before epoch ``epoch`` (0-based)."""
-
-    def after_step(self, step: dict[str, Any]) -> None:
-        """After every optimiser step: ``{"epoch": int (0-based), "iteration": int (global, 1-based),
-        "lr": float, "loss": float}``."""
-
-    def after_epoch(self, metrics: dict[str, Any]) -> None:
-        """After every epoch, with its metrics (add keys to record them in metrics.jsonl)."""
-
-    def after_train(self, summary: dict[str, Any]) -> None:
-        """Once, after the last epoch (or early stop), with the run's summary."""
-
-    def state_dict(self) -> dict[str, Any]:
-        """What this hook needs to resume (plain containers, numbers, strings and tensors)."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-
-    @property
-    def name(self) -> str:
-        return type(self).__name__
+VALIDATION = "validation"
+"""The :attr:`Trainer.storage <cellkit.engine.train_loop.Trainer.storage>` key of the epoch's :class:`Validation`."""
 
 
 def hook_from_path(path: str) -> Hook:
     """Instantiate a hook from ``"package.module:ClassName"`` (``train.hooks`` entries).
 
     Raises:
-        ConfigError: not importable, no such class, or not a :class:`Hook`.
+        ConfigError: not importable, no such class, or not a :class:`~cellkit.engine.train_loop.Hook`.
     """
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
@@ -113,7 +61,7 @@ def hook_from_path(path: str) -> Hook:
         raise ConfigError(f"train.hooks: module {module_name!r} has no {attr!r}")
     hook = cls()
     if not isinstance(hook, Hook):
-        raise ConfigError(f"train.hooks: {path} is not a cellkit.engine.hooks.Hook")
+        raise ConfigError(f"train.hooks: {path} is not a cellkit.engine.train_loop.Hook")
     return hook
 
 
@@ -129,15 +77,13 @@ class LRScheduleHook(Hook):
     priority = 30
 
     def __init__(self) -> None:
-        self.schedule: Any = None
+        self.schedule: Schedule | None = None
 
     def before_train(self) -> None:
         self._ensure()
 
-    def _ensure(self) -> Any:
+    def _ensure(self) -> Schedule:
         if self.schedule is None:
-            from .schedule import Schedule
-
             self.schedule = Schedule(self.trainer.optimizer, self.trainer.cfg.train)
         return self.schedule
 
@@ -162,12 +108,10 @@ class EarlyStoppingHook(Hook):
     priority = 40
 
     def __init__(self) -> None:
-        self.stopper: Any = None
+        self.stopper: EarlyStopper | None = None
 
-    def _ensure(self) -> Any:
+    def _ensure(self) -> EarlyStopper:
         if self.stopper is None:
-            from .schedule import EarlyStopper
-
             self.stopper = EarlyStopper(self.trainer.cfg.train)
         return self.stopper
 
@@ -190,25 +134,37 @@ class EarlyStoppingHook(Hook):
 # validation
 
 
-class ValidationHook(Hook):
-    """Predict the validation split and score it (COCO segm AP50, AP, AP75) every ``every``
-    epochs and after the last one; adds ``val_ap50``, ``val_ap``, ``val_ap75``, ``val_seconds``
-    to the epoch's metrics.
+@dataclass
+class Validation:
+    """What one validation produced.
 
-    Under DDP each rank predicts its own shard of the validation images and a
-    :class:`~cellkit.evaluation.COCOEvaluator` gathers them on rank 0 (every rank gets the
-    numbers). The predictions stay in :attr:`predictions` (rank 0) for the checkpoint hook.
+    Attributes:
+        metrics: what goes into the epoch's metrics (``val_ap50``, ``val_ap``, ``val_ap75`` ...).
+        predictions: the COCO results that were scored (all ranks' on rank 0; None elsewhere).
+        report: the full evaluation report, when there is one.
+    """
+
+    metrics: dict[str, Any]
+    predictions: list[dict[str, Any]] | None = None
+    report: EvalReport | None = None
+
+
+class ValidationHook(Hook):
+    """Run a validation every ``train.eval_every`` epochs (or ``every``) and after the last one, add
+    its metrics and ``val_seconds`` to the epoch's metrics and put the :class:`Validation` into
+    the trainer's storage (:data:`VALIDATION`) for the hooks that follow.
+
+    Args:
+        evaluate: what a validation is: called with the trainer, returns a :class:`Validation`
+            (the defaults hand it :class:`cellkit.engine.validation.COCOValidation`).
+        every: validate every this many epochs (None: ``train.eval_every``; 0: never).
     """
 
     priority = 20
 
-    def __init__(self, every: int | None = None) -> None:
+    def __init__(self, evaluate: Callable[[Trainer], Validation], every: int | None = None) -> None:
+        self.evaluate = evaluate
         self.every = every
-        self.predictions: list[dict[str, Any]] | None = None
-        """The COCO results of the latest validation (all ranks' on rank 0), None before one."""
-        self.report: Any = None
-        """The :class:`~cellkit.evaluation.EvalReport` of the latest validation."""
-        self._evaluator: Any = None
 
     def due(self, epoch: int) -> bool:
         """Whether validation runs after ``epoch`` (1-based)."""
@@ -218,36 +174,14 @@ class ValidationHook(Hook):
             return False
         return epoch % every == 0 or epoch == t.cfg.train.epochs
 
-    def before_epoch(self, epoch: int) -> None:
-        self.predictions = None
-
     def after_epoch(self, metrics: dict[str, Any]) -> None:
         if not self.due(metrics["epoch"]):
             return
-        from ..evaluation import COCOEvaluator
-        from .split import predict_split
-
-        t = self.trainer
-        cfg = t.cfg
-        if self._evaluator is None:
-            self._evaluator = COCOEvaluator(t.val_gt, ("segm",), cfg.eval.max_dets, cfg.eval.backend,
-                                            cfg.model.num_classes)
-        ev = self._evaluator
-        ev.reset()
         t0 = time.perf_counter()
-        try:
-            shard = predict_split(t.eval_model, cfg, dataset=t.val_set, shard=(t.dist.rank, t.dist.world_size),
-                                  device=t.device, progress=t.progress)
-            ev.process(shard.entries())
-        except Exception as e:  # the other ranks wait in the gather: tell them, then fail together
-            if not t.dist.enabled:
-                raise
-            ev.fail(f"{type(e).__name__}: {e}")
-        self.report = ev.evaluate()
-        res = self.report.results["segm"]
-        self.predictions = ev.predictions
-        metrics.update({"val_ap50": res.ap50, "val_ap": res.ap, "val_ap75": res.ap75,
-                        "val_seconds": time.perf_counter() - t0})
+        result = self.evaluate(self.trainer)
+        metrics.update(result.metrics)
+        metrics["val_seconds"] = time.perf_counter() - t0
+        self.trainer.storage[VALIDATION] = result
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,24 +214,21 @@ class CheckpointHook(Hook):
         return value > self.best if self.mode == "max" else value < self.best
 
     def after_epoch(self, metrics: dict[str, Any]) -> None:
-        from ..outputs import write_json
-        from .checkpoint import save_checkpoint
-
         t = self.trainer
         if t.run_dir is None:
             return
-        folder = t.run_dir / "checkpoints"
+        run = RunDir(t.run_dir)
         value = metrics.get(self.metric)
         improved = self.improved(value)
         if improved:
             self.best, self.best_epoch = float(value), int(metrics["epoch"])  # type: ignore[arg-type]
         state = t.state_dict()  # after updating self.best: last.pth resumes with it
-        save_checkpoint(state, folder / "last.pth")
-        if improved or (self.best is None and not (folder / "best.pth").exists()):
-            save_checkpoint(t.inference_state(), folder / "best.pth")
-            val = next((h for h in t.hooks if isinstance(h, ValidationHook)), None)
-            if improved and val is not None and val.predictions is not None:
-                write_json(val.predictions, t.run_dir / "val_predictions.json")
+        save_checkpoint(state, run.checkpoint("last"))
+        if improved or (self.best is None and not run.checkpoint("best").exists()):
+            save_checkpoint(t.inference_state(), run.checkpoint("best"))
+            validation = t.storage.get(VALIDATION)
+            if improved and validation is not None and validation.predictions is not None:
+                write_json(validation.predictions, run.predictions())
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_epoch": self.best_epoch}
@@ -322,16 +253,12 @@ class MetricsWriter(Hook):
             self._write_history()
 
     def _write_history(self) -> None:
-        from ..outputs import write_atomic
-
-        path = self.trainer.run_dir / "metrics.jsonl"  # type: ignore[operator]
+        path = RunDir(self.trainer.run_dir).metrics_log  # type: ignore[arg-type]
         write_atomic(path, "".join(json.dumps(h) + "\n" for h in self.trainer.history))
 
     def after_train(self, summary: dict[str, Any]) -> None:
-        from ..outputs import write_json
-
         if self.trainer.run_dir is not None:
-            write_json(summary, self.trainer.run_dir / "metrics.json")
+            write_json(summary, RunDir(self.trainer.run_dir).summary_file)
 
 
 class CurvePlotHook(Hook):
@@ -343,9 +270,7 @@ class CurvePlotHook(Hook):
     def after_epoch(self, metrics: dict[str, Any]) -> None:
         t = self.trainer
         if t.run_dir is not None:
-            from ..viz.curves import save_history_plot
-
-            save_history_plot(t.history, t.run_dir / "plots" / "curves.png", t.cfg.name)
+            save_history_plot(t.history, RunDir(t.run_dir).curves, t.cfg.name)
 
 
 class EpochLogger(Hook):
@@ -371,25 +296,3 @@ class EpochLogger(Hook):
         if m.get("nonfinite_steps"):
             parts.append(f"{m['nonfinite_steps']} non-finite steps skipped")
         return " | ".join(parts)
-
-
-def default_hooks(cfg: Any) -> list[Hook]:
-    """The hooks of a plain run of ``cfg`` (see the module docstring), then ``cfg.train.hooks``."""
-    from ..progress import in_notebook
-
-    hooks: list[Hook] = [ValidationHook(), LRScheduleHook(), EarlyStoppingHook(), CheckpointHook(),
-                         MetricsWriter(), CurvePlotHook(), EpochLogger()]
-    if cfg.train.ema_decay is not None:
-        from .ema import EMAHook
-
-        hooks.append(EMAHook.from_config(cfg.train))
-    if cfg.train.tensorboard:
-        from .tensorboard import TensorBoardHook
-
-        hooks.append(TensorBoardHook())
-    if in_notebook():
-        from ..viz.live import LiveCurves
-
-        hooks.append(LiveCurves())
-    hooks.extend(hook_from_path(p) for p in cfg.train.hooks)
-    return hooks

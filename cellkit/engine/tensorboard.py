@@ -17,9 +17,14 @@ import os
 from typing import Any
 
 import numpy as np
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.tensorboard import SummaryWriter
 
-from ..errors import ConfigError
-from .hooks import Hook, ValidationHook
+from ..structures.label_maps import MaskRegion
+from ..viz.overlay import instances_from_coco, render
+from .hooks import VALIDATION
+from .train_loop import Hook
 
 __all__ = ["SCALAR_TAGS", "TensorBoardHook", "read_scalars", "scalar_tag", "scalars_of"]
 
@@ -77,11 +82,6 @@ class TensorBoardHook(Hook):
         t = self.trainer
         if t.run_dir is None:
             return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:  # tensorboard is a dependency; a broken install gets a clear message
-            raise ConfigError(f"train.tensorboard needs the tensorboard package ({e}): pip install tensorboard, "
-                              "or set train.tensorboard=false") from None
         # events of epochs after the checkpoint we resume from (an interrupted attempt) are purged
         self.writer = SummaryWriter(log_dir=str(t.run_dir), purge_step=t.epoch + 1, flush_secs=30)
         if t.epoch == 0:
@@ -97,7 +97,7 @@ class TensorBoardHook(Hook):
             self.writer.add_scalar(tag, value, step)
         n = self.trainer.cfg.train.tensorboard_images if self.images is None else self.images
         if metrics.get("val_ap50") is not None and n > 0:
-            val = next((h for h in self.trainer.hooks if isinstance(h, ValidationHook)), None)
+            val = self.trainer.storage.get(VALIDATION)
             if val is not None and val.predictions is not None:
                 for name, arr in self.drawings(val.predictions, n):
                     self.writer.add_image(f"val/{name}", arr, step, dataformats="HWC")
@@ -111,8 +111,6 @@ class TensorBoardHook(Hook):
     def drawings(self, predictions: list[dict[str, Any]], n: int) -> list[tuple[str, np.ndarray]]:
         """The first ``n`` validation images: ground truth (outlines) beside the predictions scoring at
         least ``min_score`` (filled), ``(H, 2W + 4, 3)`` uint8 each."""
-        from ..viz.overlay import instances_from_coco, render
-
         ds = self.trainer.val_set
         out = []
         for i in range(min(n, len(ds))):  # type: ignore[arg-type]
@@ -129,8 +127,6 @@ class TensorBoardHook(Hook):
 
 def _val_item(ds: Any, i: int) -> tuple[str, int, np.ndarray, list[Any]]:
     """(name, image_id, ``(H, W, 3)`` uint8 image, ground-truth regions) of validation image ``i``."""
-    from ..structures.label_maps import MaskRegion
-
     if hasattr(ds, "samples") and hasattr(ds, "load"):  # a CellDataset: decoded label maps
         image, label_maps = ds.load(i)
         if image.dtype == np.uint16:
@@ -146,16 +142,12 @@ def _val_item(ds: Any, i: int) -> tuple[str, int, np.ndarray, list[Any]]:
 
 
 def _yaml(d: dict[str, Any]) -> str:
-    import yaml
-
     return yaml.safe_dump(d, sort_keys=False)
 
 
 def read_scalars(run_dir: str | os.PathLike[str]) -> dict[str, list[tuple[int, float]]]:
     """The scalars of a run's event files, read back with TensorBoard's own reader (purged steps
     of an interrupted attempt left out): tag -> ``[(step, value), ...]`` in step order."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
     acc.Reload()
     return {tag: sorted((int(e.step), float(e.value)) for e in acc.Scalars(tag)) for tag in acc.Tags()["scalars"]}

@@ -23,8 +23,15 @@ from .coco import EvalResult, coco_evaluate
 from .curves import DEFAULT_SCORE_THRESHOLDS, ThresholdPoint, pr_curves_from, score_distributions
 from .inputs import prepare
 from .operating import (
-    DEFAULT_SIZE_BINS, ImageScore, OperatingMatch, SizeRecall, confusion_from, operating_match, per_image_from,
-    recall_by_size_from, status_entries_from,
+    DEFAULT_SIZE_BINS,
+    ImageScore,
+    OperatingMatch,
+    SizeRecall,
+    confusion_from,
+    operating_match,
+    per_image_from,
+    recall_by_size_from,
+    status_entries_from,
 )
 from .tide import ErrorReport, Matching, decompose, match_prepared
 

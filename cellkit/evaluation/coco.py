@@ -23,25 +23,26 @@ import io
 import math
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from ..errors import CellkitError
+from .cellmetrics import CellMetrics
+from .cellmetrics import cell_metrics as compute_cell_metrics
 from .formatting import fmt
 from .inputs import (
     AREA_RANGES,
     DROP_REASONS,
-    check_predictions_match,
     GroundTruth,
+    check_predictions_match,
     count_beyond_cap,
     load_ground_truth,
     load_predictions,
     sanitize_predictions,
 )
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .cellmetrics import CellMetrics
 
 __all__ = [
     "BACKENDS",
@@ -309,9 +310,7 @@ def _evaluate(
     results = {t: runner.result(t, max_dets, dropped) for t in iou_types}
     cells = None
     if cell_metrics and "segm" in iou_types:
-        from .cellmetrics import cell_metrics as _cell_metrics
-
-        cells = _cell_metrics(ground, kept, iou_threshold=iou_threshold, score_threshold=score_threshold,
+        cells = compute_cell_metrics(ground, kept, iou_threshold=iou_threshold, score_threshold=score_threshold,
                               num_classes=num_classes)
     return EvalReport(results, cells, dropped, list(ground.notes))
 
@@ -334,7 +333,7 @@ class _Runner:
                 if self.backend == "pycocotools":
                     self._gt = self.ground.pycoco()
                 else:
-                    import faster_coco_eval
+                    import faster_coco_eval  # optional backend (pip install faster-coco-eval)
 
                     self._gt = faster_coco_eval.COCO(self.ground.dataset)
                 # loadRes writes id/area/iscrowd into the entries: these are sanitize_predictions'
@@ -349,8 +348,6 @@ class _Runner:
         directly on the ground truth's images and categories; faster-coco-eval's takes ``[]``."""
         if self.backend != "pycocotools":
             return self._gt.loadRes([])
-        from pycocotools.coco import COCO
-
         dt = COCO()
         dt.dataset = {"images": list(self.ground.dataset["images"]),
                       "categories": list(self.ground.dataset["categories"]), "annotations": []}
@@ -395,11 +392,9 @@ class _Runner:
         gt, dt = self._indices()
         with contextlib.redirect_stdout(io.StringIO()):
             if self.backend == "pycocotools":
-                from pycocotools.cocoeval import COCOeval
-
                 E = COCOeval(gt, dt, iou_type)
             else:
-                from faster_coco_eval import COCOeval_faster
+                from faster_coco_eval import COCOeval_faster  # optional backend (pip install faster-coco-eval)
 
                 E = COCOeval_faster(gt, dt, iou_type, print_function=_quiet)
             E.params.maxDets = list(max_list)

@@ -2,15 +2,13 @@
 score distributions of true and false positives. No torch."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
+from .coco import EvalResult, coco_evaluate
 from .inputs import prepare
 from .tide import FP_KINDS, Matching, iou_index
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .coco import EvalResult
 
 __all__ = ["DEFAULT_SCORE_THRESHOLDS", "ThresholdPoint", "ap50_vs_score_threshold", "pr_curves", "pr_curves_from",
            "score_distributions"]
@@ -37,8 +35,6 @@ def pr_curves(
         COCO's interpolated precision there (area "all", ``max_dets``); its mean is the class's AP
         at ``iou``. Precision is NaN for a class without ground truth.
     """
-    from .coco import coco_evaluate
-
     return pr_curves_from(coco_evaluate(gt, predictions, "segm", max_dets, backend, num_classes), iou)  # type: ignore[arg-type]
 
 
@@ -78,8 +74,6 @@ def ap50_vs_score_threshold(
     Returns:
         ``[(threshold, ap50, n_kept), ...]`` in the order of ``thresholds``.
     """
-    from .coco import coco_evaluate
-
     ground, kept, _ = prepare(gt, predictions, num_classes)
     out = []
     for thr in thresholds:

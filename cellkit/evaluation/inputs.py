@@ -8,6 +8,8 @@ wrong size) are dropped and counted by reason. Used by :mod:`cellkit.evaluation.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import numbers
@@ -19,9 +21,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
 
 from ..errors import DataError
-from .rle import rle_runs_fit, rle_string_ok, to_rle
+from ..structures.rle import rle_runs_fit, rle_string_ok, to_rle
 
 PathLike = str | os.PathLike[str]
 
@@ -101,11 +104,6 @@ class GroundTruth:
     def pycoco(self) -> Any:
         """The pycocotools ``COCO`` index of :attr:`dataset` (built once, quietly)."""
         if self.coco is None:
-            import contextlib
-            import io
-
-            from pycocotools.coco import COCO
-
             coco = COCO()
             coco.dataset = self.dataset
             with contextlib.redirect_stdout(io.StringIO()):

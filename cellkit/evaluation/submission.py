@@ -23,8 +23,9 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from ..errors import DataError
+from ..outputs import check_writable_file, write_atomic
+from ..structures.rle import rle_decodes, rle_run_lengths, rle_string_ok
 from .inputs import is_int, read_json, short_repr
-from .rle import rle_decodes, rle_run_lengths, rle_string_ok
 
 PathLike = str | os.PathLike[str]
 SUBMISSION_NAME = "test-results.json"
@@ -312,8 +313,6 @@ def write_submission(entries: Sequence[Mapping[str, Any]], out_json: PathLike) -
     Raises:
         DataError: an entry holds NaN/Inf or something JSON cannot represent.
     """
-    from ..outputs import write_atomic
-
     out, zip_path = submission_paths(out_json)
     try:
         text = json.dumps([_plain_entry(e) for e in entries], allow_nan=False, default=_json_default)
@@ -342,8 +341,6 @@ def check_submission_writable(out_json: PathLike) -> tuple[Path, Path]:
     Raises:
         DataError: the json or the zip cannot be written there.
     """
-    from ..outputs import check_writable_file
-
     out, zip_path = submission_paths(out_json)
     check_writable_file(out, "submission file")
     check_writable_file(zip_path, "submission zip")

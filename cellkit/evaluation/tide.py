@@ -77,19 +77,16 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
 from ..errors import CellkitError
-from .coco import mean_valid
+from ..structures.rle import mask_iou
+from .coco import EvalResult, coco_evaluate, mean_valid
 from .formatting import fmt, nan_to_none
 from .inputs import GroundTruth, gt_rle, prepare
-from .rle import mask_iou
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .coco import EvalResult
 
 __all__ = ["COCO_IOU_THRESHOLDS", "ERROR_NAMES", "ERROR_TYPES", "ErrorReport", "FP_KINDS", "Matching", "PRED_KINDS",
            "SPECIAL_TYPES", "decompose", "iou_index", "match_predictions", "match_prepared",
@@ -444,8 +441,6 @@ def decompose(m: Matching, backend: str = "auto", num_classes: int = 4, base: "E
         base: the segm :class:`~cellkit.evaluation.coco.EvalResult` of the same predictions at the
             matching's ``max_dets`` when already computed (saves one evaluation).
     """
-    from .coco import coco_evaluate
-
     t_idx = iou_index(m.iou_fg)
     max_dets = m.max_dets
     if base is None or base.max_dets != max_dets:

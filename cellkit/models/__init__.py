@@ -1,4 +1,4 @@
-"""Mask R-CNN models: the backbone registry, ``build_model`` and weight loading.
+"""Mask R-CNN models: the backbone registry, ``build_model``, weights and checkpoints.
 
 >>> from cellkit import load_config
 >>> from cellkit.models import build_model, list_backbones
@@ -8,14 +8,14 @@
 ``list_backbones("resnet*", pretrained="coco", tags={"attention": "se"})`` filters them on the
 metadata each registration declares (:func:`backbone_info`), without building any.
 
-Only the registry is imported eagerly; torch, torchvision and timm load on first use of anything
-else, so importing the package stays fast.
+As in timm, the registry (:mod:`~cellkit.models.registry`) is a leaf that knows no backbone; the
+families register themselves when this package imports them (:mod:`~cellkit.models.backbones`).
 """
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
+from . import backbones  # noqa: F401  (the built-in backbones register on import)
+from .checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from .maskrcnn import assemble, build_model, count_parameters, count_trainable_parameters, validate_model_config
 from .registry import (
     BackboneInfo,
     BackboneSpec,
@@ -27,32 +27,13 @@ from .registry import (
     list_backbones,
     register_backbone,
 )
-
-_LAZY = {
-    "build_model": "maskrcnn", "assemble": "maskrcnn", "count_trainable_parameters": "maskrcnn",
-    "count_parameters": "maskrcnn", "validate_model_config": "maskrcnn",
-    "ResizeTransform": "transform", "resize_masks": "transform",
-    "LoadReport": "weights", "WeightsError": "weights", "load_file": "weights", "load_matching": "weights",
-    "read_state_dict": "weights",
-}
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .maskrcnn import assemble, build_model, count_parameters, count_trainable_parameters, validate_model_config
-    from .transform import ResizeTransform, resize_masks
-    from .weights import LoadReport, WeightsError, load_file, load_matching, read_state_dict
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+from .transform import ResizeTransform, resize_masks
+from .weights import LoadReport, WeightsError, load_file, load_matching, read_state_dict
 
 __all__ = [
     "build_model", "list_backbones", "register_backbone", "count_trainable_parameters", "count_parameters",
     "BackboneSpec", "create_backbone", "get_backbone", "backbone_description", "assemble", "validate_model_config",
     "BackboneInfo", "Pretrained", "backbone_info",
     "ResizeTransform", "resize_masks", "LoadReport", "WeightsError", "load_file", "load_matching", "read_state_dict",
+    "load_checkpoint", "model_from_checkpoint", "save_checkpoint",
 ]

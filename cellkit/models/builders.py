@@ -17,8 +17,14 @@ from collections import OrderedDict
 from functools import partial
 from typing import Any, Callable, Literal, Sequence
 
+import timm
 import torch
+import torchvision
+from timm.layers import freeze_batch_norm_2d, get_attn
+from timm.utils import freeze
 from torch import nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor, mobilenet_backbone
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -106,8 +112,6 @@ def freeze_stages(module: nn.Module, stages: Sequence[Sequence[str]], trainable:
     Raises:
         AttributeError: a stage names a submodule ``module`` does not have.
     """
-    from timm.utils import freeze
-
     frozen = [name for stage in stages[: len(stages) - trainable] for name in stage]
     if frozen:  # timm freezes the whole module for an empty list
         freeze(module, frozen, include_bn_running_stats=False)
@@ -115,8 +119,6 @@ def freeze_stages(module: nn.Module, stages: Sequence[Sequence[str]], trainable:
 
 def attention_types() -> tuple[type[nn.Module], ...]:
     """The timm attention modules the ``_se`` / ``_cbam`` backbones insert (SE, CBAM)."""
-    from timm.layers import get_attn
-
     return tuple(get_attn(name) for name in ATTENTION_LAYERS)
 
 
@@ -177,9 +179,6 @@ def tv_resnet(arch: str, imagenet: Any, cfg: ModelConfig, design: Design = "v1",
         design: head design (``v2`` also puts BatchNorm in the FPN, as maskrcnn_resnet50_fpn_v2).
         coco: torchvision COCO Mask R-CNN weights of the same architecture, if any.
     """
-    import torchvision
-    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
-
     norm = resolve_norm(cfg, design)
     trainable = resolve_trainable(cfg, 5)
     what = f"ImageNet weights of {arch} ({type(imagenet).__name__}.{imagenet.name})"
@@ -201,8 +200,6 @@ class DilatedC5(nn.Module):
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
-        from torchvision.models._utils import IntermediateLayerGetter
-
         self.body = IntermediateLayerGetter(net, {"layer4": "0"})
         self.out_channels = net.fc.in_features  # type: ignore[union-attr]
 
@@ -219,8 +216,6 @@ def tv_resnet_dc5(arch: str, imagenet: Any, cfg: ModelConfig) -> BackboneSpec:
     ``model.anchor_sizes`` entry is an anchor size on it. ``trainable_layers`` and ``norm`` as
     :func:`tv_resnet`.
     """
-    import torchvision
-
     norm = resolve_norm(cfg, "v1")
     trainable = resolve_trainable(cfg, 5)
     what = f"ImageNet weights of {arch} ({type(imagenet).__name__}.{imagenet.name})"
@@ -248,8 +243,6 @@ def timm_resnet(
         tag: timm pretrained tag for ``imagenet`` (``tv_in1k``: torchvision's own ImageNet weights,
             so the rows with and without attention start from the same weights).
     """
-    import timm
-
     norm = resolve_norm(cfg, design)
     trainable = resolve_trainable(cfg, 5)
     kwargs: dict[str, Any] = dict(
@@ -289,9 +282,6 @@ def timm_fpn(
         norms: the ``model.norm`` values this model supports (``frozen_bn`` freezes timm's
             BatchNorm layers with ``timm.layers.freeze_batch_norm_2d``).
     """
-    import timm
-    from timm.layers import freeze_batch_norm_2d
-
     if cfg.norm not in norms:
         raise ConfigError(f"model.norm: {cfg.backbone} supports {', '.join(norms)}, not {cfg.norm}")
     norm = resolve_norm(cfg, "v1") if "frozen_bn" in norms else None
@@ -315,8 +305,6 @@ def tv_mobilenet(arch: str, imagenet: Any, cfg: ModelConfig) -> BackboneSpec:
     (``returned_layers=[1, 2, 3, 4]``; torchvision's detection default keeps only the two
     coarsest, too coarse for cells). ``trainable_layers`` ranges over 0..6 as in torchvision.
     """
-    from torchvision.models.detection.backbone_utils import mobilenet_backbone
-
     norm = resolve_norm(cfg, "v1")
     trainable = resolve_trainable(cfg, 6)
     what = f"ImageNet weights of {arch} ({type(imagenet).__name__}.{imagenet.name})"

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torchvision.models.detection.roi_heads import RoIHeads
 
-from .mask_geometry import MaskGeometry, mask_targets
+from ..structures.mask_geometry import MaskGeometry, mask_targets
 from .roi_heads import MaskRoIHeads, soft_dice
 
 
@@ -63,7 +63,7 @@ class DiceRoIHeads(MaskRoIHeads):
     Args:
         *args, **kwargs: ``RoIHeads``' arguments.
         dice_weight: factor of the Dice term.
-        mask_geometry: ``exact`` or ``torchvision`` (see :mod:`cellkit.models.mask_geometry`).
+        mask_geometry: ``exact`` or ``torchvision`` (see :mod:`cellkit.structures.mask_geometry`).
     """
 
     def __init__(self, *args: Any, dice_weight: float = 1.0, mask_geometry: MaskGeometry = "exact",

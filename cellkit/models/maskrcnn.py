@@ -19,11 +19,11 @@ from torchvision.ops.poolers import initLevelMapper
 
 from ..config import Config, ModelConfig, validate_section
 from ..errors import ConfigError
+from .builders import resize_fpn
 from .cascade import CascadeRoIHeads, make_cascade, validate_cascade
 from .losses import DiceRoIHeads
-from .roi_heads import MaskRoIHeads
-from .builders import resize_fpn
 from .registry import BackboneSpec, create_backbone
+from .roi_heads import MaskRoIHeads
 from .transform import ResizeTransform
 from .weights import load_coco, load_file, weights_path
 
@@ -47,7 +47,7 @@ def build_model(cfg: Config | ModelConfig) -> MaskRCNN:
     ``model.roi_head: cascade`` a :class:`~cellkit.models.cascade.CascadeRoIHeads`, whose training
     losses are ``loss_classifier_stageK`` / ``loss_box_reg_stageK`` per stage instead). The
     full-size ``masks`` of ``model(images)`` are torchvision's paste whatever the geometry;
-    cellkit's prediction (:mod:`cellkit.engine.predict`) pastes in the model's geometry.
+    cellkit's prediction (:mod:`cellkit.inference.predict`) pastes in the model's geometry.
 
     Weights: ``imagenet`` loads into the backbone while it is built; ``coco`` and a file path load
     every tensor that fits after assembly (predictors always have ``num_classes + 1`` outputs

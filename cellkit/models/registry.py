@@ -227,7 +227,6 @@ def list_backbones(
     Raises:
         ConfigError: an unknown ``pretrained`` source or tag key.
     """
-    _load_builtin()
     patterns = [filter] if isinstance(filter, str) else list(filter)
     if pretrained is not None and pretrained not in PRETRAINED_SOURCES:
         raise ConfigError(f"pretrained: {pretrained!r} is not one of {', '.join(PRETRAINED_SOURCES)}")
@@ -267,7 +266,6 @@ def get_backbone(name: str) -> BackboneFn:
     Raises:
         ConfigError: unknown name (suggesting the nearest registered one).
     """
-    _load_builtin()
     if name in _REGISTRY:
         return _REGISTRY[name]
     close = difflib.get_close_matches(name, list(_REGISTRY), n=1, cutoff=0.5)
@@ -305,7 +303,3 @@ def _check_agrees(info: BackboneInfo, spec: BackboneSpec) -> None:
 def backbone_description(name: str) -> str:
     """First line of the backbone function's docstring."""
     return backbone_info(name).description
-
-
-def _load_builtin() -> None:
-    from . import backbones  # noqa: F401  (registers the built-in backbones on import)

@@ -3,7 +3,7 @@
 :class:`MaskRoIHeads` is torchvision's ``RoIHeads`` with the mask loss parametrised:
 
 * ``mask_geometry="exact"``: ``loss_mask`` is the per-pixel BCE of the ground-truth class's mask
-  logits against :func:`~cellkit.models.mask_geometry.exact_mask_targets` (``roi_align`` with
+  logits against :func:`~cellkit.structures.mask_geometry.exact_mask_targets` (``roi_align`` with
   ``aligned=True``), the targets the exact paste inverts.
 * ``mask_geometry="torchvision"``: torchvision's own ``loss_mask`` (``aligned=False`` targets).
 * ``dice_weight`` not None: ``loss_mask_dice`` = ``dice_weight`` x soft Dice against the same
@@ -17,7 +17,7 @@ forward hook on ``mask_predictor``, both public extension points, rather than co
 torchvision value is computed and dropped: one extra ``roi_align`` of the ground truth per step).
 Inference is always ``RoIHeads``' (box-relative ``M x M`` masks); ``mask_geometry`` is stored on
 the module so that prediction pastes them with the geometry they were trained in
-(:func:`~cellkit.models.mask_geometry.mask_geometry_of`).
+(:func:`~cellkit.structures.mask_geometry.mask_geometry_of`).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection.roi_heads import RoIHeads
 
-from .mask_geometry import MaskGeometry, check_geometry, mask_targets
+from ..structures.mask_geometry import MaskGeometry, check_geometry, mask_targets
 
 
 def soft_dice(probs: Tensor, targets: Tensor, eps: float = 1.0) -> Tensor:

@@ -2,20 +2,29 @@
 
 Names, tags, weights and the cache check come from the registry's metadata
 (:func:`~cellkit.models.registry.backbone_info`); only the parameter counts need a model, built on
-the meta device. Heavy imports (torch, torchvision, timm) happen inside the functions.
+the meta device.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+import os
+from pathlib import Path
+from typing import Any, Sequence
+from urllib.parse import urlparse
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .registry import BackboneInfo, Pretrained
+import timm.models
+import torch
+from huggingface_hub import try_to_load_from_cache
+
+from ..config import Config, load_config
+from ..errors import ConfigError
+from .maskrcnn import assemble, count_parameters, count_trainable_parameters, validate_model_config
+from .registry import BackboneInfo, Pretrained, backbone_info, create_backbone, list_backbones
 
 PARAM_LIMIT = 200_000_000
 """The task's rule: under 200M trainable parameters."""
 
 
-def backbone_table(cfg: Any = None, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+def backbone_table(cfg: Config | None = None, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """One row per registered backbone (or per name of ``names``): parameter counts of the model
     ``cfg`` builds with it.
 
@@ -29,13 +38,6 @@ def backbone_table(cfg: Any = None, names: Sequence[str] | None = None) -> list[
         the local cache, loadable offline), ``tags`` and ``description``; or ``name``, ``error``,
         ``tags`` and ``description`` where the config does not fit that backbone.
     """
-    import torch
-
-    from ..config import load_config
-    from ..errors import ConfigError
-    from .maskrcnn import assemble, count_parameters, count_trainable_parameters, validate_model_config
-    from .registry import backbone_info, create_backbone, list_backbones
-
     cfg = cfg if cfg is not None else load_config()
     rows: list[dict[str, Any]] = []
     for name in list_backbones() if names is None else names:
@@ -69,18 +71,9 @@ def cached_weights(info: BackboneInfo) -> list[str]:
 
 
 def _in_cache(weights: Pretrained) -> bool:
-    import os
-    from pathlib import Path
-    from urllib.parse import urlparse
-
     if weights.library == "torchvision":
-        import torch
-
         hub = Path(torch.hub.get_dir()) / "checkpoints"
         return (hub / os.path.basename(urlparse(weights.weights.url).path)).is_file()
-    import timm.models
-    from huggingface_hub import try_to_load_from_cache
-
     pcfg = timm.models.get_pretrained_cfg(weights.weights)
     return bool(pcfg is not None and pcfg.hf_hub_id and any(
         isinstance(try_to_load_from_cache(pcfg.hf_hub_id, f), str) for f in ("model.safetensors", "pytorch_model.bin")

@@ -18,6 +18,7 @@ cellkit checkpoint (``{"model": state_dict, ...}``) are all recognised.
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import socket
@@ -29,8 +30,13 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 from urllib.parse import urlparse
 
+import safetensors.torch
+import timm.models
 import torch
+from huggingface_hub import constants, try_to_load_from_cache
 from torch import nn
+from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
+from torchvision.models.detection._utils import overwrite_eps
 
 from ..errors import CellkitError, ConfigError, DataError
 
@@ -63,8 +69,6 @@ def weights_path(weights: str) -> Path | None:
     path = Path(weights).expanduser()
     if path.is_file():
         return path
-    import difflib
-
     close = difflib.get_close_matches(weights.lower(), WEIGHT_CHOICES, n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     raise ConfigError(f"model.weights: {weights!r} is not none, imagenet, coco or an existing file{hint}")
@@ -101,15 +105,11 @@ def timm_pretrained(tag: str, what: str) -> dict[str, Any]:
     Raises:
         WeightsError: not cached and the hub cannot be reached (or ``HF_HUB_OFFLINE`` is set).
     """
-    import timm.models
-
     pcfg = timm.models.get_pretrained_cfg(tag)
     if pcfg is None:  # pragma: no cover - a typo in a backbone function
         raise ValueError(f"timm has no pretrained config {tag!r}")
     repo = pcfg.hf_hub_id
     if repo:
-        from huggingface_hub import constants, try_to_load_from_cache
-
         for filename in ([pcfg.hf_hub_filename] if pcfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]):
             hit = try_to_load_from_cache(repo, filename)
             if isinstance(hit, str):
@@ -205,9 +205,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     path = Path(path)
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(str(path), device="cpu")
+            obj: Any = safetensors.torch.load_file(str(path), device="cpu")
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch / safetensors raise several types for foreign or truncated files
@@ -277,9 +275,6 @@ def load_coco(model: nn.Module, enum: Any) -> LoadReport:
     torchvision's v1 COCO weights were trained with a BatchNorm eps of 0 (Detectron); like
     torchvision's own builder, the frozen BatchNorm layers get eps 0 after loading them.
     """
-    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
-    from torchvision.models.detection._utils import overwrite_eps
-
     what = f"COCO Mask R-CNN weights {type(enum).__name__}.{enum.name}"
     torchvision_weights(enum, what)
     with downloading(what):

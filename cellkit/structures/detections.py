@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..engine.postprocess import DropCounts
-    from ..evaluation.rle import RLE
+from .coco_results import DropCounts, detections_to_coco, paste_and_encode
+from .rle import RLE
 
 
 @dataclass
@@ -28,7 +27,7 @@ class Detections:
         image_id: COCO id of the image (0 when unknown).
         image_size: ``(height, width)`` of the image the boxes refer to ((0, 0) when unknown).
         geometry: how the masks map onto their boxes, the mask geometry of the model that made
-            them (``"exact"`` or ``"torchvision"``, see :mod:`cellkit.models.mask_geometry`):
+            them (``"exact"`` or ``"torchvision"``, see :mod:`cellkit.structures.mask_geometry`):
             every paste of these masks uses it.
 
     Indexing with int64 indices or a bool mask (``det[keep]``) selects detections, keeping the
@@ -83,7 +82,7 @@ class Detections:
     @classmethod
     def from_output(cls, out: dict[str, Tensor], image_id: int = 0, image_size: tuple[int, int] = (0, 0),
                     geometry: str = "exact") -> "Detections":
-        """From a :func:`cellkit.engine.predict.raw_detections` dict (``boxes/labels/scores/masks``)."""
+        """From a :func:`cellkit.inference.predict.raw_detections` dict (``boxes/labels/scores/masks``)."""
         return cls(out["boxes"].float(), out["labels"].long(), out["scores"].float(), out["masks"].float(),
                    image_id=image_id, image_size=image_size, geometry=geometry)
 
@@ -112,17 +111,15 @@ class Detections:
         """``(N,)`` bool: detections whose 4 box coordinates and score are all finite."""
         return torch.isfinite(self.boxes).all(dim=1) & torch.isfinite(self.scores)
 
-    def to_coco(self, mask_thresh: float = 0.5, rles: "Sequence[RLE] | None" = None,
-                counts: "DropCounts | None" = None) -> list[dict[str, Any]]:
+    def to_coco(self, mask_thresh: float = 0.5, rles: Sequence[RLE] | None = None,
+                counts: DropCounts | None = None) -> list[dict[str, Any]]:
         """COCO result entries ``{image_id, category_id, score, bbox [x, y, w, h], segmentation}``.
 
         Masks are pasted (in :attr:`geometry`) into the ``image_size`` image one box at a time and
-        RLE-encoded at ``mask_thresh`` (see :func:`cellkit.engine.postprocess.paste_and_encode`) unless ``rles``
+        RLE-encoded at ``mask_thresh`` (see :func:`cellkit.structures.coco_results.paste_and_encode`) unless ``rles``
         (one per detection) are given. Non-finite detections and empty masks are left out and
         counted in ``counts``.
         """
-        from ..engine.postprocess import detections_to_coco, paste_and_encode
-
         det = self
         if rles is None:
             ok = self.finite()

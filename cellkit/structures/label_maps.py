@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import numpy as np
 import scipy.ndimage as ndi
+from pycocotools import mask as mask_utils
+
+from .rle import encode_region
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -137,10 +140,6 @@ class LabelMaps:
     def to_coco(self, image_id: int, first_ann_id: int = 1) -> list[dict[str, Any]]:
         """COCO annotations of every instance: RLE ``segmentation`` (str counts), ``bbox``
         ``[x, y, w, h]``, ``area`` (pixels), ``category_id``, ``iscrowd`` 0, ids from ``first_ann_id``."""
-        from pycocotools import mask as mask_utils
-
-        from ..evaluation.rle import encode_region
-
         h, w = self.shape
         anns = []
         for i, r in enumerate(self.regions()):
@@ -160,7 +159,7 @@ class LabelMaps:
             ``iscrowd`` ``(n,)`` int64 zeros and ``instance_ids`` ``(n,)`` int64 (increasing).
             Instances cropped away are left out; n may be 0.
         """
-        import torch
+        import torch  # here only: the structures face (and so the evaluation) stays torch-free
 
         regions = list(self.regions())
         n = len(regions)

@@ -9,7 +9,7 @@ from matplotlib.ticker import MaxNLocator
 
 
 def plot_ablation_bars(rows: Sequence[Mapping[str, Any]], title: str = "") -> Figure:
-    """Horizontal bars of each run's best validation AP50 (rows of :func:`cellkit.ablation.collect_results`).
+    """Horizontal bars of each run's best validation AP50 (rows of :func:`cellkit.grid.results.collect_results`).
 
     The best run is highlighted; failed runs get a hatched red stub labelled ``failed`` (with the
     AP50 they reached before failing, if any); runs not run yet are labelled ``pending``; a

@@ -13,10 +13,13 @@ import io
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
+import ipywidgets as W
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
+from PIL import Image
 
+from ..evaluation.inputs import gt_rle
 from ..structures.label_maps import MaskRegion
 from .overlay import CLASS_COLORS, COMPARE_COLORS, STATUS_COLORS, instances_from_coco, render
 
@@ -209,8 +212,6 @@ class MaskBrowser:
     # -- the widget -----------------------------------------------------------------------------
     def widget(self) -> Any:
         """The interactive view (ipywidgets): picker, class toggles, outline/fill, zoom, pan, score."""
-        import ipywidgets as W
-
         if self._widget is not None:
             return self._widget
         s = self.state
@@ -282,8 +283,6 @@ def comparison_browser(dataset: Any, comparison: Any, image_ids: Sequence[int] |
         image_ids: the images to browse (default: every image, most differing cells first).
         max_images: keep only this many of them.
     """
-    from ..evaluation.inputs import gt_rle
-
     index = {int(smp.image_id): i for i, smp in enumerate(dataset.samples)}
     diffs = {d.image_id: d for d in comparison.by_image()}
     order = [d.image_id for d in comparison.by_image()] if image_ids is None else [int(i) for i in image_ids]
@@ -309,8 +308,6 @@ def comparison_browser(dataset: Any, comparison: Any, image_ids: Sequence[int] |
 
 def gallery(browser: MaskBrowser, indices: Sequence[int], thumb: int = 220) -> Any:
     """Thumbnails of ``browser``'s images ``indices``; clicking one's button opens it in the browser."""
-    import ipywidgets as W
-
     tiles = []
     for i in indices:
         item = browser.items[i]
@@ -329,8 +326,6 @@ def gallery(browser: MaskBrowser, indices: Sequence[int], thumb: int = 220) -> A
 
 
 def _png(arr: np.ndarray) -> bytes:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()

@@ -1,21 +1,19 @@
 """Pictures of copy-paste: the same augmented crops before and after cells were pasted onto them."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
+from ..data.dataset import CellDataset, Target
 from ..structures.label_maps import MaskRegion
 from .overlay import render
 
-if TYPE_CHECKING:  # pragma: no cover
-    import matplotlib.figure
 
-    from ..data.dataset import CellDataset, Target
-
-
-def target_regions(target: "Target", first_id: int = 0) -> list[MaskRegion]:
+def target_regions(target: Target, first_id: int = 0) -> list[MaskRegion]:
     """The instances of a training target (``masks`` ``(N, H, W)``) with id >= ``first_id``, as box regions."""
     out = []
     for mask, label, inst in zip(target["masks"].numpy().astype(bool), target["labels"].tolist(),
@@ -32,15 +30,13 @@ def _uint8(image: torch.Tensor) -> np.ndarray:
     return (image.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
 
 
-def plot_copy_paste(ds: "CellDataset", indices: Sequence[int], seed: int = 0) -> "matplotlib.figure.Figure":
+def plot_copy_paste(ds: CellDataset, indices: Sequence[int], seed: int = 0) -> Figure:
     """One column per index: the augmented crop without copy-paste (top) and with it (bottom, the
     pasted cells filled in their class colour, the cells kept outlined; cells dropped as covered
     are gone from the outlines).
 
     ``ds`` must have ``copy_paste`` set; both rows draw the same crop (same seed per column).
     """
-    import matplotlib.pyplot as plt
-
     cp = ds.copy_paste
     assert cp is not None, "the dataset has no copy_paste"
     fig, axes = plt.subplots(2, len(indices), figsize=(3.2 * len(indices), 6.6), squeeze=False)

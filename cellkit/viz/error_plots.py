@@ -7,7 +7,7 @@ Every function returns a matplotlib :class:`~matplotlib.figure.Figure` (made wit
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -17,9 +17,8 @@ from matplotlib.patches import Patch
 from ..evaluation.curves import ThresholdPoint
 from ..evaluation.operating import SizeRecall
 from ..evaluation.tide import ERROR_NAMES, ERROR_TYPES, SPECIAL_TYPES, ErrorReport
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..structures.label_maps import MaskRegion
+from ..structures.label_maps import MaskRegion
+from .overlay import STATUS_COLORS, render
 
 __all__ = [
     "plot_ap_vs_threshold",
@@ -244,8 +243,6 @@ def worst_images_figure(
         ncols: panels per row.
         mode: ``"outline"``, ``"fill"`` or ``"both"`` (see :func:`cellkit.viz.overlay.render`).
     """
-    from .overlay import STATUS_COLORS, render
-
     if not (len(images) == len(instances_by_image) == len(titles)):
         raise ValueError("images, instances_by_image and titles must have the same length")
     n = max(len(images), 1)

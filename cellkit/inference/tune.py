@@ -17,15 +17,20 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ..config import PredictConfig
-from ..outputs import write_json
+from ..config import PredictConfig, validate_section
 from ..errors import ConfigError, DataError
+from ..evaluation.coco import coco_evaluate
+from ..evaluation.inputs import load_ground_truth
+from ..models.checkpoint import model_from_checkpoint
+from ..models.devices import resolve_device
+from ..outputs import check_writable_file, write_json
 from ..progress import bar
-from ..evaluation.rle import RLE
+from ..runs import RunDir, checkpoint_path
 from ..structures.detections import Detections
+from ..structures.rle import RLE
 from .predict import encode_detections, suppress
+from .split import predict_split
 
-THRESHOLDS_FILE = "thresholds.json"
 # COCO AP never rises when the lowest-scored detections are dropped (the order of the rest stays,
 # and interpolated precision is a maximum over higher recall), so for AP metrics only 0 is tried
 # by default; --score-grid searches more (it can matter with tiling, whose duplicate removal ranks
@@ -98,7 +103,7 @@ def entries_at(
     encoded: Sequence[tuple[Detections, list[RLE]]], score_thresh: float, nms_thresh: float | None
 ) -> list[dict[str, Any]]:
     """COCO result entries of encoded detections at one score and NMS threshold (score first,
-    then NMS, as :func:`cellkit.engine.predict.finalize` does)."""
+    then NMS, as :func:`cellkit.inference.predict.finalize` does)."""
     entries: list[dict[str, Any]] = []
     for det, rles in encoded:
         keep = torch.nonzero(det.scores >= score_thresh).flatten()
@@ -109,8 +114,6 @@ def entries_at(
 
 def _check_grids(score_grid: Sequence[float], mask_grid: Sequence[float], nms_grid: Sequence[float | None]) -> None:
     """Every grid value must be valid for its ``predict.*`` key (checked as the config checks it)."""
-    from ..config import validate_section
-
     base = PredictConfig()
     for key, values in (("score_thresh", score_grid), ("mask_thresh", mask_grid), ("nms_thresh", nms_grid)):
         if not len(values):
@@ -147,9 +150,7 @@ def tune_thresholds(
     """
     _check_grids(score_grid, mask_grid, nms_grid)
     if evaluate is None:
-        from ..evaluation.coco import coco_evaluate as evaluate
-        from ..evaluation.inputs import load_ground_truth
-
+        evaluate = coco_evaluate
         gt = load_ground_truth(gt, num_classes)  # validated and indexed once for the whole grid
     table: list[dict[str, Any]] = []
     points = len(mask_grid) * len(nms_grid) * len(score_grid)
@@ -180,17 +181,7 @@ def write_thresholds(result: TuneResult, run_dir: str | os.PathLike[str], **extr
     """Write ``run_dir/thresholds.json`` (chosen values, metric, the whole table, ``extra``)."""
     d = result.to_dict()
     d["extra"].update(extra)
-    return write_json(d, Path(run_dir) / THRESHOLDS_FILE)
-
-
-def find_thresholds(checkpoint: str | os.PathLike[str]) -> Path | None:
-    """The ``thresholds.json`` of the run a checkpoint belongs to (``RUN/checkpoints/x.pth`` or
-    ``RUN/x.pth``), or None."""
-    p = Path(checkpoint).expanduser().resolve().parent
-    for folder in (p, p.parent) if p.name == "checkpoints" else (p,):
-        if (folder / THRESHOLDS_FILE).is_file():
-            return folder / THRESHOLDS_FILE
-    return None
+    return write_json(d, RunDir(run_dir).thresholds)
 
 
 def load_thresholds(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -231,16 +222,11 @@ def tune_run(
         DataError: no such run or checkpoint, no validation split, ``thresholds.json`` not writable.
         ConfigError: a grid value outside its key's range.
     """
-    from ..outputs import check_writable_file
-    from .checkpoint import model_from_checkpoint
-    from .devices import resolve_device
-    from .split import checkpoint_path, predict_split
-
     ckpt = checkpoint_path(run_dir, str(checkpoint) if checkpoint is not None else "best")
     score_grid, mask_grid = score_grid or DEFAULT_SCORE_GRID, mask_grid or DEFAULT_MASK_GRID
     nms_grid = nms_grid or DEFAULT_NMS_GRID
     _check_grids(score_grid, mask_grid, nms_grid)  # before predicting, not after
-    check_writable_file(Path(run_dir) / "thresholds.json", "thresholds file")  # before predicting, not after
+    check_writable_file(RunDir(run_dir).thresholds, "thresholds file")  # before predicting, not after
     model, cfg, _ = model_from_checkpoint(ckpt, resolve_device(device), overrides)
     sp = predict_split(model, cfg, "val", run_dir=run_dir, with_gt=True, progress=progress)
     result = tune_thresholds(

@@ -8,7 +8,7 @@
     slurm[:N]        a dask-jobqueue SLURMCluster of N jobs (default 1), configured in
                      ~/.config/dask/jobqueue.yaml; needs ``pip install 'cellkit[slurm]'``
 
-Every worker runs one task (one grid cell) at a time. A local worker gets its own
+Every worker runs one task (one run of a grid) at a time. A local worker gets its own
 ``CUDA_VISIBLE_DEVICES`` and the resource ``GPU=1`` when there are GPUs; workers started by hand
 advertise theirs with ``dask worker ... --resources GPU=1``, and when any worker of a cluster has a
 ``GPU`` resource every task asks for one, so one GPU runs one training at a time.
@@ -16,15 +16,21 @@ advertise theirs with ``dask worker ... --resources GPU=1``, and when any worker
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import re
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
-from .errors import CellkitError, ConfigError
+import dask
+import torch
+from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
 
-__all__ = ["Cluster", "ClusterSpec", "open_cluster", "parse_cluster"]
+from ..errors import CellkitError, ConfigError
+
+__all__ = ["Cluster", "ClusterSpec", "cpu_count", "open_cluster", "parse_cluster", "threads_per_worker", "visible_gpus"]
 
 FORMS = "local, local:N, tcp://HOST:PORT (a running dask scheduler) or slurm[:N]"
 
@@ -102,9 +108,6 @@ def open_cluster(spec: "str | ClusterSpec | None", gpus: Sequence[int | str] | N
     Raises:
         ConfigError: a malformed spec, a scheduler that does not answer, slurm without dask-jobqueue.
     """
-    import dask
-    from distributed import Client
-
     cs = parse_cluster(spec)
     logging.getLogger("distributed").setLevel(logging.WARNING)  # keep worker restarts, drop the chatter
     with dask.config.set({"distributed.scheduler.allowed-failures": int(retries)}):
@@ -141,7 +144,7 @@ def open_cluster(spec: "str | ClusterSpec | None", gpus: Sequence[int | str] | N
         info = client.scheduler_info(n_workers=-1)["workers"] if _takes_n_workers(client) else \
             client.scheduler_info()["workers"]
         gpu_resources = any("GPU" in (w.get("resources") or {}) for w in info.values())
-        yield Cluster(client, cs, f"{desc}; {len(info)} workers", gpu_resources, _threads_per_worker(client, info))
+        yield Cluster(client, cs, f"{desc}; {len(info)} workers", gpu_resources, threads_per_worker(client, info))
     finally:
         client.close()
         if cluster is not None:
@@ -175,8 +178,6 @@ def _probe(address: str) -> None:
     if scheme != "tcp":
         return
     host, _, port = rest.rstrip("/").rpartition(":")
-    import socket
-
     with socket.create_connection((host.strip("[]"), int(port)), timeout=10):
         pass
 
@@ -184,10 +185,6 @@ def _probe(address: str) -> None:
 def _local_cluster(n: int | None, gpus: Sequence[int | str] | None) -> tuple[Any, str]:
     """A LocalCluster of worker processes on 127.0.0.1, one task at a time each; with GPUs each worker
     gets one ``CUDA_VISIBLE_DEVICES`` and the resource ``GPU=1``."""
-    from distributed import LocalCluster, Nanny, Scheduler, SpecCluster
-
-    from .ablation import visible_gpus
-
     gpu_ids = visible_gpus() if gpus is None else [str(g) for g in gpus]
     n = n or max(1, len(gpu_ids))
     common = {"nthreads": 1, "memory_limit": 0, "host": "127.0.0.1"}
@@ -220,12 +217,10 @@ def _slurm_cluster(jobs: int | None) -> tuple[Any, str]:
 
 
 def _takes_n_workers(client: Any) -> bool:
-    import inspect
-
     return "n_workers" in inspect.signature(client.scheduler_info).parameters
 
 
-def _threads_per_worker(client: Any, info: dict[str, Any]) -> dict[str, int]:
+def threads_per_worker(client: Any, info: dict[str, Any]) -> dict[str, int]:
     """Each worker's share of its host's CPU cores (the cores over the workers on that host)."""
     try:
         cores = client.run(cpu_count)
@@ -244,3 +239,15 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
         return os.cpu_count() or 1
+
+
+def visible_gpus() -> list[str]:
+    """Ids of the CUDA devices this process may use (as ``CUDA_VISIBLE_DEVICES`` entries)."""
+    try:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # pragma: no cover - a broken CUDA install counts as none
+        count = 0
+    if not count:
+        return []
+    listed = [x.strip() for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()]
+    return listed[:count] if listed else [str(i) for i in range(count)]

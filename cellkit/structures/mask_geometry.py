@@ -26,7 +26,7 @@ shifted and one pixel wider than the box. On the real sample's class-2 cells (me
 (``benchmarks/mask_roundtrip.py``).
 
 :func:`mask_geometry_of` tells which convention a model was built with (read at prediction time
-by :mod:`cellkit.engine.predict` and ``cellkit tune-thresholds``).
+by :mod:`cellkit.inference.predict` and ``cellkit tune-thresholds``).
 """
 from __future__ import annotations
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
@@ -13,11 +12,16 @@ from torch.utils.data import Dataset, Subset
 
 from ..config import Config
 from ..data import CellDataset, build_coco, image_to_tensor, read_image, train_val_samples
-from ..outputs import write_json
+from ..data.coco import coco_from_dataset
 from ..errors import DataError
 from ..evaluation.coco import EvalReport, evaluate_predictions
+from ..models.checkpoint import model_from_checkpoint
+from ..models.devices import resolve_device
+from ..outputs import check_writable_file, write_json
+from ..runs import RunDir, checkpoint_path
+from ..structures.coco_results import DropCounts
 from ..structures.detections import Detections
-from .postprocess import DropCounts
+from .predict import finalize, iter_detections
 
 Split = Literal["train", "val"]
 
@@ -46,7 +50,7 @@ class SplitPrediction:
 
     Attributes:
         cfg: the config whose ``predict`` section made them (and finalises them).
-        detections: one :class:`~cellkit.structures.Detections` per image (id and size set).
+        detections: one :class:`~cellkit.structures.detections.Detections` per image (id and size set).
         gt: the split's COCO ground truth (a ``val_gt.json`` path or a dict), None when not asked for.
     """
 
@@ -57,8 +61,6 @@ class SplitPrediction:
 
     def entries(self) -> list[dict[str, Any]]:
         """COCO result entries with ``cfg.predict``'s thresholds (drops counted in :attr:`counts`)."""
-        from .predict import finalize
-
         out: list[dict[str, Any]] = []
         with torch.inference_mode():
             for det in self.detections:
@@ -105,8 +107,6 @@ def predict_split(
     Raises:
         DataError: the split is empty (e.g. ``data.val_fraction`` is 0).
     """
-    from .predict import iter_detections
-
     models = [model] if isinstance(model, torch.nn.Module) else list(model)
     if device is not None:
         models = [m.to(device) for m in models]
@@ -132,31 +132,14 @@ def predict_split(
             m.train(mode)
     gt: Any = None
     if with_gt:
-        gt_path = Path(run_dir) / "val_gt.json" if run_dir is not None and split == "val" else None
+        gt_path = RunDir(run_dir).val_gt if run_dir is not None and split == "val" else None
         if gt_path is not None and gt_path.is_file():
             gt = str(gt_path)
         elif isinstance(dataset, CellDataset):
             gt = build_coco(dataset.samples, cfg.model.num_classes, progress)
         else:
-            from ..data.coco import coco_from_dataset
-
             gt = coco_from_dataset(dataset, cfg.model.num_classes, progress)
     return SplitPrediction(cfg, dets, gt)
-
-
-def checkpoint_path(run_dir: str | os.PathLike[str], checkpoint: str = "best") -> Path:
-    """``run_dir/checkpoints/{best,last}.pth``, or ``checkpoint`` itself when it is a path.
-
-    Raises:
-        DataError: no such run directory or checkpoint.
-    """
-    run = Path(run_dir).expanduser()
-    if not run.is_dir():
-        raise DataError(run, "run directory not found")
-    ckpt = Path(checkpoint).expanduser() if checkpoint not in ("best", "last") else run / "checkpoints" / f"{checkpoint}.pth"
-    if not ckpt.is_file():
-        raise DataError(ckpt, "checkpoint not found (train a run first, or pass --checkpoint)")
-    return ckpt
 
 
 def evaluate_run(
@@ -188,21 +171,16 @@ def evaluate_run(
     Raises:
         DataError: no such run, checkpoint or validation split.
     """
-    from .checkpoint import model_from_checkpoint
-    from .devices import resolve_device
-
     ckpt = checkpoint_path(run_dir, checkpoint)
-    name = "val_predictions.json" if checkpoint == "best" else f"val_predictions_{Path(checkpoint).stem}.json"
+    out = RunDir(run_dir).predictions(checkpoint)
     if save_predictions:  # before predicting, not after
-        from ..outputs import check_writable_file
-
-        check_writable_file(Path(run_dir) / name, "predictions file")
+        check_writable_file(out, "predictions file")
     model, cfg, _ = model_from_checkpoint(ckpt, "cpu")
     sp = predict_split(model, cfg, "val", run_dir=run_dir, with_gt=True, device=resolve_device(device or cfg.train.device),
                        progress=progress)
     entries = sp.entries()
     if save_predictions:
-        write_json(entries, Path(run_dir) / name)
+        write_json(entries, out)
     e = cfg.eval
     return evaluate_predictions(
         sp.gt, entries, iou_types=tuple(iou_types),  # type: ignore[arg-type]

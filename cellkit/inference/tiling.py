@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
-from ..evaluation.rle import RLE
 from ..structures.detections import Detections
+from ..structures.rle import RLE
 from .postprocess import mask_nms
 
 

@@ -1,8 +1,12 @@
-"""The Trainer: one training loop for the CLI, notebooks and torchrun (DDP).
+"""The training loop and the :class:`Hook` base: one loop for the CLI, notebooks and torchrun (DDP).
 
-The Trainer owns the loop and the optimiser step; everything else (validation, the learning-rate
-schedule, early stopping, checkpoints, metrics files, plots, logging, notebook curves) is a hook
-(:mod:`cellkit.engine.hooks`). With the default hooks a run directory holds::
+The :class:`Trainer` owns the loop and the optimiser step; everything else (validation, the
+learning-rate schedule, early stopping, checkpoints, metrics files, plots, logging, notebook
+curves) is a :class:`Hook` it is handed. This module knows no concrete hook: the default ones
+(:mod:`cellkit.engine.hooks`) are assembled by :mod:`cellkit.engine.defaults`
+(:class:`~cellkit.engine.defaults.DefaultTrainer`, :func:`~cellkit.engine.defaults.train`), as
+Detectron2's ``defaults.py`` does. With the default hooks a run directory
+(:mod:`cellkit.runs`) holds::
 
     config.yaml             the resolved config
     metrics.jsonl           one line per epoch (losses, lr, val AP50/AP, seconds, images/s, memory)
@@ -14,7 +18,7 @@ schedule, early stopping, checkpoints, metrics files, plots, logging, notebook c
     plots/curves.png        loss and AP50 curves
     events.out.tfevents.*   TensorBoard (``train.tensorboard``; ``tensorboard --logdir RUN_DIR``)
 
-While ``fit`` runs, the run directory is locked (``.lock``, :mod:`cellkit.engine.rundir`); a
+While ``fit`` runs, the run directory is locked (``.lock``, :func:`cellkit.runs.claim_run_dir`); a
 directory holding a previous run needs ``fit(resume=True)`` or ``fit(overwrite=True)``.
 ``fit(resume=True)`` continues from ``checkpoints/last.pth`` with the same schedule and the hooks'
 saved state: the epochs already done are not repeated and ``metrics.jsonl`` is rebuilt from the
@@ -35,18 +39,19 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .. import __version__
+from ..analysis.scale import resolve_auto_scale
 from ..config import Config
 from ..data import CellDataset, build_copy_paste, build_train_transforms, collate, train_val_samples
-from ..data.coco import build_coco, coco_from_dataset, write_json
+from ..data.coco import build_coco, coco_from_dataset
 from ..data.sampling import RepeatFactorSampler, repeat_factors
-from ..analysis.scale import resolve_auto_scale
 from ..errors import ConfigError, DataError, TrainingError
+from ..models import build_model
+from ..models.checkpoint import load_checkpoint, load_model_weights, rng_state, set_rng_state, stored_config
+from ..models.devices import resolve_device
+from ..outputs import write_json
 from ..progress import bar
+from ..runs import RunDir, claim_run_dir
 from . import distributed as dist_utils
-from .checkpoint import load_checkpoint, load_model_weights, rng_state, set_rng_state, stored_config
-from .devices import resolve_device
-from .hooks import Hook, default_hooks
-from .rundir import claim_run_dir
 from .schedule import build_optimizer
 
 
@@ -72,6 +77,59 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "peak_rss"
 
 
+class Hook:
+    """Base class of trainer hooks: every method does nothing; override what you need.
+
+    A hook overrides any of::
+
+        before_train()            once, after the data is ready (and after a resume)
+        before_epoch(epoch)       epoch: 0-based index of the epoch about to run
+        after_step(step)          after every optimiser step; step = {"epoch", "iteration", "lr", "loss"}
+        after_epoch(metrics)      the epoch's metrics dict (losses, lr, timing); hooks may add to it
+                                  (validation adds val_ap50 ...): it is the line metrics.jsonl gets
+        after_train(summary)      once, with the run's summary (what metrics.json gets)
+        state_dict() / load_state_dict(state)   saved in checkpoints/last.pth and restored on resume
+
+    and sees the trainer as ``self.trainer``. Hooks run in increasing :attr:`priority` (ties in
+    the order given); a hook with :attr:`main_process_only` runs only on rank 0 under DDP. Hooks
+    do not look for each other: what one produces for the others in an epoch goes into
+    :attr:`Trainer.storage` (validation puts its result there, checkpoints and TensorBoard read it).
+    """
+
+    priority: int = 50
+    """Lower runs first (see :mod:`cellkit.engine.defaults` for the default hooks' priorities)."""
+    main_process_only: bool = False
+    """Run only on rank 0 under DDP (hooks that write files or print)."""
+    trainer: "Trainer"
+
+    def before_train(self) -> None:
+        """Once, before the first epoch of this process (after a resume has restored the state)."""
+
+    def before_epoch(self, epoch: int) -> None:
+        """Before epoch ``epoch`` (0-based)."""
+
+    def after_step(self, step: dict[str, Any]) -> None:
+        """After every optimiser step: ``{"epoch": int (0-based), "iteration": int (global, 1-based),
+        "lr": float, "loss": float}``."""
+
+    def after_epoch(self, metrics: dict[str, Any]) -> None:
+        """After every epoch, with its metrics (add keys to record them in metrics.jsonl)."""
+
+    def after_train(self, summary: dict[str, Any]) -> None:
+        """Once, after the last epoch (or early stop), with the run's summary."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What this hook needs to resume (plain containers, numbers, strings and tensors)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+
 class Trainer:
     """Train Mask R-CNN on a :class:`~cellkit.config.Config`.
 
@@ -81,8 +139,8 @@ class Trainer:
             (:func:`cellkit.analysis.scale.resolve_auto_scale`); ``self.cfg``, the run's
             ``config.yaml`` and the checkpoints hold the resulting number.
         run_dir: where results go (None: nothing is written; handy in notebooks and tests).
-        hooks: extra hooks, appended to :meth:`default_hooks` (None: the defaults alone). Hooks
-            run in order of their ``priority``.
+        hooks: the hooks (none by default: a bare loop; :class:`~cellkit.engine.defaults.DefaultTrainer`
+            adds validation, checkpoints, metrics ...). Hooks run in order of their ``priority``.
         train_set: a torch Dataset of ``(image (3, H, W) float32 in [0, 1], target)`` pairs, the
             target as torchvision's Mask R-CNN takes it (``boxes``, ``labels``, ``masks``,
             ``image_id``); default: the training split of ``cfg.data`` with its augmentation.
@@ -123,8 +181,6 @@ class Trainer:
         cfg = self.cfg = resolve_auto_scale(cfg, train_set, log=self._log)  # model.scale: auto -> a number
 
         if model is None:
-            from ..models import build_model
-
             model = build_model(cfg)
         self.model = model.to(self.device)
         if tc.channels_last:
@@ -149,22 +205,20 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self._val_gt: dict[str, Any] | None = None
         self._loader: DataLoader | None = None
+        self.storage: dict[str, Any] = {}
+        """What hooks hand each other during the current epoch (emptied before each epoch), e.g.
+        ``"validation"``: the :class:`~cellkit.engine.hooks.Validation` of the epoch."""
         self.hooks: list[Hook] = []
-        self.register_hooks([*default_hooks(cfg), *(hooks or ())])
+        self.register_hooks(hooks or ())
 
     # ---------------------------------------------------------------------------------------
     # hooks
-
-    @staticmethod
-    def default_hooks(cfg: Config) -> list[Hook]:
-        """The hooks of a plain run (see :mod:`cellkit.engine.hooks`), then ``cfg.train.hooks``."""
-        return default_hooks(cfg)
 
     def register_hooks(self, hooks: Iterable[Hook]) -> None:
         """Add hooks; all hooks are kept sorted by ``priority`` (stable: ties keep their order)."""
         for h in hooks:
             if not isinstance(h, Hook):
-                raise ConfigError(f"{h!r} is not a cellkit.engine.hooks.Hook")
+                raise ConfigError(f"{h!r} is not a cellkit.engine.train_loop.Hook")
             h.trainer = self
             self.hooks.append(h)
         self.hooks.sort(key=lambda h: h.priority)
@@ -230,7 +284,7 @@ class Trainer:
     def fit(self, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
         """Train for ``train.epochs`` epochs (or until a hook stops it) and return the summary.
 
-        The run directory is locked while training (:func:`cellkit.engine.rundir.claim_run_dir`):
+        The run directory is locked while training (:func:`cellkit.runs.claim_run_dir`):
         a second process gets a clear error. A directory that holds a previous run needs
         ``resume=True`` (continue it) or ``overwrite=True`` (delete its outputs and start again).
         """
@@ -242,16 +296,17 @@ class Trainer:
             self._resume()
         t_start = time.time()
         if self.run_dir is not None:
-            self.cfg.save(self.run_dir / "config.yaml")
+            self.cfg.save(RunDir(self.run_dir).config)
         n_cached = sum(ds.preload(self.progress) for ds in (self.train_set, self.val_set) if isinstance(ds, CellDataset))
         if self.run_dir is not None and self.has_validation:
-            write_json(self.val_gt, self.run_dir / "val_gt.json")
+            write_json(self.val_gt, RunDir(self.run_dir).val_gt)
         self._log(f"{len(self.train_set)} training / {len(self.val_set)} validation images "  # type: ignore[arg-type]
                   f"({n_cached / 2**20:.0f} MB decoded in memory); device {self.device}"
                   + (f", {self.dist.world_size} processes" if self.dist.enabled else ""))
         self._call("before_train")
         try:
             while self.epoch < self.cfg.train.epochs and self.stop_reason is None:
+                self.storage.clear()
                 self._call("before_epoch", self.epoch)
                 metrics = self.train_one_epoch(self.epoch)
                 self.epoch += 1
@@ -347,7 +402,7 @@ class Trainer:
             raise TrainingError(
                 f"{self.nonfinite_in_a_row} non-finite losses in a row (epoch {epoch + 1}, batch {batch + 1}: {bad}); "
                 f"stopping. Lower train.lr, set train.grad_clip, or check the data. "
-                f"Last good checkpoint: {self.run_dir / 'checkpoints/last.pth' if self.run_dir else 'none'}"
+                f"Last good checkpoint: {RunDir(self.run_dir).checkpoint('last') if self.run_dir else 'none'}"
             )
 
     # ---------------------------------------------------------------------------------------
@@ -379,7 +434,7 @@ class Trainer:
         return keys
 
     def state_dict(self) -> dict[str, Any]:
-        """The resume checkpoint (``checkpoints/last.pth``; see :mod:`cellkit.engine.checkpoint`)."""
+        """The resume checkpoint (``checkpoints/last.pth``; see :mod:`cellkit.models.checkpoint`)."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -402,7 +457,7 @@ class Trainer:
     def _resume(self) -> None:
         if self.run_dir is None and not self.dist.enabled:
             raise ConfigError("resume needs a run directory")
-        path = (self.run_dir or Path(".")) / "checkpoints" / "last.pth"
+        path = RunDir(self.run_dir or Path(".")).checkpoint("last")
         path = dist_utils.broadcast(str(path) if self.dist.is_main else None)
         if not Path(path).is_file():
             self._log(f"nothing to resume at {path}; starting from scratch")
@@ -434,14 +489,3 @@ class Trainer:
         if self.dist.is_main:
             print(msg, flush=True)
 
-
-def train(cfg: Config, run_dir: str | os.PathLike[str] | None, resume: bool = False, progress: bool = True,
-          hooks: Sequence[Hook] = (), overwrite: bool = False) -> dict[str, Any]:
-    """Build a :class:`Trainer`, fit, clean up the process group; returns the summary.
-
-    ``resume`` / ``overwrite``: see :meth:`Trainer.fit` (a folder with a previous run needs one).
-    """
-    try:
-        return Trainer(cfg, run_dir, hooks=list(hooks), progress=progress).fit(resume=resume, overwrite=overwrite)
-    finally:
-        dist_utils.cleanup()

@@ -1,13 +1,13 @@
-"""One grid cell as a cluster task: lock, ledger, the papermill subprocess, and no orphans.
+"""One run of a grid as a cluster task: lock, ledger, the papermill subprocess, and no orphans.
 
-:func:`run_cell` is what a Dask worker executes for one run of a grid (see
-:func:`cellkit.ablation.run_grid`)::
+:func:`run_task` is what a Dask worker executes for one run of a grid (see
+:func:`cellkit.grid.runner.run_grid`)::
 
     1. take OUT/.locks/<run>.lock (fcntl; held until the run's processes are gone: the papermill
        worker inherits the descriptor), waiting while an earlier attempt still holds it
-    2. end what is left of an earlier attempt (its kernel, tagged CELLKIT_GRID_CELL=<lock path>)
+    2. end what is left of an earlier attempt (its kernel, tagged CELLKIT_GRID_RUN=<lock path>)
     3. decide under the lock: skip (finished), resume (last.pth), run, or replace
-    4. run ``python -m cellkit.ablation --worker job.json`` (papermill, its own kernel); the
+    4. run ``python -m cellkit.grid.worker job.json`` (papermill, its own kernel); the
        subprocess dies with the worker (PR_SET_PDEATHSIG), its kernel with it (ipykernel's parent
        poller), so a killed worker leaves nothing training behind
     5. record started / finished / failed / interrupted in OUT/ledger.jsonl
@@ -18,7 +18,6 @@ and the retry resumes from the run's ``checkpoints/last.pth``.
 """
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import json
 import os
@@ -26,102 +25,52 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import CellkitError
+from distributed import get_worker
 
-__all__ = ["CellBusy", "CellJob", "CellLock", "Ledger", "RunInterrupted", "die_with_parent", "end_orphans",
-           "run_cell", "tagged_processes"]
+from ..errors import CellkitError
+from ..outputs import write_json
+from ..runs import RunDir, read_json
+from .ledger import Ledger
+from .processes import ATTEMPT, PARENT, TAG, end_orphans
+from .spec import RunSpec
+from .status import (
+    ERROR_FILE,
+    FAILED,
+    INTERRUPTED,
+    JOB_FILE,
+    LOCKS,
+    LOG_FILE,
+    OK,
+    OUTCOME_FILE,
+    RUNNING,
+    finished,
+    move_aside,
+    read_status,
+    run_action,
+    timestamp,
+    write_status,
+)
 
-TAG = "CELLKIT_GRID_CELL"
-"""Environment variable that marks every process of a grid cell (value: the cell's lock path)."""
-ATTEMPT = "CELLKIT_GRID_ATTEMPT"
-"""Environment variable with the attempt number (1, 2, ...) of the run in that process."""
-PARENT = "CELLKIT_GRID_PARENT"
-"""The pid of the task process that started the papermill worker (it exits if that one is gone)."""
-
+__all__ = ["RunBusy", "RunInterrupted", "RunLock", "RunTask", "run_notebook", "run_task"]
 
 class RunInterrupted(CellkitError):
     """The run's processes were killed (not a failure of the notebook): the task is retried."""
 
 
-class CellBusy(CellkitError):
+class RunBusy(CellkitError):
     """Another live process holds the run's lock (``lock_timeout`` passed)."""
-
-
-# --------------------------------------------------------------------------------------------
-# the ledger
-
-
-class Ledger:
-    """``OUT/ledger.jsonl``: one JSON line per event, appended, never rewritten.
-
-    Events: ``grid-started`` / ``grid-finished`` (the runner), and per run ``started`` (with
-    ``attempt``, ``action`` run/resume, ``epochs_done``, the worker's and the papermill
-    subprocess's pids), ``waiting`` (for an earlier attempt's lock), ``skipped``, ``finished``,
-    ``failed``, ``interrupted``. Each line has ``time`` (ISO), ``t`` (unix), ``host`` and ``pid``.
-    """
-
-    def __init__(self, out_dir: str | os.PathLike[str]) -> None:
-        self.path = Path(out_dir) / "ledger.jsonl"
-
-    def append(self, event: str, run: str | None = None, **fields: Any) -> dict[str, Any]:
-        """Append one event (whole lines under an exclusive lock, so writers never interleave)."""
-        t = time.time()
-        rec = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t)), "t": round(t, 3), "event": event,
-               "run": run, "host": socket.gethostname(), "pid": os.getpid(), **fields}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                f.write(json.dumps(rec, default=str) + "\n")
-                f.flush()
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-        return rec
-
-    def read(self, start: int = 0) -> list[dict[str, Any]]:
-        """Every event from line ``start`` on (a torn last line is skipped)."""
-        try:
-            lines = self.path.read_text().splitlines()
-        except OSError:
-            return []
-        out = []
-        for line in lines[start:]:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return out
-
-    def attempts(self, run: str) -> int:
-        """How many times ``run`` was started (over every invocation of the grid)."""
-        return sum(1 for e in self.read() if e.get("run") == run and e.get("event") == "started")
-
-    def summary(self) -> dict[str, dict[str, Any]]:
-        """Run -> ``{"attempts", "last"}`` (the last event of that run)."""
-        out: dict[str, dict[str, Any]] = {}
-        for e in self.read():
-            run = e.get("run")
-            if not run:
-                continue
-            s = out.setdefault(run, {"attempts": 0, "last": None})
-            if e.get("event") == "started":
-                s["attempts"] += 1
-            if e.get("event") != "waiting":
-                s["last"] = e
-        return out
 
 
 # --------------------------------------------------------------------------------------------
 # the lock
 
 
-class CellLock:
+class RunLock:
     """An exclusive ``fcntl.flock`` on a file; the holder writes who it is into it.
 
     The lock belongs to the open file: processes that inherit the descriptor (``pass_fds``) hold it
@@ -140,7 +89,7 @@ class CellLock:
             return None
 
     def acquire(self, timeout: float | None = None, on_wait: Callable[[dict[str, Any] | None], None] | None = None,
-                poll: float = 0.25, **info: Any) -> "CellLock":
+                poll: float = 0.25, **info: Any) -> "RunLock":
         """Take the lock, waiting while another process holds it.
 
         Args:
@@ -149,7 +98,7 @@ class CellLock:
             info: extra fields written into the file beside pid, host and time.
 
         Raises:
-            CellBusy: still held after ``timeout`` seconds.
+            RunBusy: still held after ``timeout`` seconds.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -166,7 +115,7 @@ class CellLock:
                 if timeout is not None and time.monotonic() - t0 >= timeout:
                     os.close(fd)
                     h = self.holder() or {}
-                    raise CellBusy(f"{self.path}: held by pid {h.get('pid', '?')} on {h.get('host', '?')} "
+                    raise RunBusy(f"{self.path}: held by pid {h.get('pid', '?')} on {h.get('host', '?')} "
                                    f"since {h.get('since', '?')}") from None
                 time.sleep(poll)
         self.fd = fd
@@ -187,7 +136,7 @@ class CellLock:
             os.close(self.fd)
             self.fd = None
 
-    def __enter__(self) -> "CellLock":
+    def __enter__(self) -> "RunLock":
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -195,122 +144,42 @@ class CellLock:
 
 
 # --------------------------------------------------------------------------------------------
-# processes
-
-
-def die_with_parent(parent_pid: int | None = None) -> None:
-    """Make this process die when its parent does (Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``;
-    elsewhere a thread that polls the parent pid). Exits at once if ``parent_pid`` is given and
-    is no longer the parent (it died while this process started)."""
-    armed = False
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            armed = libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0  # PR_SET_PDEATHSIG = 1
-        except OSError:
-            armed = False
-    if not armed:
-        expected = parent_pid or os.getppid()
-
-        def watch() -> None:
-            while os.getppid() == expected:
-                time.sleep(0.5)
-            os._exit(3)
-
-        threading.Thread(target=watch, name="cellkit-parent-watch", daemon=True).start()
-    if parent_pid is not None and os.getppid() != parent_pid:
-        os._exit(3)
-
-
-def tagged_processes(tag: str) -> list[Any]:
-    """Live processes (of this user) whose environment has ``CELLKIT_GRID_CELL=tag``, this one excluded."""
-    import psutil
-
-    out = []
-    for p in psutil.process_iter():
-        if p.pid == os.getpid():
-            continue
-        try:
-            if p.environ().get(TAG) == tag and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
-            continue
-    return out
-
-
-def end_orphans(tag: str, grace: float = 5.0) -> list[int]:
-    """Terminate (then kill) the processes left by an earlier attempt of a cell; returns their pids.
-
-    Call it holding the cell's lock: every live process of the cell then belongs to a dead attempt
-    (a kernel whose papermill worker was killed exits on its own within a second or so; this makes
-    sure before the next attempt starts).
-    """
-    import psutil
-
-    procs = tagged_processes(tag)
-    if not procs:
-        return []
-    _, alive = psutil.wait_procs(procs, timeout=min(grace, 2.0))  # most end by themselves
-    for p in alive:
-        with _quiet_psutil():
-            p.terminate()
-    _, alive = psutil.wait_procs(alive, timeout=grace)
-    for p in alive:
-        with _quiet_psutil():
-            p.kill()
-    psutil.wait_procs(alive, timeout=grace)
-    return [p.pid for p in procs]
-
-
-class _quiet_psutil:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, typ: Any, exc: Any, tb: Any) -> bool:
-        import psutil
-
-        return typ is not None and issubclass(typ, psutil.Error)
-
-
-# --------------------------------------------------------------------------------------------
 # the task
 
 
 @dataclass
-class CellJob:
-    """Everything a worker needs to run one grid cell (pickled to the worker)."""
+class RunTask:
+    """Everything a worker needs for one run of a grid (pickled to the worker)."""
 
-    run: Any
-    """The :class:`~cellkit.ablation.RunSpec`."""
+    run: RunSpec
+    """The :class:`~cellkit.grid.spec.RunSpec`."""
     out_dir: str
     notebook: str
     kernel: str
     threads: dict[str, int] = field(default_factory=dict)
-    """Worker address -> CPU threads of a run there (see :class:`cellkit.cluster.Cluster`)."""
+    """Worker address -> CPU threads of a run there (see :class:`cellkit.grid.cluster.Cluster`)."""
     default_threads: int = 1
     lock_timeout: float | None = None
     """Seconds to wait for an earlier attempt still holding the lock (None: wait)."""
 
     @property
     def lock_path(self) -> Path:
-        return Path(self.out_dir) / ".locks" / f"{self.run.name}.lock"
+        return Path(self.out_dir) / LOCKS / f"{self.run.name}.lock"
 
 
-def run_cell(job: CellJob) -> dict[str, Any]:
-    """Run one grid cell (the Dask task); returns its ``status.json`` content plus ``action``/``attempt``.
+def run_task(job: RunTask) -> dict[str, Any]:
+    """Run one run of a grid (the Dask task); returns its ``status.json`` content plus ``action``/``attempt``.
 
     Raises:
         RunInterrupted: the papermill worker or its kernel was killed; the retry resumes.
-        CellBusy: the lock stayed held longer than ``job.lock_timeout``.
+        RunBusy: the lock stayed held longer than ``job.lock_timeout``.
     """
-    from .ablation import FAILED, OK, _move_aside, read_history, run_action
-
     r = job.run
     ledger = Ledger(job.out_dir)
     worker, threads = _worker_address(), job.default_threads
     if worker is not None:
         threads = job.threads.get(worker, threads)
-    lock = CellLock(job.lock_path)
+    lock = RunLock(job.lock_path)
 
     def waiting(holder: dict[str, Any] | None) -> None:
         ledger.append("waiting", r.name, holder=holder)
@@ -321,13 +190,13 @@ def run_cell(job: CellJob) -> dict[str, Any]:
         action = run_action(r)
         if action == "skip":
             ledger.append("skipped", r.name, worker=worker)
-            status = dict(_read_status(r) or {})
+            status = dict(read_status(r) or {})
             return {**status, "action": "skip", "attempt": None}
         if action == "replace" and r.folder is not None and r.folder.exists():
-            _move_aside(r.folder)
+            move_aside(r.folder)
         attempt = ledger.attempts(r.name) + 1
         resume = action == "resume"
-        epochs_done = len(read_history(r.run_dir)) if resume else 0
+        epochs_done = len(RunDir(r.run_dir).history()) if resume else 0
 
         def started(pid: int) -> None:
             lock.note(worker=worker, child_pid=pid, attempt=attempt)
@@ -347,43 +216,37 @@ def run_cell(job: CellJob) -> dict[str, Any]:
         lock.release()
 
 
-def run_notebook(r: Any, notebook: Path, kernel: str, resume: bool, threads: int, attempt: int = 1,
+def run_notebook(r: RunSpec, notebook: Path, kernel: str, resume: bool, threads: int, attempt: int = 1,
                  lock_fd: int | None = None, tag: str | None = None,
                  on_start: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Execute one run's notebook in a papermill subprocess (its own environment and kernel) and
     write its ``status.json``; returns the status. ``interrupted: True`` marks a run whose
     processes were killed (signal, dead kernel) rather than one whose notebook failed."""
-    from .ablation import FAILED, OK, RUNNING, _now, _read_json, _valid_metrics, _write_status
-
     assert r.folder is not None and r.run_dir is not None
     r.folder.mkdir(parents=True, exist_ok=True)
-    (r.folder / "error.txt").unlink(missing_ok=True)
-    outcome_path = r.folder / ".outcome.json"
+    (r.folder / ERROR_FILE).unlink(missing_ok=True)
+    outcome_path = r.folder / OUTCOME_FILE
     outcome_path.unlink(missing_ok=True)
-    if r.cfg is not None:
-        r.cfg.save(r.folder / "config.yaml")
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES") or None
     device = f"cuda:{gpu}" if gpu else "cpu"
     started = time.time()
-    _write_status(r, {"status": RUNNING, "started": _now(started), "device": device, "resumed": resume,
+    write_status(r, {"status": RUNNING, "started": timestamp(started), "device": device, "resumed": resume,
                       "attempt": attempt, "host": socket.gethostname(), "worker_pid": os.getpid()})
     job = {
         "notebook": str(notebook), "output": str(r.folder / notebook.name), "cwd": str(r.folder),
         "kernel": kernel, "parameters": r.parameters(resume), "outcome": str(outcome_path),
     }
-    from .outputs import write_json
-
-    write_json(job, r.folder / "job.json", indent=1, default=str)
+    write_json(job, r.folder / JOB_FILE, indent=1, default=str)
     env = job_env(threads)
     env[PARENT] = str(os.getpid())
     env[ATTEMPT] = str(attempt)
     if tag is not None:
         env[TAG] = tag
-    with open(r.folder / "log.txt", "ab") as log:
-        log.write(f"\n== {_now(started)} attempt {attempt}: {'resuming' if resume else 'running'} {r.name} "
+    with open(r.folder / LOG_FILE, "ab") as log:
+        log.write(f"\n== {timestamp(started)} attempt {attempt}: {'resuming' if resume else 'running'} {r.name} "
                   f"on {socket.gethostname()} ({'GPU ' + gpu if gpu else f'CPU, {threads} threads'})\n".encode())
         log.flush()
-        proc = subprocess.Popen([sys.executable, "-m", "cellkit.ablation", "--worker", str(r.folder / "job.json")],
+        proc = subprocess.Popen([sys.executable, "-m", "cellkit.grid.worker", str(r.folder / JOB_FILE)],
                                 env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 pass_fds=(lock_fd,) if lock_fd is not None else (), start_new_session=True)
         if on_start is not None:
@@ -393,7 +256,7 @@ def run_notebook(r: Any, notebook: Path, kernel: str, resume: bool, threads: int
         except BaseException:  # the task is being cancelled: take the run's processes down with it
             _kill_group(proc)
             raise
-    outcome = _read_json(outcome_path)
+    outcome = read_json(outcome_path)
     outcome_path.unlink(missing_ok=True)
     interrupted = False
     if outcome is None:
@@ -405,24 +268,24 @@ def run_notebook(r: Any, notebook: Path, kernel: str, resume: bool, threads: int
         interrupted = True
     t1 = time.time()
     status: dict[str, Any] = {
-        "status": outcome.get("status", FAILED), "started": _now(started), "finished": _now(t1),
+        "status": outcome.get("status", FAILED), "started": timestamp(started), "finished": timestamp(t1),
         "wall_seconds": round(t1 - started, 1), "started_unix": started, "finished_unix": t1, "device": device,
         "resumed": resume, "attempt": attempt, "notebook": str(r.folder / notebook.name), "returncode": returncode,
     }
-    if status["status"] == OK and not _valid_metrics(r.run_dir / "metrics.json"):
+    if status["status"] == OK and not finished(r):
         status.update(status=FAILED, ename="MissingMetrics",
-                      evalue=f"the notebook finished but {r.run_dir / 'metrics.json'} is missing or invalid")
+                      evalue=f"the notebook finished but {RunDir(r.run_dir).summary_file} is missing or invalid")
     elif status["status"] != OK:
         status.update(status=FAILED, ename=outcome.get("ename"), evalue=outcome.get("evalue"),
                       cell=outcome.get("cell"), cell_index=outcome.get("cell_index"))
     if status["status"] == FAILED:
         status["error"] = f"{status.get('ename') or 'Error'}: {status.get('evalue') or ''}".strip()
         where = f" (notebook cell In [{status['cell']}])" if status.get("cell") is not None else ""
-        text = f"{status['error']}{where}\n\n{outcome.get('traceback') or ''}\nlog: {r.folder / 'log.txt'}\n"
-        (r.folder / "error.txt").write_text(text)
+        text = f"{status['error']}{where}\n\n{outcome.get('traceback') or ''}\nlog: {r.folder / LOG_FILE}\n"
+        (r.folder / ERROR_FILE).write_text(text)
     if interrupted:
-        status.update(status="interrupted", interrupted=True)
-    return _write_status(r, status)
+        status.update(status=INTERRUPTED, interrupted=True)
+    return write_status(r, status)
 
 
 def job_env(threads: int) -> dict[str, str]:
@@ -432,7 +295,7 @@ def job_env(threads: int) -> dict[str, str]:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = str(max(1, int(threads)))
     env.setdefault("CELLKIT_PROGRESS", "0")  # no tqdm widgets in the executed notebooks
-    pkg_root = str(Path(__file__).resolve().parents[1])  # the kernel imports this cellkit
+    pkg_root = str(Path(__file__).resolve().parents[2])  # the kernel imports this cellkit
     env["PYTHONPATH"] = os.pathsep.join([pkg_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env
 
@@ -447,14 +310,6 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 def _worker_address() -> str | None:
     try:
-        from distributed import get_worker
-
         return get_worker().address
-    except (ImportError, ValueError):
+    except ValueError:  # not inside a Dask worker
         return None
-
-
-def _read_status(r: Any) -> dict[str, Any] | None:
-    from .ablation import _read_json
-
-    return _read_json(r.folder / "status.json") if r.folder is not None else None

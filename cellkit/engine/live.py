@@ -4,17 +4,18 @@ from __future__ import annotations
 from typing import Any
 
 import matplotlib.pyplot as plt
+from IPython.display import display
 
-from ..engine.hooks import Hook
-from .curves import plot_history
+from ..viz.curves import plot_history
+from .train_loop import Hook
 
 
 class LiveCurves(Hook):
     """A Trainer hook that redraws the loss and AP50 curves in the notebook after each epoch.
 
     Works in JupyterLab (the figure updates in place) and under papermill (the last drawing stays
-    in the executed notebook). Outside IPython it does nothing. The Trainer adds it by itself when
-    it runs inside a Jupyter kernel.
+    in the executed notebook). The default hooks (:mod:`cellkit.engine.defaults`) include it when
+    training runs inside a Jupyter kernel.
     """
 
     priority = 90
@@ -25,10 +26,6 @@ class LiveCurves(Hook):
         self._handle: Any = None
 
     def after_epoch(self, metrics: dict[str, Any]) -> None:
-        try:
-            from IPython.display import display
-        except ImportError:  # pragma: no cover
-            return
         fig = plot_history(self.trainer.history, self.title or self.trainer.cfg.name)
         if self._handle is None:
             self._handle = display(fig, display_id=True)

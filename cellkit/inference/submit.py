@@ -6,7 +6,16 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..config import parse_set_args
+from ..data import TestImageDataset, read_test_index
 from ..errors import DataError
+from ..evaluation.submission import check_submission, check_submission_writable, summarize_problems, write_submission
+from ..models.checkpoint import model_from_checkpoint
+from ..models.devices import resolve_device
+from ..runs import find_thresholds
+from ..structures.coco_results import DropCounts
+from .predict import predict_images
+from .tune import load_thresholds
 
 
 def prediction_overrides(checkpoint: str | os.PathLike[str], set_items: Sequence[str] = (), tta: bool = False,
@@ -16,9 +25,6 @@ def prediction_overrides(checkpoint: str | os.PathLike[str], set_items: Sequence
     Returns:
         (overrides, the thresholds file used or None).
     """
-    from ..config import parse_set_args
-    from .tune import find_thresholds, load_thresholds
-
     overrides: dict[str, Any] = {}
     found = find_thresholds(checkpoint) if use_thresholds else None
     if found is not None:
@@ -44,15 +50,6 @@ def predict_submission(
         DataError: the submission cannot be written at ``out`` (checked first), a checkpoint or the
             test index is missing or unreadable.
     """
-    from ..data import TestImageDataset, read_test_index
-    from ..evaluation.submission import (
-        check_submission, check_submission_writable, summarize_problems, write_submission,
-    )
-    from .checkpoint import model_from_checkpoint
-    from .devices import resolve_device
-    from .postprocess import DropCounts
-    from .predict import predict_images
-
     check_submission_writable(out)  # before the long work, not after it
     paths = [Path(p).expanduser() for p in checkpoints]
     for p in paths:

@@ -8,10 +8,10 @@ The pipeline for one image::
     -> cross-tile duplicate removal -> optional mask NMS -> COCO result entries
 
 Masks stay at the mask head's ``M x M`` resolution until the last step, where each one is pasted
-into its box only and RLE-encoded at once (see :mod:`cellkit.engine.postprocess`), in the mask
+into its box only and RLE-encoded at once (see :mod:`cellkit.inference.postprocess`), in the mask
 geometry the model was trained in (``model.mask_geometry``, read from the model by
-:func:`~cellkit.models.mask_geometry.mask_geometry_of` and carried by each
-:class:`~cellkit.structures.Detections`).
+:func:`~cellkit.structures.mask_geometry.mask_geometry_of` and carried by each
+:class:`~cellkit.structures.detections.Detections`).
 """
 from __future__ import annotations
 
@@ -26,11 +26,12 @@ from torchvision.models.detection.transform import resize_boxes
 
 from ..config import PredictConfig
 from ..errors import ConfigError
-from ..models.mask_geometry import mask_geometry_of
 from ..progress import bar
-from ..evaluation.rle import RLE, rle_areas
+from ..structures.coco_results import DropCounts, paste_and_encode
 from ..structures.detections import Detections
-from .postprocess import DropCounts, flip_detections, flip_image, mask_nms, paste_and_encode, weighted_fusion
+from ..structures.mask_geometry import mask_geometry_of
+from ..structures.rle import RLE, rle_areas
+from .postprocess import flip_detections, flip_image, mask_nms, weighted_fusion
 from .tiling import dedupe_tiles, needs_tiling, place_tile, tile_grid
 
 Models = nn.Module | Sequence[nn.Module]
@@ -168,7 +169,7 @@ def detect_views(models: Models, crops: Sequence[Tensor], cfg: PredictConfig) ->
 def merge_views(views: Sequence[Detections], cfg: PredictConfig, height: int, width: int) -> Detections:
     """Merge the views of one crop (``height x width``) into one set of detections.
 
-    ``cfg.tta_merge == "wbf"``: :func:`~cellkit.engine.postprocess.weighted_fusion` at box IoU
+    ``cfg.tta_merge == "wbf"``: :func:`~cellkit.inference.postprocess.weighted_fusion` at box IoU
     ``cfg.tta_iou``; ``"nms"``: class-wise mask NMS (RLE IoU ``> cfg.tta_iou``, masks thresholded
     at ``cfg.mask_thresh``). Non-finite detections pass through untouched (dropped and counted
     later). One view is returned as it is.

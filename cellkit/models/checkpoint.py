@@ -18,6 +18,7 @@ import torch
 
 from ..config import Config
 from ..errors import ConfigError, DataError
+from .maskrcnn import build_model
 
 PathLike = str | os.PathLike[str]
 
@@ -69,8 +70,6 @@ def model_from_checkpoint(
     Returns:
         (model on ``device``, the checkpoint's config with overrides applied, the checkpoint dict).
     """
-    from ..models import build_model
-
     ckpt = load_checkpoint(path)
     if "config" not in ckpt:
         raise DataError(path, "checkpoint has no config; cannot rebuild its model")

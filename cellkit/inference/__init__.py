@@ -1,0 +1,1 @@
+"""Inference: predict images with a trained model, post-process, tile, tune thresholds, write submissions."""
