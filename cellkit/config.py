@@ -149,6 +149,8 @@ class DataConfig:
     """Synthetic dataset: random seed."""
     synth_max_size: Annotated[int, Range(16)] | None = None
     """Synthetic dataset: cap on the image side (None: realistic sizes up to about 1200 px)."""
+    synth_classes: Annotated[int, Range(1, 12)] = 4
+    """Synthetic dataset: classes of cells (4 imitates the hw3 data; the first two common, the rest rare)."""
     val_fraction: Annotated[float, Range(0.0, 1.0, hi_open=True)] = 0.1
     """Fraction of the training images held out for validation."""
     split_seed: AtLeast0 = 0
@@ -168,8 +170,8 @@ class ModelConfig:
     """Backbone name from the registry (``cellkit models`` lists them)."""
     weights: str = "none"
     """``none``, ``imagenet`` (backbone), ``coco`` (whole Mask R-CNN where available) or a path to a .pth file."""
-    num_classes: AtLeast1 = 4
-    """Cell classes, without background (the predictors get num_classes + 1 outputs)."""
+    num_classes: AtLeast1 | None = None
+    """Cell classes, without background (the predictors get num_classes + 1 outputs); None: from the data (the highest ``classK.tif`` in ``train/``), read when training starts and stored in the run's config.yaml and checkpoints."""
     trainable_layers: AtLeast0 | None = None
     """Backbone stages that train, counted from the output end as in torchvision (0-5; 0-6 for mobilenet); None: 3 with pretrained weights, all from scratch."""
     norm: Literal["auto", "frozen_bn", "bn", "gn"] = "auto"

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from .analysis.stats import dataset_stats, format_stats
 from .config import load_config
-from .data import convert, resolve_root
+from .data import convert, resolve_num_classes, resolve_root
 from .engine.defaults import train
 from .evaluation.coco import evaluate_predictions
 from .inference.submit import predict_submission
@@ -36,10 +36,11 @@ def run_demo(out: str | Path, config: str | Path | None = None, overrides: Mappi
     out = check_writable_dir(out, "demo folder")
     _step(1, f"synthetic dataset: {cfg.data.synth_train} training / {cfg.data.synth_test} test images")
     root = resolve_root(cfg.data)
+    cfg = resolve_num_classes(cfg)  # model.num_classes from the data unless the config sets it
     print("      " + format_stats(dataset_stats(cfg.data, cfg.model.num_classes)).replace("\n", "\n      "))
 
     _step(2, "COCO ground truth (cellkit convert)")
-    for p in convert(root, out / "coco", cfg.data.val_fraction, cfg.data.split_seed):
+    for p in convert(root, out / "coco", cfg.data.val_fraction, cfg.data.split_seed, cfg.model.num_classes):
         d = json.loads(p.read_text())
         print(f"      {p}: {len(d['images'])} images, {len(d['annotations'])} instances")
 

@@ -48,14 +48,14 @@ def data(args: argparse.Namespace) -> None:
     target = real_img.shape[0] * real_img.shape[1]
     loaded = [load_sample(s) for s in samples]
     syn_img, syn_maps = min(loaded, key=lambda x: abs(np.prod(x[0].shape[:2]) - target)
-                            - 10_000 * len(x[1].class_counts().nonzero()[0]))
+                            - 10_000 * len(x[1].class_counts(4).nonzero()[0]))
     fig, axes = plt.subplots(2, 2, figsize=(12, 10.5))
     for row, (name, img, maps) in enumerate([("real (hw3 sample)", real_img, real_maps),
                                               ("synthetic (cellkit synth)", syn_img, syn_maps)]):
         axes[row, 0].imshow(img)
         axes[row, 0].set_title(f"{name}: {img.shape[0]} x {img.shape[1]} px")
         axes[row, 1].imshow(render(img, list(maps.regions()), mode="outline"))
-        axes[row, 1].set_title("instances by class: " + ", ".join(f"c{k + 1} {n}" for k, n in enumerate(maps.class_counts())))
+        axes[row, 1].set_title("instances by class: " + ", ".join(f"c{k + 1} {n}" for k, n in enumerate(maps.class_counts(4))))
         for ax in axes[row]:
             ax.axis("off")
     handles = [plt.Line2D([], [], color=np.array(c) / 255, lw=3, label=f"class {k}") for k, c in CLASS_COLORS.items()]
@@ -92,8 +92,9 @@ def train(args: argparse.Namespace) -> None:
     cfg = load_config(run / "config.yaml")
     history = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     _save(plot_history(history, "demo: resnet18 Mask R-CNN from scratch, CPU"), "tour_02_curves.png")
-    val = CellDataset(train_val_samples(cfg.data, progress=False)[1])
-    browser = MaskBrowser(items_from_dataset(val, json.loads((run / "val_predictions.json").read_text())))
+    val = CellDataset(train_val_samples(cfg.data, cfg.model.num_classes, progress=False)[1])
+    browser = MaskBrowser(items_from_dataset(val, json.loads((run / "val_predictions.json").read_text())),
+                          num_classes=cfg.model.num_classes)
     _save(browser.figure(0), "tour_02_predictions.png")
 
 
@@ -126,7 +127,7 @@ def errors(args: argparse.Namespace) -> None:
     _save(P.plot_tide(ea.tide()), "tour_04_tide.png")
     _save(P.plot_confusion_matrix(ea.confusion_matrix()), "tour_04_confusion.png")
     worst = ea.per_image()[:1]
-    val = CellDataset(train_val_samples(cfg.data, progress=False)[1])
+    val = CellDataset(train_val_samples(cfg.data, cfg.model.num_classes, progress=False)[1])
     notes = {s.image_id: f"F1 {s.f1:.2f}: TP {s.tp}, FP {s.fp}, FN {s.fn}" for s in worst}
     browser = error_browser(val, ea, [s.image_id for s in worst], notes=notes)
     _save(browser.figure(0), "tour_04_worst.png")
@@ -147,8 +148,8 @@ def copy_paste(args: argparse.Namespace) -> None:
 
     cfg = load_config("demo", {"data.augment.copy_paste": 1.0, "data.augment.copy_paste_max": 8,
                                "data.augment.crop_size": 192})
-    ds = CellDataset(train_val_samples(cfg.data, progress=False)[0], build_train_transforms(cfg.data.augment),
-                     copy_paste=build_copy_paste(cfg.data.augment))
+    ds = CellDataset(train_val_samples(cfg.data, cfg.model.num_classes, progress=False)[0], build_train_transforms(cfg.data.augment),
+                     copy_paste=build_copy_paste(cfg.data.augment, 4))
     busy = sorted(range(len(ds)), key=lambda i: -ds.load(i)[1].num_instances)
     out = _save(plot_copy_paste(ds, busy[:4], seed=1), "copy_paste.png", dpi=64)
     from PIL import Image

@@ -1,11 +1,15 @@
-"""Shared fixtures: the real sample image and small synthetic datasets."""
+"""Shared fixtures: the real sample image, small synthetic datasets, one tiny config and one
+trained tiny run (session-scoped: the tests that read a finished run share it)."""
 from __future__ import annotations
 
 import os
 import shutil
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
+
+from cellkit.config import Config, load_config
 
 TESTS = Path(__file__).parent
 FIXTURE = TESTS / "data" / "hw3-sample"
@@ -39,7 +43,7 @@ def real_gt() -> dict:
     """COCO ground truth of the real sample: one 397 x 482 image, 2 class-1 and 159 class-2 cells."""
     from cellkit.data import build_coco, scan_train
 
-    return build_coco(scan_train(FIXTURE), progress=False)
+    return build_coco(scan_train(FIXTURE), 4, progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +51,7 @@ def synth_gt(synth_root: Path) -> dict:
     """COCO ground truth of the 8 synthetic training images of ``synth_root``."""
     from cellkit.data import build_coco, scan_train
 
-    return build_coco(scan_train(synth_root), progress=False)
+    return build_coco(scan_train(synth_root), 4, progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +60,55 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from cellkit.data.synth import write_synthetic
 
     return write_synthetic(tmp_path_factory.mktemp("synth"), n_train=8, n_test=3, seed=3, max_size=192, progress=False)
+
+
+TINY: dict[str, Any] = {
+    # ResNet-18 from scratch with narrow heads and small RPN/RoI budgets on 96 px crops: a training
+    # step of a few GFLOP (the mask head's cost grows with the RoIs it sees)
+    "name": "tiny", "model.backbone": "resnet18", "model.weights": "none", "model.resize_mode": "fixed_scale",
+    "model.rpn_pre_nms_top_n_train": 200, "model.rpn_post_nms_top_n_train": 100,
+    "model.rpn_pre_nms_top_n_test": 100, "model.rpn_post_nms_top_n_test": 50,
+    "model.box_batch_size_per_image": 32, "model.rpn_batch_size_per_image": 64, "model.box_detections_per_img": 100,
+    "model.fpn_channels": 64, "model.box_head_dim": 256, "model.mask_head_channels": 64,
+    "data.val_fraction": 0.25, "data.augment.crop_size": 96,
+    "train.epochs": 1, "train.batch_size": 2, "train.iters_per_epoch": 2, "train.lr": 5e-4,
+    "train.tensorboard": False, "train.tensorboard_images": 0,
+}
+"""The tiny training config every test that trains starts from (``tiny_config(**overrides)``)."""
+
+
+@pytest.fixture
+def tiny_config(synth_root: Path) -> Callable[..., Config]:
+    """``tiny_config(**overrides)``: :data:`TINY` on ``synth_root``, then ``overrides`` (dotted keys)."""
+
+    def make(**overrides: Any) -> Config:
+        return load_config(None, {**TINY, "data.root": str(synth_root), **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_run(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One finished tiny run (2 epochs, default hooks) for the tests that read a run: config.yaml,
+    metrics, checkpoints, val_gt.json and val_predictions.json. Read-only: copy it to change it."""
+    import torch
+
+    from cellkit.engine.defaults import train
+
+    run = tmp_path_factory.mktemp("tiny-run") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        train(load_config(None, {**TINY, "data.root": str(synth_root), "train.epochs": 2}), run, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return run
+
+
+@pytest.fixture
+def tiny_run_copy(tiny_run: Path, tmp_path: Path) -> Path:
+    """A writable copy of :func:`tiny_run`."""
+    return Path(shutil.copytree(tiny_run, tmp_path / "run"))
 
 
 @pytest.fixture(scope="module")

@@ -59,13 +59,15 @@ def test_scale_auto_config() -> None:
     with pytest.raises(ConfigError, match="model.target_cell_diameter"):
         load_config(None, {"model.target_cell_diameter": 0})
     with pytest.raises(ConfigError, match="auto"):
-        build_model(load_config(None, {"model.scale": "auto", "model.backbone": "resnet18"}))
+        build_model(load_config(None, {"model.scale": "auto", "model.backbone": "resnet18", "model.num_classes": 4}))
 
 
 def test_stats_prints_the_median_diameter_per_class(fixture_root: Path, real_gt: dict,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     want = median_diameters(real_gt)
     assert main(["stats", "--data", str(fixture_root)]) == 0
+    assert "class3" not in capsys.readouterr().out  # the data has classes 1 and 2: class1.tif, class2.tif
+    assert main(["stats", "--data", str(fixture_root), "--set", "model.num_classes=4"]) == 0
     out = capsys.readouterr().out
     assert "median diameter (px)" in out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("class")}

@@ -106,7 +106,7 @@ def test_match_masks_prefers_higher_iou_among_equal_counts() -> None:
 def test_synthetic_dataset_exact_and_dropped(synth_root: Path) -> None:
     from pycocotools import mask as mask_utils
 
-    gt = build_coco(scan_train(synth_root), progress=False)
+    gt = build_coco(scan_train(synth_root), 4, progress=False)
     preds, dropped = [], {k: 0 for k in range(1, 5)}
     for i, a in enumerate(gt["annotations"]):
         if i % 3 == 0:

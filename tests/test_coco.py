@@ -47,7 +47,9 @@ def test_convert_real_fixture_round_trip(fixture_root: Path, tmp_path: Path) -> 
     train, val = convert(fixture_root, tmp_path, val_fraction=0.0, progress=False)
     assert _check_round_trip(fixture_root, train) == 161
     d = json.loads(train.read_text())
-    assert [c["id"] for c in d["categories"]] == [1, 2, 3, 4]
+    assert [c["id"] for c in d["categories"]] == [1, 2]  # the classes of the data: class1.tif, class2.tif
+    train4, _ = convert(fixture_root, tmp_path / "four", val_fraction=0.0, num_classes=4, progress=False)
+    assert [c["id"] for c in json.loads(train4.read_text())["categories"]] == [1, 2, 3, 4]
     assert {"id", "file_name", "height", "width"} <= set(d["images"][0])
     assert json.loads(val.read_text())["images"] == []
 

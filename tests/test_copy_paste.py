@@ -102,7 +102,7 @@ def real_twice(fixture_root: Path) -> list:
 
 @pytest.mark.parametrize("max_covered", [0.3, 0.7])
 def test_pasted_cells_are_exact_instances_and_covered_cells_trimmed_or_dropped(real_twice: list, max_covered: float) -> None:
-    cp = CopyPaste(prob=1.0, max_cells=40, max_covered=max_covered, blur=0.0)
+    cp = CopyPaste(prob=1.0, max_cells=40, max_covered=max_covered, blur=0.0, num_classes=4)
     ds = CellDataset(real_twice, None, copy_paste=cp)
     totals = {"pasted": 0, "trimmed": 0, "dropped": 0, "untouched": 0}
     for seed in range(3):
@@ -114,7 +114,7 @@ def test_pasted_cells_are_exact_instances_and_covered_cells_trimmed_or_dropped(r
 
 
 def test_soft_edge_blends_only_around_the_pasted_cells(real_twice: list) -> None:
-    cp = CopyPaste(prob=1.0, max_cells=10, blur=1.0)
+    cp = CopyPaste(prob=1.0, max_cells=10, blur=1.0, num_classes=4)
     ds = CellDataset(real_twice, None, copy_paste=cp)
     torch.manual_seed(0)
     image, target = ds[0]
@@ -149,7 +149,7 @@ def test_class_aware_draw_with_the_repeat_factor_sampler(synth_root: Path) -> No
     for name, weights in (("class_aware", None), ("uniform", [1.0, 1.0, 1.0, 1.0])):
         aug = cfg.replace({"data.augment.copy_paste_class_weights": weights}).data.augment
         ds = CellDataset(samples, build_train_transforms(aug), copy_paste=build_copy_paste(aug, 4))
-        sampler = RepeatFactorSampler(repeat_factors(ds.class_presence(), 1.0), seed=0)
+        sampler = RepeatFactorSampler(repeat_factors(ds.class_presence(4), 1.0), seed=0)
         assert len(sampler) > len(ds)  # images with class 3 repeat
         loader = DataLoader(ds, batch_size=2, sampler=sampler, collate_fn=collate)
         torch.manual_seed(0)
@@ -193,7 +193,7 @@ def test_bank_leaves_out_cells_cut_by_the_image_border(fixture_root: Path) -> No
 def test_config_keys_and_errors() -> None:
     aug = load_config(None, {"data.augment.copy_paste": 0.5}).data.augment
     assert (aug.copy_paste, aug.copy_paste_max, aug.copy_paste_class_weights, aug.copy_paste_max_covered) == (0.5, 8, None, 0.5)
-    assert build_copy_paste(load_config().data.augment) is None
+    assert build_copy_paste(load_config().data.augment, 4) is None
     with pytest.raises(ConfigError, match="data.augment.copy_paste"):
         load_config(None, {"data.augment.copy_paste": 1.5})
     with pytest.raises(ConfigError, match="copy_paste_class_weights"):
@@ -213,7 +213,7 @@ def test_pasted_cells_clear_every_label_map_layer(fixture_copy: Path) -> None:
     shifted[6:, 6:] = class2[:-6, :-6]  # every class-2 cell again, shifted: overlaps the originals
     tifffile.imwrite(folder / "class3.tif", shifted)
     s = scan_train(fixture_copy)[0]
-    cp = CopyPaste(prob=1.0, max_cells=30, blur=0.0)
+    cp = CopyPaste(prob=1.0, max_cells=30, blur=0.0, num_classes=4)
     ds = CellDataset([s, s], None, copy_paste=cp)
     assert ds.load(0)[1].layers.shape[0] == 2
     dropped = 0

@@ -26,7 +26,7 @@ def test_real_fixture_instances_come_from_ids_not_components(fixture_root: Path)
     (sample,) = scan_train(fixture_root)
     assert sample.class_paths.keys() == {1, 2}  # classes 3 and 4 have no file
     _, maps = load_sample(sample)
-    assert maps.class_counts().tolist() == [2, 159, 0, 0]
+    assert maps.class_counts(4).tolist() == [2, 159, 0, 0]
     # splitting the class-2 foreground into connected components would merge touching cells
     raw = read_label_map(fixture_root / SAMPLE / "class2.tif")
     assert ndi.label(raw > 0)[1] == 145
@@ -140,7 +140,7 @@ def test_integer_label_maps_are_accepted(fixture_copy: Path) -> None:
     path = fixture_copy / SAMPLE / "class2.tif"
     _write_map(path, tifffile.imread(path).astype(np.uint16))
     (sample,) = scan_train(fixture_copy)
-    assert load_sample(sample)[1].class_counts().tolist() == [2, 159, 0, 0]
+    assert load_sample(sample)[1].class_counts(4).tolist() == [2, 159, 0, 0]
 
 
 def test_folder_problems(fixture_copy: Path, tmp_path: Path) -> None:

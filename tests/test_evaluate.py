@@ -122,11 +122,11 @@ def _nan_equal(a: list, b: list) -> bool:
 
 def test_sanitize_counts_every_reason(real_gt: dict, datasets: dict) -> None:
     preds = datasets["real"][1][:5]
-    kept, dropped = sanitize_predictions(preds + [dict(preds[0], bbox=[0, 0, float("nan"), 1])], real_gt["images"])
+    kept, dropped = sanitize_predictions(preds + [dict(preds[0], bbox=[0, 0, float("nan"), 1])], real_gt["images"], 4)
     assert len(kept) == 5 and dropped["nonfinite_box"] == 1 and sum(dropped.values()) == 1
     # bbox evaluation needs no mask: an entry with a box only is kept
     kept, dropped = sanitize_predictions([{k: v for k, v in preds[0].items() if k != "segmentation"}],
-                                         real_gt["images"], iou_type="bbox")
+                                         real_gt["images"], 4, iou_type="bbox")
     assert len(kept) == 1 and sum(dropped.values()) == 0
 
 

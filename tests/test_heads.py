@@ -156,7 +156,7 @@ def test_cascade_predicts_with_tta_tiles_and_tuned_thresholds(cascade_run: tuple
 
 
 def test_cascade_keys_and_what_coco_weights_fit(tmp_path: Path) -> None:
-    base = {"model.backbone": "resnet18", "model.roi_head": "cascade"}
+    base = {"model.backbone": "resnet18", "model.num_classes": 4, "model.roi_head": "cascade"}
     with pytest.raises(ConfigError, match="model.cascade_stage_weights: 2 entries"):
         build_model(cellkit.load_config(overrides={**base, "model.cascade_stage_weights": [1.0, 0.5]}))
     two = cellkit.load_config(overrides={**base, "model.cascade_iou_thresholds": [0.5, 0.65],
@@ -167,7 +167,7 @@ def test_cascade_keys_and_what_coco_weights_fit(tmp_path: Path) -> None:
     assert model.roi_heads.num_stages == 2 and model.roi_heads.stage_matchers[1].high_threshold == 0.65
     # a standard model's weights (as COCO's) fill stage 1's box head, the mask head and the rest;
     # the class-agnostic predictors and the later stages start fresh
-    standard = build_model(cellkit.load_config(overrides={"model.backbone": "resnet18"}))
+    standard = build_model(cellkit.load_config(overrides={"model.backbone": "resnet18", "model.num_classes": 4}))
     report = load_matching(model, standard.state_dict(), "standard")
     assert "roi_heads.box_head.fc6.weight" in report.loaded and "roi_heads.mask_head.0.0.weight" in report.loaded
     assert torch.equal(model.roi_heads.box_head.fc6.weight, standard.roi_heads.box_head.fc6.weight)
@@ -184,7 +184,7 @@ def test_cascade_keys_and_what_coco_weights_fit(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["resnet50_v2", "resnet101_dc5", "convnext_tiny"])
 def test_cascade_assembles_on_other_backbones(name: str) -> None:
     """Other head designs (v2 conv box heads), the single 2048-channel DC5 map, timm bodies."""
-    m = cellkit.load_config(overrides={"model.backbone": name, "model.roi_head": "cascade"}).model
+    m = cellkit.load_config(overrides={"model.backbone": name, "model.num_classes": 4, "model.roi_head": "cascade"}).model
     with torch.device("meta"):
         model = assemble(create_backbone(m), m)
     rh = model.roi_heads
@@ -202,13 +202,13 @@ def test_cascade_assembles_on_other_backbones(name: str) -> None:
 
 
 def test_single_level_backbone_takes_every_anchor_size() -> None:
-    m = cellkit.load_config(overrides={"model.backbone": "resnet101_dc5", "model.anchor_sizes": [16, 32, 64]}).model
+    m = cellkit.load_config(overrides={"model.backbone": "resnet101_dc5", "model.num_classes": 4, "model.anchor_sizes": [16, 32, 64]}).model
     with torch.device("meta"):
         model = assemble(create_backbone(m), m)
     assert model.rpn.anchor_generator.sizes == ((16, 32, 64),)
     assert model.rpn.head.cls_logits.out_channels == 9  # 3 sizes x 3 aspect ratios on the one map
     assert model.roi_heads.box_roi_pool.featmap_names == ["0"] and model.roi_heads.box_roi_pool.scales == [1 / 16]
-    fpn = cellkit.load_config(overrides={"model.backbone": "resnet18", "model.anchor_sizes": [16, 32, 64]}).model
+    fpn = cellkit.load_config(overrides={"model.backbone": "resnet18", "model.num_classes": 4, "model.anchor_sizes": [16, 32, 64]}).model
     with pytest.raises(ConfigError, match=r"model.anchor_sizes: backbone resnet18 has 5 FPN levels.*single-level"):
         with torch.device("meta"):
             assemble(create_backbone(fpn), fpn)

@@ -231,7 +231,7 @@ def test_exact_geometry_survives_flips_fusion_nms_merge_and_tiles():
 
 def _tiny_cfg(geometry: str, **extra: Any):
     return load_config(overrides={
-        "model.backbone": "resnet18", "model.weights": "none", "model.mask_geometry": geometry,
+        "model.backbone": "resnet18", "model.weights": "none", "model.mask_geometry": geometry, "model.num_classes": 4,
         "model.resize_mode": "fixed_scale", "model.scale": 1.0, "model.max_size": 160, "model.min_size": 128,
         "model.rpn_pre_nms_top_n_train": 200, "model.rpn_post_nms_top_n_train": 100,
         "model.rpn_pre_nms_top_n_test": 100, "model.rpn_post_nms_top_n_test": 50,

@@ -61,6 +61,7 @@ ATTENTION_BACKBONES = [n for n in list_backbones() if n.endswith(("_se", "_cbam"
 BUILD_ONLY = {"resnet101_dc5": 64, "resnext101_32x8d": 64}
 
 SMALL = {
+    "model.num_classes": 4,
     "model.resize_mode": "fixed_scale", "model.scale": 1.0, "model.max_size": 4096,  # no resize: fast, exact
     "model.rpn_pre_nms_top_n_train": 200, "model.rpn_post_nms_top_n_train": 100,
     "model.rpn_pre_nms_top_n_test": 100, "model.rpn_post_nms_top_n_test": 50,
@@ -297,7 +298,7 @@ def test_models_command_lists_every_backbone_under_200m() -> None:
 
     buf = io.StringIO()
     with redirect_stdout(buf):
-        assert main(["models", "--json"]) == 0
+        assert main(["models", "--json", "--set", "model.num_classes=4"]) == 0
     rows = json.loads(buf.getvalue())
     assert [r["name"] for r in rows] == list_backbones()
     for r in rows:
@@ -384,7 +385,7 @@ def test_every_knob_reaches_the_model() -> None:
 def test_head_width_knobs_reach_the_model() -> None:
     """The Demo issue's cost knobs: FPN width, box head width, mask head depth/width, positive fraction."""
     cfg = load_config(overrides={
-        "model.backbone": "resnet18", "model.fpn_channels": 64, "model.box_head_dim": 200,
+        "model.backbone": "resnet18", "model.num_classes": 4, "model.fpn_channels": 64, "model.box_head_dim": 200,
         "model.mask_head_layers": 2, "model.mask_head_channels": 48, "model.box_positive_fraction": 0.5,
     })
     torch.manual_seed(0)
@@ -478,15 +479,15 @@ def test_frozen_stages_keep_their_norm_layers_and_bn_statistics() -> None:
         ({"model.anchor_sizes": [8, 16, 32, 64]}, "5 FPN levels, so it needs 5 anchor sizes"),
         ({"model.anchor_sizes": [8, 16, 32, 64, 128, 256]}, "needs 5 anchor sizes"),
         ({"model.trainable_layers": 6}, "outside 0..5"),
-        ({"model.backbone": "mobilenet_v3_large", "model.trainable_layers": 7}, "outside 0..6"),
+        ({"model.backbone": "mobilenet_v3_large", "model.num_classes": 4, "model.trainable_layers": 7}, "outside 0..6"),
         ({"model.norm": "gn", "model.weights": "imagenet"}, "gn cannot use imagenet"),
-        ({"model.backbone": "convnext_tiny", "model.norm": "bn"}, "supports auto"),
+        ({"model.backbone": "convnext_tiny", "model.num_classes": 4, "model.norm": "bn"}, "supports auto"),
         ({"model.scale": 0.0}, "model.scale"),
         ({"model.box_score_thresh": 1.5}, "model.box_score_thresh"),
         ({"model.rpn_post_nms_top_n_test": 0}, "model.rpn_post_nms_top_n_test"),
         ({"model.weights": "imagnet"}, "did you mean 'imagenet'"),
         ({"model.weights": "/no/such/file.pth"}, "not none, imagenet, coco or an existing file"),
-        ({"model.backbone": "resnet101", "model.weights": "coco"}, "no COCO Mask R-CNN weights fit backbone resnet101"),
+        ({"model.backbone": "resnet101", "model.num_classes": 4, "model.weights": "coco"}, "no COCO Mask R-CNN weights fit backbone resnet101"),
     ],
 )
 def test_invalid_knobs_are_config_errors(overrides: dict[str, Any], message: str) -> None:
@@ -812,7 +813,7 @@ def test_every_config_loads_and_assembles(path: Path) -> None:
     if not path.name.startswith("_"):
         text = path.read_text()
         assert text.startswith("#"), "each config starts with a comment saying what it reproduces"
-    m = cfg.replace({"model.weights": "none"}).model
+    m = cfg.replace({"model.weights": "none", "model.num_classes": 4}).model
     with torch.device("meta"):  # every knob validated and assembled, no memory, no weights
         assemble(create_backbone(m), m)
 
@@ -838,7 +839,7 @@ def test_ablation_rows_follow_the_report() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["demo.yaml", "leaderboard.yaml"])
 def test_configs_build_real_models(name: str) -> None:
-    cfg = load_config(CONFIGS / name, {"model.weights": "none"})
+    cfg = load_config(CONFIGS / name, {"model.weights": "none", "model.num_classes": 4})
     model = build_model(cfg)
     assert isinstance(model, MaskRCNN)
     assert math.isclose(model.transform.scale, cfg.model.scale)

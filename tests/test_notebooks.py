@@ -54,7 +54,7 @@ def test_data_inspection(tmp_path: Path, interactive: bool) -> None:
                  results_json=str(tmp_path / "stats.json"))
     stats = json.loads((tmp_path / "stats.json").read_text())
     samples = scan_train(resolve_root(notebook_config("demo", overrides).data, progress=False))
-    counts = np.sum([load_sample(s)[1].class_counts() for s in samples], axis=0)
+    counts = np.sum([load_sample(s)[1].class_counts(4) for s in samples], axis=0)
     assert stats["images"] == len(samples) == 6
     assert stats["instances"] == counts.sum()
     assert [stats["classes"][f"class{k}"]["instances"] for k in range(1, 5)] == counts.tolist()

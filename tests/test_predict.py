@@ -67,7 +67,7 @@ def cellkit_model(detections: int = 15) -> torch.nn.Module:
     import cellkit
 
     torch.manual_seed(0)
-    cfg = load_config(None, {"model.backbone": "resnet18", "model.min_size": 128, "model.max_size": 160,
+    cfg = load_config(None, {"model.backbone": "resnet18", "model.num_classes": 4, "model.min_size": 128, "model.max_size": 160,
                              "model.box_detections_per_img": detections, "model.rpn_post_nms_top_n_test": 150})
     return cellkit.build_model(cfg).eval()
 
@@ -275,7 +275,7 @@ def test_fixed_scale_models_tile_what_max_size_would_shrink():
     import cellkit
     from cellkit.inference.predict import detect, tiling_limits
 
-    cfg = load_config(None, {"model.backbone": "resnet18", "model.resize_mode": "fixed_scale", "model.scale": 2.0,
+    cfg = load_config(None, {"model.backbone": "resnet18", "model.num_classes": 4, "model.resize_mode": "fixed_scale", "model.scale": 2.0,
                              "model.max_size": 256, "model.box_detections_per_img": 10,
                              "model.rpn_pre_nms_top_n_test": 50, "model.rpn_post_nms_top_n_test": 20})
     torch.manual_seed(0)
@@ -316,7 +316,7 @@ def test_tune_thresholds_finds_the_nms_that_removes_duplicates(tmp_path):
             anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": classes[i - 1], "iscrowd": 0,
                          "segmentation": rle, "area": float(mask_utils.area(rle)),
                          "bbox": [float(v) for v in mask_utils.toBbox(rle)]})
-    gt = {"images": images, "annotations": anns, "categories": categories()}
+    gt = {"images": images, "annotations": anns, "categories": categories(4)}
     result = tune_thresholds(cached, gt, PredictConfig(), score_grid=(0.0, 0.7), mask_grid=(0.5,),
                              nms_grid=(None, 0.5), progress=False)
     assert len(result.table) == 4
@@ -359,7 +359,7 @@ def run_dir(tmp_path_factory, synth_root) -> Path:
     import cellkit
     from cellkit.models.checkpoint import save_checkpoint
 
-    cfg = load_config(None, {"model.backbone": "resnet18", "model.min_size": 128, "model.max_size": 160,
+    cfg = load_config(None, {"model.backbone": "resnet18", "model.num_classes": 4, "model.min_size": 128, "model.max_size": 160,
                              "model.box_detections_per_img": 20, "data.root": str(synth_root),
                              "data.val_fraction": 0.25})
     torch.manual_seed(0)

@@ -37,7 +37,7 @@ from cellkit.runs import RunDirLock, claim_run_dir
 from cellkit.structures.rle import rle_decodes, rle_run_lengths
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL_MODEL = {"model.backbone": "resnet18", "model.min_size": 128, "model.max_size": 160,
+SMALL_MODEL = {"model.backbone": "resnet18", "model.num_classes": 4, "model.min_size": 128, "model.max_size": 160,
                "model.box_detections_per_img": 20, "model.rpn_post_nms_top_n_test": 100}
 TINY_TRAIN = ["--set", "model.backbone=resnet18", "--set", "model.resize_mode=fixed_scale",
               "--set", "model.rpn_pre_nms_top_n_train=200", "--set", "model.rpn_post_nms_top_n_train=100",
@@ -247,7 +247,7 @@ def test_test_index_file_name_of_the_wrong_kind(capsys, synth_root: Path, run_di
 def test_training_on_a_tiny_only_image(side: int) -> None:
     # a lone image of at most 32 px left a 1 x 1 map at stride 32: BatchNorm could not train on it
     torch.manual_seed(0)
-    cfg = load_config(None, {"model.backbone": "resnet18", "model.norm": "bn", "model.resize_mode": "fixed_scale",
+    cfg = load_config(None, {"model.backbone": "resnet18", "model.num_classes": 4, "model.norm": "bn", "model.resize_mode": "fixed_scale",
                              "model.rpn_post_nms_top_n_train": 50, "model.box_batch_size_per_image": 16})
     model = cellkit.build_model(cfg).train()
     image = torch.rand(3, side, side)
@@ -312,7 +312,7 @@ def test_evaluate_predictions_of_other_images_is_an_error(capsys, synth_root: Pa
     from cellkit.data import build_coco
 
     test_gt = synth_root / "test_gt.json"
-    train_gt = build_coco(scan_train(synth_root), progress=False)
+    train_gt = build_coco(scan_train(synth_root), 4, progress=False)
     if mismatch == "other_images":  # the train split's ids (1..8) against the test ground truth (1..3)
         preds = [dict(a, score=0.9) for a in train_gt["annotations"] if a["image_id"] > 3]
     else:  # ids the test ground truth has, masks of the train images' sizes (which differ for ids 1 and 2)

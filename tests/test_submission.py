@@ -113,7 +113,7 @@ def test_each_defect_reported_with_its_index(submission: list[dict], synth_root:
         "expected an object": [good],
     }
     entries = [good] + list(cases.values()) + [good]
-    problems = check_submission(entries, ids, check_coverage=False)
+    problems = check_submission(entries, ids, num_classes=4, check_coverage=False)
     by_index: dict[int, list[str]] = {}
     for p in errors(problems):
         by_index.setdefault(p.index, []).append(p.message)

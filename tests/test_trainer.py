@@ -124,13 +124,13 @@ def test_user_datasets_from_a_notebook(tmp_path: Path) -> None:
     from cellkit.data import CellDataset, build_coco, train_val_samples
 
     _, cfg = tiny_config(tmp_path, **{"train.epochs": 1, "train.iters_per_epoch": 1})
-    train_s, val_s = train_val_samples(cfg.data, progress=False)
+    train_s, val_s = train_val_samples(cfg.data, cfg.model.num_classes, progress=False)
     train_set = Subset(CellDataset(train_s), range(len(train_s)))
     val_set = Subset(CellDataset(val_s), range(len(val_s)))
     t = DefaultTrainer(cfg, tmp_path / "run", train_set=train_set, val_set=val_set, progress=False)
     summary = t.fit()
     assert summary["best_val_ap50"] is not None
-    gt, ref = t.val_gt, build_coco(val_s, progress=False)
+    gt, ref = t.val_gt, build_coco(val_s, 4, progress=False)
     assert [im["id"] for im in gt["images"]] == [im["id"] for im in ref["images"]]
     assert sorted(a["area"] for a in gt["annotations"]) == sorted(a["area"] for a in ref["annotations"])
     assert json.loads((tmp_path / "run" / "val_gt.json").read_text())["images"] == gt["images"]
@@ -224,7 +224,7 @@ def test_repeat_factor_sampler_oversamples_rare_classes(tmp_path: Path) -> None:
     t.train_set.preload(False)
     sampler = t.train_loader().sampler
     assert isinstance(sampler, RepeatFactorSampler)
-    presence = t.train_set.class_presence()
+    presence = t.train_set.class_presence(4)
     rare = presence[:, 2:].any(1)
     assert rare.any() and (~rare).any()
     assert sampler.factors[torch.from_numpy(rare)].min() > sampler.factors[torch.from_numpy(~rare)].max() - 1e-9

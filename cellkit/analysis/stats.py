@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from ..config import DataConfig
-from ..data import CellDataset, resolve_root, scan_train
+from ..data import CellDataset, num_classes_of, resolve_root, scan_train
 from ..progress import bar
 from .scale import equivalent_diameter
 
@@ -32,7 +32,7 @@ class DatasetStats:
     instance_class: np.ndarray
     instance_area: np.ndarray
     instance_image: np.ndarray
-    num_classes: int = 4
+    num_classes: int
     root: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -67,15 +67,21 @@ class DatasetStats:
         return equivalent_diameter(self.instance_area)
 
 
-def dataset_stats(cfg: DataConfig, num_classes: int = 4, progress: bool = True) -> DatasetStats:
-    """Statistics of every annotated image of the dataset ``cfg`` points to (all splits)."""
+def dataset_stats(cfg: DataConfig, num_classes: int | None = None, progress: bool = True) -> DatasetStats:
+    """Statistics of every annotated image of the dataset ``cfg`` points to (all splits).
+
+    Args:
+        num_classes: classes ``1..num_classes`` (None: up to the dataset's highest ``classK.tif``).
+    """
     root = resolve_root(cfg, progress)
     ds = CellDataset(scan_train(root, num_classes), cache=False)
     return stats_of(ds, num_classes, progress, str(root))
 
 
-def stats_of(ds: CellDataset, num_classes: int = 4, progress: bool = True, root: str = "") -> DatasetStats:
-    """Statistics of the images of a :class:`CellDataset` (decoded one at a time)."""
+def stats_of(ds: CellDataset, num_classes: int | None = None, progress: bool = True, root: str = "") -> DatasetStats:
+    """Statistics of the images of a :class:`CellDataset` (decoded one at a time; ``num_classes``
+    None: up to the highest ``classK.tif`` of its samples)."""
+    num_classes = num_classes if num_classes is not None else num_classes_of(ds.samples)
     hs, ws, counts, cls, area, img = [], [], [], [], [], []
     for i in bar(range(len(ds)), desc="reading images", enabled=progress):
         image, maps = ds.load(i)

@@ -46,7 +46,13 @@ def add_commands(sub: Any) -> None:
 
 def cmd_ablate(args: argparse.Namespace) -> int:
     from ..grid import (  # torch-free face: the grid (dask, torch) loads when the command runs
-        expand_grid, format_plan, format_results_table, load_grid, parse_cluster, run_action, run_grid,
+        expand_grid,
+        format_plan,
+        format_results_table,
+        load_grid,
+        parse_cluster,
+        run_action,
+        run_grid,
     )
 
     grid = load_grid(args.grid)

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from pathlib import Path
 from typing import Any
 
 from ..config import EvalConfig
@@ -11,6 +13,9 @@ from ..errors import CellkitError
 from ..evaluation.coco import evaluate_predictions
 from ..evaluation.submission import check_submission, summarize_problems
 from .common import add_no_progress, iou_float, positive_int, unit_float
+
+CLASS_FILE = re.compile(r"^class(\d+)\.tiff?$", re.IGNORECASE)
+"""A label map's name (as :data:`cellkit.data.layout.CLASS_FILE`, here without importing torch)."""
 
 
 def add_commands(sub: Any) -> None:
@@ -39,7 +44,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--score-threshold", type=unit_float, default=0.5, metavar="S",
                    help="cell-tool metrics count only predictions scoring at least this (default 0.5); COCO AP uses all")
     p.add_argument("--no-cell-metrics", action="store_true", help="skip precision/recall/F1 at one IoU")
-    p.add_argument("--num-classes", type=positive_int, default=4, help="categories 1..N (default 4)")
+    p.add_argument("--num-classes", type=positive_int, default=None,
+                   help="categories 1..N (default: the categories of the ground truth)")
     p.add_argument("--json", action="store_true", help="print the same as machine-readable JSON (only JSON on stdout)")
     add_no_progress(p)
     p.set_defaults(func=cmd_evaluate)
@@ -52,7 +58,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("file", metavar="FILE", help="test-results.json (or a zip holding it)")
     p.add_argument("--ids", required=True, metavar="JSON",
                    help="test_image_name_to_ids.json, or the dataset folder that holds it")
-    p.add_argument("--num-classes", type=positive_int, default=4, help="categories 1..N (default 4)")
+    p.add_argument("--num-classes", type=positive_int, default=None,
+                   help="categories 1..N (default: the highest classK.tif under train/ of the dataset folder that "
+                   "holds the test index; without one, any category id of at least 1)")
     p.add_argument("--limit", type=int, default=100, metavar="N", help="print at most N problems (0: all; default 100)")
     p.add_argument("--json", action="store_true", help="print the problems as JSON")
     p.set_defaults(func=cmd_check_submission)
@@ -91,9 +99,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def classes_beside(ids: str) -> int | None:
+    """The dataset's number of classes beside a test index (``ids``: the dataset folder or the json
+    in it), as :func:`cellkit.data.layout.num_classes_of` reads it: ``synth_info.json``'s
+    ``n_classes``, else the highest K of ``train/*/classK.tif``; None when neither is there."""
+    folder = Path(ids).expanduser()
+    root = folder if folder.is_dir() else folder.parent
+    try:
+        declared = json.loads((root / "synth_info.json").read_text()).get("n_classes", 4)
+    except (OSError, ValueError, AttributeError):
+        declared = None
+    ks = [int(m.group(1)) for f in (root / "train").glob("*/class*.tif*") if (m := CLASS_FILE.match(f.name))]
+    found = [k for k in [*ks, declared] if isinstance(k, int) and k >= 1]
+    return max(found) if found else None
+
+
 def cmd_check_submission(args: argparse.Namespace) -> int:
     """``cellkit check-submission``: exit 0 valid, 1 problems found (CellkitError -> 2 in cli.main)."""
-    problems = check_submission(args.file, args.ids, num_classes=args.num_classes)
+    num_classes = args.num_classes if args.num_classes is not None else classes_beside(args.ids)
+    problems = check_submission(args.file, args.ids, num_classes=num_classes)
     errors = [p for p in problems if p.severity == "error"]
     if args.json:
         print(json.dumps({

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import DataConfig
+from ..config import Config, DataConfig
 from .coco import build_coco, convert
 from .copy_paste import CopyPaste, InstanceBank, build_copy_paste
 from .dataset import CellDataset, TestImageDataset, collate, image_to_tensor
 from .instances import load_sample
 from .io import read_image, read_label_map
-from .layout import TestImage, TrainSample, read_test_index, scan_train, split_samples
+from .layout import TestImage, TrainSample, num_classes_of, read_test_index, scan_train, split_samples
 from .synth import ensure_synthetic, write_synthetic
 from .transforms import build_train_transforms
 
@@ -18,19 +18,38 @@ def resolve_root(cfg: DataConfig, progress: bool = True) -> Path:
     """The dataset folder of ``cfg``: ``cfg.root``, or the cached synthetic dataset when it is None."""
     if cfg.root is not None:
         return Path(cfg.root).expanduser()
-    return ensure_synthetic(cfg.synth_train, cfg.synth_test, cfg.synth_seed, cfg.synth_max_size, progress)
+    return ensure_synthetic(cfg.synth_train, cfg.synth_test, cfg.synth_seed, cfg.synth_max_size, progress,
+                            cfg.synth_classes)
 
 
-def train_val_samples(cfg: DataConfig, num_classes: int = 4, progress: bool = True) -> tuple[list[TrainSample], list[TrainSample]]:
-    """The training and validation image folders of ``cfg`` (the split ``cellkit convert`` writes)."""
+def train_val_samples(cfg: DataConfig, num_classes: int | None,
+                      progress: bool = True) -> tuple[list[TrainSample], list[TrainSample]]:
+    """The training and validation image folders of ``cfg`` (the split ``cellkit convert`` writes).
+
+    Args:
+        num_classes: label maps of classes above it are an error (None: any class).
+    """
     samples = scan_train(resolve_root(cfg, progress), num_classes)
     return split_samples(samples, cfg.val_fraction, cfg.split_seed)
+
+
+def resolve_num_classes(cfg: Config, progress: bool = True) -> Config:
+    """``cfg`` with ``model.num_classes`` set: as it is when the config says, else read from the
+    training data (its highest ``classK.tif``, :func:`~cellkit.data.layout.num_classes_of`).
+
+    Raises:
+        DataError: the data holds no label map at all, or one of a class above ``model.num_classes``.
+    """
+    samples = scan_train(resolve_root(cfg.data, progress), cfg.model.num_classes)
+    if cfg.model.num_classes is not None:
+        return cfg
+    return cfg.replace({"model.num_classes": num_classes_of(samples)})
 
 
 __all__ = [
     "CellDataset", "TestImageDataset", "collate", "image_to_tensor",
     "load_sample", "read_image", "read_label_map", "TestImage", "TrainSample", "read_test_index", "scan_train",
     "split_samples", "ensure_synthetic", "write_synthetic", "build_train_transforms", "build_coco", "convert",
-    "resolve_root", "train_val_samples", "CopyPaste", "InstanceBank",
-    "build_copy_paste",
+    "resolve_root", "train_val_samples", "CopyPaste", "InstanceBank", "build_copy_paste", "num_classes_of",
+    "resolve_num_classes",
 ]

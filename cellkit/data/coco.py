@@ -18,17 +18,17 @@ from ..progress import bar
 from ..structures.label_maps import LabelMaps
 from ..structures.rle import encode_mask
 from .instances import load_sample
-from .layout import TrainSample, scan_train, split_samples
+from .layout import TrainSample, num_classes_of, scan_train, split_samples
 
 
-def categories(num_classes: int = 4) -> list[dict[str, Any]]:
+def categories(num_classes: int) -> list[dict[str, Any]]:
     """COCO categories ``1..num_classes`` named ``class1``..``classN``."""
     return [{"id": k, "name": f"class{k}", "supercategory": "cell"} for k in range(1, num_classes + 1)]
 
 
 def build_coco(
     samples: Sequence[TrainSample],
-    num_classes: int = 4,
+    num_classes: int,
     progress: bool = True,
     loaded: Iterable[tuple[np.ndarray, LabelMaps]] | None = None,
 ) -> dict[str, Any]:
@@ -47,7 +47,7 @@ def build_coco(
     return {"images": images, "annotations": annotations, "categories": categories(num_classes)}
 
 
-def coco_from_dataset(dataset: Any, num_classes: int = 4, progress: bool = False) -> dict[str, Any]:
+def coco_from_dataset(dataset: Any, num_classes: int, progress: bool = False) -> dict[str, Any]:
     """COCO ground truth of any dataset of ``(image (3, H, W), target)`` pairs whose targets carry
     ``masks`` ``(N, H, W)`` and ``labels`` ``(N,)`` (torchvision's Mask R-CNN format); the image id
     is ``target["image_id"]``, else the position + 1."""
@@ -74,10 +74,12 @@ def convert(
     out: str | os.PathLike[str],
     val_fraction: float = 0.1,
     seed: int = 0,
-    num_classes: int = 4,
+    num_classes: int | None = None,
     progress: bool = True,
 ) -> tuple[Path, Path]:
     """Write ``out/train_gt.json`` and ``out/val_gt.json`` for the dataset at ``root``.
+
+    Categories are ``1..num_classes`` (None: up to the dataset's highest ``classK.tif``).
 
     The split is :func:`cellkit.data.layout.split_samples` with the same fraction and seed that
     training uses, so ``val_gt.json`` is exactly what a run validates on. Both files are built in
@@ -91,6 +93,7 @@ def convert(
     """
     out = check_writable_dir(out)
     samples = scan_train(root, num_classes)
+    num_classes = num_classes if num_classes is not None else num_classes_of(samples)
     train, val = split_samples(samples, val_fraction, seed)
     texts = {out / "train_gt.json": json.dumps(build_coco(train, num_classes, progress)),
              out / "val_gt.json": json.dumps(build_coco(val, num_classes, progress))}

@@ -155,7 +155,7 @@ class CopyPaste:
     """
 
     def __init__(self, prob: float = 0.5, max_cells: int = 8, class_weights: Sequence[float] | None = None,
-                 max_covered: float = 0.5, blur: float = 1.0, num_classes: int = 4, tries: int = 10) -> None:
+                 max_covered: float = 0.5, blur: float = 1.0, *, num_classes: int, tries: int = 10) -> None:
         if class_weights is not None and len(class_weights) != num_classes:
             raise ConfigError(f"data.augment.copy_paste_class_weights: needs one weight per class ({num_classes}), "
                               f"got {len(class_weights)}: {list(class_weights)}")
@@ -315,9 +315,9 @@ def _from_unit(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return a.astype(dtype)
 
 
-def build_copy_paste(aug: AugmentConfig, num_classes: int = 4) -> CopyPaste | None:
+def build_copy_paste(aug: AugmentConfig, num_classes: int) -> CopyPaste | None:
     """The :class:`CopyPaste` of ``data.augment`` (None when ``copy_paste`` is 0)."""
     if aug.copy_paste <= 0:
         return None
     return CopyPaste(aug.copy_paste, aug.copy_paste_max, aug.copy_paste_class_weights, aug.copy_paste_max_covered,
-                     aug.copy_paste_blur, num_classes)
+                     aug.copy_paste_blur, num_classes=num_classes)

@@ -41,7 +41,7 @@ class CellDataset(Dataset):
             :func:`~cellkit.data.copy_paste.build_copy_paste`); None: off.
 
     Each item is ``(image, target)``: image ``(3, H, W)`` float32 in [0, 1]; target with
-    ``boxes`` ``(N, 4)`` float32 xyxy, ``labels`` ``(N,)`` int64 in 1..4, ``masks``
+    ``boxes`` ``(N, 4)`` float32 xyxy, ``labels`` ``(N,)`` int64 in 1..K, ``masks``
     ``(N, H, W)`` uint8, ``image_id`` int, ``area`` ``(N,)`` float32, ``iscrowd`` ``(N,)``
     int64. N may be 0 (a crop without cells is still a valid sample).
     """
@@ -91,7 +91,7 @@ class CellDataset(Dataset):
     def cache_bytes(self) -> int:
         return sum(im.nbytes + lm.nbytes for im, lm in self._cache.values())
 
-    def class_presence(self, num_classes: int = 4) -> np.ndarray:
+    def class_presence(self, num_classes: int) -> np.ndarray:
         """``(len(self), num_classes)`` bool: which classes each image contains."""
         out = np.zeros((len(self), num_classes), dtype=bool)
         for i in range(len(self)):

@@ -14,6 +14,8 @@ from .io import PathLike, tiff_shape
 
 CLASS_FILE = re.compile(r"^class(\d+)\.tiff?$", re.IGNORECASE)
 TEST_INDEX = "test_image_name_to_ids.json"
+SYNTH_INFO = "synth_info.json"
+"""What a synthetic dataset writes beside ``train/``: how it was made, its classes included."""
 
 
 @dataclass(frozen=True)
@@ -44,12 +46,16 @@ class TestImage:
     width: int
 
 
-def scan_train(root: PathLike, num_classes: int = 4) -> list[TrainSample]:
+def scan_train(root: PathLike, num_classes: int | None = None) -> list[TrainSample]:
     """List the annotated images under ``root/train`` (or ``root`` itself if it holds image folders).
+
+    Args:
+        num_classes: the classes a label map may belong to, ``1..num_classes`` (None: any
+            ``classK.tif`` with K >= 1; :func:`num_classes_of` then says how many there are).
 
     Raises:
         DataError: no train folder, no image folders, a folder without image.tif, a class file
-            outside 1..num_classes.
+            outside 1..num_classes (or class 0).
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -71,13 +77,43 @@ def scan_train(root: PathLike, num_classes: int = 4) -> list[TrainSample]:
             if not m:
                 continue
             k = int(m.group(1))
-            if not 1 <= k <= num_classes:
-                raise DataError(f, f"class {k} is outside 1..{num_classes}")
+            if k < 1 or (num_classes is not None and k > num_classes):
+                raise DataError(f, f"class {k} is outside 1..{num_classes}" if num_classes is not None
+                                else "class 0 is the background; classes are numbered from 1 (class1.tif ...)")
             if k in classes:
                 raise DataError(f, f"two label maps for class {k} ({classes[k].name} and {f.name})")
             classes[k] = f
         samples.append(TrainSample(i, folder.name, image, classes))
     return samples
+
+
+def num_classes_of(samples: list[TrainSample]) -> int:
+    """The number of classes of a dataset: what its ``synth_info.json`` declares (a synthetic
+    dataset), else its highest ``classK.tif`` (a class no image has in between still counts, so
+    class ids keep their meaning).
+
+    Raises:
+        DataError: no image has any label map (nothing to learn from).
+    """
+    found = [k for s in samples for k in s.class_paths]
+    if not found:
+        where = samples[0].image_path.parent.parent if samples else Path(".")
+        raise DataError(where, "no image folder has a label map (classK.tif): there are no cells to learn from")
+    declared = declared_num_classes(samples[0].image_path.parents[2])
+    return max(found) if declared is None else max(declared, max(found))
+
+
+def declared_num_classes(root: PathLike) -> int | None:
+    """The classes a dataset folder declares: ``synth_info.json``'s ``n_classes`` (4 for synthetic
+    datasets written before it was recorded); None for a folder that declares none (real data)."""
+    info = Path(root) / SYNTH_INFO
+    if not info.is_file():
+        return None
+    try:
+        n = json.loads(info.read_text()).get("n_classes", 4)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return n if isinstance(n, int) and n >= 1 else None
 
 
 def read_test_index(root: PathLike, check_files: bool = True) -> list[TestImage]:

@@ -16,6 +16,10 @@ class  share      look                                             like
 4      ~2 %       large, lobed, magenta with a dark nucleolus     rare large cells
 =====  =========  ===============================================  ==================
 
+Other class counts (``n_classes``, ``data.synth_classes``) keep the first classes of the table
+and add rare classes whose styles vary those of classes 3 and 4 (size, colour, elongation), so a
+2-class or a 6-class dataset is as learnable as the 4-class one.
+
 Cells are placed in clusters, touch and crowd each other (a later cell only takes free pixels)
 and run off the image border. Image sides range from tiny (~35 px) through typical (250-550 px)
 to a few large ones (~1000-1300 px). Everything is deterministic for a seed.
@@ -39,9 +43,11 @@ from ..outputs import check_writable_dir
 from ..progress import bar
 from ..structures.rle import encode_mask
 from .coco import categories, write_json
-from .layout import TEST_INDEX
+from .layout import SYNTH_INFO, TEST_INDEX
 
 SYNTH_VERSION = 1
+SYNTH_CLASSES = 4
+"""Classes of the synthetic dataset unless asked otherwise: it imitates the hw3 data."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,20 @@ STYLES: dict[int, CellStyle] = {
     3: CellStyle(0.02, (7.5, 9.5), (2.8, 4.0), 0.04, (0.33, 0.27, 0.52), 0.10, 0.0),
     4: CellStyle(0.02, (13.0, 17.0), (1.0, 1.3), 0.16, (0.62, 0.28, 0.55), 0.25, 0.15, nucleolus=True),
 }
+
+
+def class_styles(n_classes: int) -> dict[int, CellStyle]:
+    """The styles of classes 1..``n_classes``: :data:`STYLES` for the first four, then rare variants."""
+    styles = {k: STYLES[k] for k in range(1, min(n_classes, 4) + 1)}
+    for k in range(5, n_classes + 1):
+        base = STYLES[3 + (k % 2)]  # alternately spindle-like and large lobed cells
+        step = (k - 3) // 2  # 1, 1, 2, 2, ...
+        turn = 0.12 * step * (1 if k % 2 else -1)
+        color = tuple(float(np.clip(c + turn * d, 0.05, 0.95)) for c, d in zip(base.color, (1.0, -0.6, 0.4)))
+        radius = (base.radius[0] * (1 + 0.15 * step), base.radius[1] * (1 + 0.15 * step))
+        styles[k] = CellStyle(base.share, radius, base.elongation, base.wobble, color, base.texture,  # type: ignore[arg-type]
+                              base.rim, base.nucleolus)
+    return styles
 
 
 def _image_size(rng: np.random.Generator, max_size: int | None) -> tuple[int, int]:
@@ -131,7 +151,8 @@ def _cell_shape(rng: np.random.Generator, style: CellStyle) -> tuple[np.ndarray,
 
 
 def _paint_cells(
-    rng: np.random.Generator, img: np.ndarray, class_share: np.ndarray, stain: np.ndarray, density: float | None
+    rng: np.random.Generator, img: np.ndarray, class_share: np.ndarray, stain: np.ndarray, density: float | None,
+    styles: dict[int, CellStyle],
 ) -> tuple[np.ndarray, list[int]]:
     """Paint cells into ``img`` in place. Returns an (H, W) int32 instance map and each instance's class."""
     h, w = img.shape[:2]
@@ -148,8 +169,8 @@ def _paint_cells(
             cy, cx = centres[rng.integers(n_clusters)] + rng.normal(0, spread, 2)
         else:
             cy, cx = rng.uniform(0, h), rng.uniform(0, w)
-        k = int(rng.choice(4, p=class_share)) + 1
-        style = STYLES[k]
+        k = int(rng.choice(len(class_share), p=class_share)) + 1
+        style = styles[k]
         alpha, rho = _cell_shape(rng, style)
         half = alpha.shape[0] // 2
         y0, x0 = int(round(cy)) - half, int(round(cx)) - half
@@ -181,24 +202,27 @@ def _paint_cells(
 
 
 def synth_image(
-    rng: np.random.Generator, h: int, w: int, density: float | None = None
+    rng: np.random.Generator, h: int, w: int, density: float | None = None, n_classes: int = SYNTH_CLASSES
 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """One synthetic image.
 
     Args:
         density: cell placement attempts per px^2 (None: random, about 1 per 700 px^2).
+        n_classes: classes of cells (see :func:`class_styles`).
 
     Returns:
         image ``(h, w, 4)`` uint8 RGBA, instance map ``(h, w)`` int32 (1..N) and the class of each instance.
     """
     stain = rng.uniform(0.92, 1.08, 3).astype(np.float32)
-    share = np.array([s.share for s in STYLES.values()])
-    share[:2] = share[:2].sum() * np.array(rng.dirichlet([4, 4]))  # images differ in their 1:2 mix
-    for k in (2, 3):  # rare classes appear in about a third of the images, often there
+    styles = class_styles(n_classes)
+    share = np.array([s.share for s in styles.values()])
+    if n_classes >= 2:
+        share[:2] = share[:2].sum() * np.array(rng.dirichlet([4, 4]))  # images differ in their 1:2 mix
+    for k in range(2, n_classes):  # rare classes appear in about a third of the images, often there
         share[k] = share[k] / 0.35 if rng.random() < 0.35 else 0.0
     share /= share.sum()
     img = _background(rng, h, w, stain)
-    owner, classes = _paint_cells(rng, img, share, stain, density)
+    owner, classes = _paint_cells(rng, img, share, stain, density, styles)
     img = ndi.gaussian_filter(img, (0.9, 0.9, 0))
     img += rng.normal(0, 0.015, img.shape).astype(np.float32)
     rgb = np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8)
@@ -210,7 +234,7 @@ def _class_maps(rng: np.random.Generator, owner: np.ndarray, classes: list[int])
     """Per-class float64 label maps with non-contiguous ids (absent classes left out)."""
     cls = np.asarray([0] + classes)
     out = {}
-    for k in range(1, 5):
+    for k in range(1, max(classes, default=0) + 1):
         members = np.flatnonzero(cls == k)
         if len(members) == 0:
             continue
@@ -232,6 +256,7 @@ def write_synthetic(
     seed: int = 0,
     max_size: int | None = None,
     progress: bool = True,
+    n_classes: int = SYNTH_CLASSES,
 ) -> Path:
     """Write a synthetic dataset in the real layout to ``out`` and return ``out``.
 
@@ -243,17 +268,18 @@ def write_synthetic(
         n_train: annotated images under ``train/<uuid>/``.
         n_test: images under ``test_release/``; the first is tiny (about 33 x 35 px).
         max_size: cap on each image side (None: realistic sizes up to about 1300 px).
+        n_classes: classes of cells (4 imitates the hw3 data).
 
     Raises:
         DataError: ``out`` is a folder with other content (a real dataset, say), or cannot be written.
     """
     out = check_writable_dir(Path(out).resolve(), "dataset folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "synth_info.json").is_file():
+    if out.is_dir() and any(out.iterdir()) and not (out / SYNTH_INFO).is_file():
         raise DataError(out, "the folder is not empty and is not a synthetic dataset written before (no "
                         "synth_info.json); refusing to write into it; choose a new or empty folder")
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
-        _write_synthetic(tmp, n_train, n_test, seed, max_size, progress)
+        _write_synthetic(tmp, n_train, n_test, seed, max_size, progress, n_classes)
         if out.is_dir() and any(out.iterdir()):  # a previous synthetic dataset: swap it out whole
             old = out.with_name(f".{out.name}.old{os.getpid()}")
             os.replace(out, old)
@@ -266,7 +292,8 @@ def write_synthetic(
     return out
 
 
-def _write_synthetic(out: Path, n_train: int, n_test: int, seed: int, max_size: int | None, progress: bool) -> None:
+def _write_synthetic(out: Path, n_train: int, n_test: int, seed: int, max_size: int | None, progress: bool,
+                     n_classes: int) -> None:
     (out / "train").mkdir(parents=True, exist_ok=True)
     (out / "test_release").mkdir(parents=True, exist_ok=True)
     root_rng = np.random.default_rng(seed)
@@ -275,7 +302,7 @@ def _write_synthetic(out: Path, n_train: int, n_test: int, seed: int, max_size: 
     for i in bar(range(n_train + n_test), desc="synthesising images", enabled=progress):
         rng = np.random.default_rng([seed, i])
         h, w = (33, 35) if i == n_train else _image_size(rng, max_size)
-        rgba, owner, classes = synth_image(rng, h, w)
+        rgba, owner, classes = synth_image(rng, h, w, n_classes=n_classes)
         if i < n_train:
             folder = out / "train" / names[i]
             folder.mkdir(exist_ok=True)
@@ -298,9 +325,11 @@ def _write_synthetic(out: Path, n_train: int, n_test: int, seed: int, max_size: 
                     "bbox": [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)],
                 })
     (out / TEST_INDEX).write_text(json.dumps(index, indent=1))
-    write_json({"images": test_images, "annotations": test_anns, "categories": categories()}, out / "test_gt.json")
-    info: dict[str, Any] = {"version": SYNTH_VERSION, "n_train": n_train, "n_test": n_test, "seed": seed, "max_size": max_size}
-    (out / "synth_info.json").write_text(json.dumps(info))
+    write_json({"images": test_images, "annotations": test_anns, "categories": categories(n_classes)},
+               out / "test_gt.json")
+    info: dict[str, Any] = {"version": SYNTH_VERSION, "n_train": n_train, "n_test": n_test, "seed": seed, "max_size": max_size,
+                            "n_classes": n_classes}
+    (out / SYNTH_INFO).write_text(json.dumps(info))
 
 
 def default_cache_dir() -> Path:
@@ -308,13 +337,15 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("CELLKIT_CACHE", Path.home() / ".cache" / "cellkit"))
 
 
-def ensure_synthetic(n_train: int, n_test: int, seed: int, max_size: int | None, progress: bool = True) -> Path:
+def ensure_synthetic(n_train: int, n_test: int, seed: int, max_size: int | None, progress: bool = True,
+                     n_classes: int = SYNTH_CLASSES) -> Path:
     """The synthetic dataset for these parameters, generated into the cache on first use."""
-    tag = f"synth-v{SYNTH_VERSION}-train{n_train}-test{n_test}-seed{seed}-max{max_size or 'none'}"
+    classes = "" if n_classes == SYNTH_CLASSES else f"-classes{n_classes}"  # the 4-class datasets keep their names
+    tag = f"synth-v{SYNTH_VERSION}-train{n_train}-test{n_test}-seed{seed}-max{max_size or 'none'}{classes}"
     root = default_cache_dir() / tag
-    if not (root / "synth_info.json").is_file():
+    if not (root / SYNTH_INFO).is_file():
         tmp = root.with_name(root.name + f".tmp{os.getpid()}")
-        write_synthetic(tmp, n_train, n_test, seed, max_size, progress)
+        write_synthetic(tmp, n_train, n_test, seed, max_size, progress, n_classes)
         try:
             os.replace(tmp, root)
         except OSError:  # another process finished first

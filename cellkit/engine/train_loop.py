@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from .. import __version__
 from ..analysis.scale import resolve_auto_scale
 from ..config import Config
-from ..data import CellDataset, build_copy_paste, build_train_transforms, collate, train_val_samples
+from ..data import CellDataset, build_copy_paste, build_train_transforms, collate, num_classes_of, train_val_samples
 from ..data.coco import build_coco, coco_from_dataset
 from ..data.sampling import RepeatFactorSampler, repeat_factors
 from ..errors import ConfigError, DataError, TrainingError
@@ -171,6 +171,8 @@ class Trainer:
 
         if train_set is None or val_set is None:
             train_samples, val_samples = train_val_samples(cfg.data, cfg.model.num_classes, progress=self.progress)
+            if cfg.model.num_classes is None:  # from the data: its highest classK.tif
+                cfg = self.cfg = cfg.replace({"model.num_classes": num_classes_of(train_samples + val_samples)})
             if train_set is None:
                 train_set = CellDataset(train_samples, build_train_transforms(cfg.data.augment), cache=cfg.data.cache,
                                         copy_paste=build_copy_paste(cfg.data.augment, cfg.model.num_classes))
@@ -178,6 +180,8 @@ class Trainer:
                 val_set = CellDataset(val_samples, None, cache=cfg.data.cache)
         self.train_set: Dataset = train_set
         self.val_set: Dataset = val_set
+        if cfg.model.num_classes is None:
+            cfg = self.cfg = cfg.replace({"model.num_classes": self._classes_of_datasets()})
         cfg = self.cfg = resolve_auto_scale(cfg, train_set, log=self._log)  # model.scale: auto -> a number
 
         if model is None:
@@ -213,6 +217,13 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------
     # hooks
+
+    def _classes_of_datasets(self) -> int:
+        datasets = [d for d in (self.train_set, self.val_set) if isinstance(d, CellDataset)]
+        if not datasets:
+            raise ConfigError("model.num_classes: not set, and the datasets passed in do not say how many classes "
+                              "there are (only CellDatasets do); set model.num_classes")
+        return num_classes_of([s for d in datasets for s in d.samples])
 
     def register_hooks(self, hooks: Iterable[Hook]) -> None:
         """Add hooks; all hooks are kept sorted by ``priority`` (stable: ties keep their order)."""

@@ -45,7 +45,7 @@ class ErrorAnalysis:
         gt: COCO ground truth with masks (json path, dict, pycocotools ``COCO`` or
             :class:`~cellkit.evaluation.inputs.GroundTruth`).
         predictions: COCO result dicts with RLE ``segmentation``, or a json path to a list of them.
-        num_classes: categories ``1..num_classes``.
+        num_classes: categories ``1..num_classes`` (None: the ground truth's categories).
         max_dets: detections per image and class that COCOeval keeps (as ``eval.max_dets``).
         backend: COCOeval implementation (``"auto"``, ``"pycocotools"``, ``"faster_coco_eval"``).
         iou_fg, iou_bg: TIDE's foreground and background IoU (0.5 / 0.1).
@@ -60,14 +60,14 @@ class ErrorAnalysis:
         self,
         gt: Any,
         predictions: Any,
-        num_classes: int = 4,
+        num_classes: int | None = None,
         max_dets: int = 1000,
         backend: str = "auto",
         iou_fg: float = 0.5,
         iou_bg: float = 0.1,
     ) -> None:
         self.ground, self.predictions, self.n_dropped = prepare(gt, predictions, num_classes)
-        self.num_classes = num_classes
+        self.num_classes: int = self.ground.num_classes
         self.max_dets = max_dets
         self.backend = backend
         self.iou_fg, self.iou_bg = iou_fg, iou_bg

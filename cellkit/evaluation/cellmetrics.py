@@ -182,7 +182,7 @@ def cell_metrics(
     predictions: Any,
     iou_threshold: float = 0.5,
     score_threshold: float = 0.5,
-    num_classes: int = 4,
+    num_classes: int | None = None,
 ) -> CellMetrics:
     """Precision, recall, F1 and TP/(TP+FP+FN) per class and overall at one IoU threshold.
 
@@ -194,7 +194,7 @@ def cell_metrics(
         score_threshold: predictions scoring below this are left out (default 0.5: cell tools
             report a fixed operating point, unlike AP, which ranks all scores; a near-zero
             threshold, right for AP, would count every low-confidence detection as a FP here).
-        num_classes: categories ``1..num_classes``.
+        num_classes: categories ``1..num_classes`` (None: the ground truth's categories).
 
     Returns:
         A :class:`CellMetrics`. Crowd instances (``iscrowd=1``) are left out of the ground truth.

@@ -231,7 +231,7 @@ def coco_evaluate(
     iou_type: IouType = "segm",
     max_dets: int = 1000,
     backend: Backend = "pycocotools",
-    num_classes: int = 4,
+    num_classes: int | None = None,
 ) -> EvalResult:
     """COCO AP of ``predictions`` against ``gt`` with up to ``max_dets`` detections per image and class.
 
@@ -263,7 +263,7 @@ def evaluate_predictions(
     iou_types: Sequence[IouType] = ("segm", "bbox"),
     max_dets: int = 1000,
     backend: Backend = "pycocotools",
-    num_classes: int = 4,
+    num_classes: int | None = None,
     cell_metrics: bool = True,
     iou_threshold: float = 0.5,
     score_threshold: float = 0.5,

@@ -239,7 +239,7 @@ def compare_predictions(
     predictions_a: Any,
     predictions_b: Any,
     names: Sequence[str] = ("A", "B"),
-    num_classes: int = 4,
+    num_classes: int | None = None,
     max_dets: int = 1000,
     backend: str = "auto",
     iou: float = 0.5,
@@ -250,7 +250,7 @@ def compare_predictions(
         gt: COCO ground truth with masks (json path, dict, pycocotools ``COCO``, ``GroundTruth``).
         predictions_a, predictions_b: COCO result dicts with RLE masks, or json paths to lists of them.
         names: what to call the two runs.
-        num_classes: categories ``1..num_classes``.
+        num_classes: categories ``1..num_classes`` (None: the ground truth's categories).
         max_dets: detections per image and class COCOeval keeps (as ``eval.max_dets``).
         backend: COCOeval implementation (``"auto"``, ``"pycocotools"``, ``"faster_coco_eval"``).
         iou: the IoU at which a prediction finds a cell (0.5: the scored metric).

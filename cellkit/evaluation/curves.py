@@ -21,7 +21,7 @@ def pr_curves(
     predictions: Any,
     iou: float = 0.5,
     max_dets: int = 1000,
-    num_classes: int = 4,
+    num_classes: int | None = None,
     backend: str = "auto",
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-class precision-recall curves, straight from COCOeval's ``eval["precision"]``.
@@ -63,7 +63,7 @@ def ap50_vs_score_threshold(
     predictions: Any,
     thresholds: Sequence[float] = DEFAULT_SCORE_THRESHOLDS,
     max_dets: int = 1000,
-    num_classes: int = 4,
+    num_classes: int | None = None,
     backend: str = "auto",
 ) -> list[ThresholdPoint]:
     """segm AP50 (``coco_evaluate``) of the predictions kept at each score threshold.

@@ -35,7 +35,7 @@ class COCOEvaluator:
         iou_types: ``("segm",)``, ``("bbox",)`` or both.
         max_dets: detections per image and class COCOeval keeps.
         backend: COCOeval implementation.
-        num_classes: categories ``1..num_classes``.
+        num_classes: categories ``1..num_classes`` (None: the ground truth's categories).
         cell_metrics: add precision/recall/F1 at ``iou_threshold`` (scores >= ``score_threshold``).
     """
 
@@ -45,7 +45,7 @@ class COCOEvaluator:
         iou_types: Sequence[str] = ("segm",),
         max_dets: int = 1000,
         backend: str = "auto",
-        num_classes: int = 4,
+        num_classes: int | None = None,
         cell_metrics: bool = False,
         iou_threshold: float = 0.5,
         score_threshold: float = 0.5,

@@ -97,6 +97,11 @@ class GroundTruth:
         return sorted(int(c["id"]) for c in self.dataset["categories"])
 
     @property
+    def num_classes(self) -> int:
+        """The highest category id (classes are ``1..num_classes``; ids need not all have cells)."""
+        return max(self.category_ids)
+
+    @property
     def category_names(self) -> dict[int, str]:
         """Category id -> name (``class1`` ... for cellkit ground truth)."""
         return {int(c["id"]): str(c.get("name", f"class{c['id']}")) for c in self.dataset["categories"]}
@@ -112,12 +117,13 @@ class GroundTruth:
         return self.coco
 
 
-def load_ground_truth(gt: Any, num_classes: int = 4, need_masks: bool = True) -> GroundTruth:
+def load_ground_truth(gt: Any, num_classes: int | None = None, need_masks: bool = True) -> GroundTruth:
     """Read and validate COCO ground truth.
 
     Args:
         gt: a path to a COCO json, a COCO dict, a pycocotools ``COCO`` or a :class:`GroundTruth`.
-        num_classes: categories must have ids in ``1..num_classes``.
+        num_classes: categories must have ids in ``1..num_classes`` (None: any id of at least 1;
+            the ground truth says which classes there are).
         need_masks: every annotation must have a ``segmentation`` (segm evaluation, cell metrics).
 
     Returns:
@@ -147,14 +153,14 @@ def load_ground_truth(gt: Any, num_classes: int = 4, need_masks: bool = True) ->
         if not isinstance(data.get(key), list):
             raise DataError(source, f"not COCO ground truth: no '{key}' list")
     if not data["categories"]:
-        raise DataError(source, "'categories' is empty (cellkit ground truth has categories 1..4)")
+        raise DataError(source, "'categories' is empty (cellkit ground truth has categories 1..K, one per class)")
     notes: list[str] = []
     cat_ids = set()
     for i, c in enumerate(data["categories"]):
         if not isinstance(c, Mapping) or not is_int(c.get("id")):
             raise DataError(source, f"category {i} has no integer id: {c!r}")
-        if not 1 <= int(c["id"]) <= num_classes:
-            raise DataError(source, f"category id {c['id']} is outside 1..{num_classes}")
+        if int(c["id"]) < 1 or (num_classes is not None and int(c["id"]) > num_classes):
+            raise DataError(source, f"category id {c['id']} is outside 1..{num_classes if num_classes is not None else 'K'}")
         cat_ids.add(int(c["id"]))
     images: dict[int, dict[str, Any]] = {}
     for i, im in enumerate(data["images"]):
@@ -251,7 +257,7 @@ def load_predictions(predictions: Any) -> list[Any]:
 def sanitize_predictions(
     preds: Iterable[Any],
     gt_images: Mapping[int, Mapping[str, Any]] | Sequence[Mapping[str, Any]],
-    num_classes: int = 4,
+    num_classes: int | None = None,
     iou_type: str = "segm",
     category_ids: Iterable[int] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
@@ -283,6 +289,8 @@ def sanitize_predictions(
         sizes = {int(k): (int(v["height"]), int(v["width"])) for k, v in gt_images.items()}
     else:
         sizes = {int(im["id"]): (int(im["height"]), int(im["width"])) for im in gt_images}
+    if category_ids is None and num_classes is None:
+        raise ValueError("sanitize_predictions needs num_classes or category_ids")
     valid_cats = set(int(c) for c in category_ids) if category_ids is not None else set(range(1, num_classes + 1))
     dropped = dict.fromkeys(DROP_REASONS, 0)
     kept: list[dict[str, Any]] = []
@@ -456,7 +464,7 @@ def short_repr(x: Any, n: int = 120) -> str:
 
 
 def prepare(
-    gt: Any, predictions: Any, num_classes: int = 4, iou_type: str = "segm"
+    gt: Any, predictions: Any, num_classes: int | None = None, iou_type: str = "segm"
 ) -> tuple[GroundTruth, list[dict[str, Any]], dict[str, int]]:
     """Ground truth and sanitised predictions, read once (every evaluation function accepts them again).
 
@@ -464,7 +472,7 @@ def prepare(
         gt: COCO ground truth (json path, dict, pycocotools ``COCO`` or :class:`GroundTruth`);
             with masks when ``iou_type`` is ``"segm"``.
         predictions: COCO result dicts, or a json path to a list of them.
-        num_classes: categories ``1..num_classes``.
+        num_classes: categories ``1..num_classes`` (None: the ground truth's categories).
 
     Returns:
         ``(ground, kept, dropped)``: the validated ground truth, the predictions

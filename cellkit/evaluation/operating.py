@@ -90,7 +90,7 @@ def confusion_matrix(
     predictions: Any,
     iou: float = 0.5,
     score_thresh: float = 0.5,
-    num_classes: int = 4,
+    num_classes: int | None = None,
 ) -> np.ndarray:
     """Class confusion of matched cells: predictions matched to instances of *any* class.
 
@@ -106,10 +106,10 @@ def confusion_matrix(
         class p; the corner is 0.
     """
     ground, kept, _ = prepare(gt, predictions, num_classes)
-    return confusion_from(operating_match(ground, kept, iou, score_thresh, same_class=False), num_classes)
+    return confusion_from(operating_match(ground, kept, iou, score_thresh, same_class=False), ground.num_classes)
 
 
-def confusion_from(om: OperatingMatch, num_classes: int = 4) -> np.ndarray:
+def confusion_from(om: OperatingMatch, num_classes: int) -> np.ndarray:
     """:func:`confusion_matrix` of a class-agnostic :class:`OperatingMatch` (``same_class=False``)."""
     if om.same_class:
         raise CellkitError("a confusion matrix needs a class-agnostic matching (same_class=False)")
@@ -179,7 +179,7 @@ def recall_by_size(
     bins: Sequence[float] = DEFAULT_SIZE_BINS,
     iou: float = 0.5,
     score_thresh: float = 0.5,
-    num_classes: int = 4,
+    num_classes: int | None = None,
 ) -> SizeRecall:
     """Recall of ground-truth instances by their area (the annotation's ``area``, px^2).
 
@@ -248,7 +248,7 @@ def per_image(
     predictions: Any,
     iou: float = 0.5,
     score_thresh: float = 0.5,
-    num_classes: int = 4,
+    num_classes: int | None = None,
 ) -> list[ImageScore]:
     """TP/FP/FN, precision, recall and F1 of every ground-truth image, worst first.
 
@@ -288,7 +288,7 @@ def status_entries(
     image_id: int,
     iou: float = 0.5,
     score_thresh: float = 0.5,
-    num_classes: int = 4,
+    num_classes: int | None = None,
 ) -> list[dict[str, Any]]:
     """The cells of one image by status: TP and FP predictions, FN ground truth.
 

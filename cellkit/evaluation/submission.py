@@ -110,14 +110,14 @@ def _sizes_of(test_index: Any) -> dict[int, tuple[int, int]]:
 def check_submission(
     entries_or_path: Any,
     test_index: Any,
-    num_classes: int = 4,
+    num_classes: int | None = None,
     check_coverage: bool = True,
 ) -> list[Problem]:
     """Validate a submission entry by entry.
 
     Checks: the top level is a list; each entry is an object with ``image_id``, ``category_id``,
     ``score``, ``bbox`` and ``segmentation``; ``image_id`` is an integer id of the test index;
-    ``category_id`` an integer in ``1..num_classes``; ``score`` a finite number; ``bbox`` 4 finite
+    ``category_id`` an integer in ``1..num_classes`` (at least 1 when the number is not given); ``score`` a finite number; ``bbox`` 4 finite
     numbers ``[x, y, w, h]`` with ``w, h >= 0``; ``segmentation`` has ``size == [H, W]`` of that
     image and str ``counts`` that pycocotools decodes to that size. Warnings (the file is still
     valid): bboxes that look like ``[x1, y1, x2, y2]`` (reported when at least half the entries
@@ -128,7 +128,7 @@ def check_submission(
         entries_or_path: the parsed list or a path to the json (a ``.zip`` holding one json works).
         test_index: ``test_image_name_to_ids.json`` (path, or dataset folder), a list of
             :class:`~cellkit.data.layout.TestImage` or of its raw entries, or id -> (H, W).
-        num_classes: valid category ids are ``1..num_classes``.
+        num_classes: valid category ids are ``1..num_classes`` (None: any id of at least 1).
         check_coverage: warn about test images without predictions.
 
     Returns:
@@ -173,7 +173,7 @@ def _corner_boxes_if_systematic(problems: list[Problem], n_entries: int) -> list
 
 
 def _check_entry(
-    i: int, e: Any, sizes: Mapping[int, tuple[int, int]], num_classes: int, seen_images: set[int]
+    i: int, e: Any, sizes: Mapping[int, tuple[int, int]], num_classes: int | None, seen_images: set[int]
 ) -> list[Problem]:
     if not isinstance(e, Mapping):
         return [Problem(i, f"expected an object, got {type(e).__name__}")]
@@ -195,8 +195,8 @@ def _check_entry(
         c = e["category_id"]
         if not is_int(c):
             out.append(Problem(i, f"category_id must be an integer, got {c!r}"))
-        elif not 1 <= int(c) <= num_classes:
-            out.append(Problem(i, f"category_id {c} is outside 1..{num_classes}"))
+        elif int(c) < 1 or (num_classes is not None and int(c) > num_classes):
+            out.append(Problem(i, f"category_id {c} is outside 1..{num_classes if num_classes is not None else 'K'}"))
     if "score" in e:
         s = e["score"]
         if not _is_number(s):

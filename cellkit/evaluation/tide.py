@@ -190,7 +190,7 @@ def match_predictions(
     iou_fg: float = 0.5,
     iou_bg: float = 0.1,
     max_dets: int = 1000,
-    num_classes: int = 4,
+    num_classes: int | None = None,
 ) -> Matching:
     """TIDE's classification of every prediction and ground-truth instance (see the module docstring).
 
@@ -200,7 +200,7 @@ def match_predictions(
         iou_fg: mask IoU at which a prediction matches (0.5 for AP50).
         iou_bg: below this IoU with every instance a prediction is background.
         max_dets: predictions kept per image and class, highest scores first (as COCOeval).
-        num_classes: categories ``1..num_classes``.
+        num_classes: categories ``1..num_classes`` (None: the ground truth's categories).
 
     Returns:
         A :class:`Matching`; its true positives are COCOeval's at IoU ``iou_fg``.
@@ -417,7 +417,7 @@ def tide_decomposition(
     iou_fg: float = 0.5,
     iou_bg: float = 0.1,
     max_dets: int = 1000,
-    num_classes: int = 4,
+    num_classes: int | None = None,
     backend: str = "auto",
 ) -> ErrorReport:
     """TIDE's main and special error oracles, each AP computed by ``coco_evaluate``.
@@ -434,7 +434,7 @@ def tide_decomposition(
     return decompose(match_predictions(gt, predictions, iou_fg, iou_bg, max_dets, num_classes), backend, num_classes)
 
 
-def decompose(m: Matching, backend: str = "auto", num_classes: int = 4, base: "EvalResult | None" = None) -> ErrorReport:
+def decompose(m: Matching, backend: str = "auto", num_classes: int | None = None, base: "EvalResult | None" = None) -> ErrorReport:
     """:func:`tide_decomposition` of an existing :class:`Matching`.
 
     Args:

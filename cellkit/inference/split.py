@@ -11,9 +11,9 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from ..config import Config
-from ..data import CellDataset, build_coco, image_to_tensor, read_image, train_val_samples
+from ..data import CellDataset, build_coco, image_to_tensor, num_classes_of, read_image, train_val_samples
 from ..data.coco import coco_from_dataset
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..evaluation.coco import EvalReport, evaluate_predictions
 from ..models.checkpoint import model_from_checkpoint
 from ..models.devices import resolve_device
@@ -136,8 +136,11 @@ def predict_split(
         if gt_path is not None and gt_path.is_file():
             gt = str(gt_path)
         elif isinstance(dataset, CellDataset):
-            gt = build_coco(dataset.samples, cfg.model.num_classes, progress)
+            n = cfg.model.num_classes if cfg.model.num_classes is not None else num_classes_of(dataset.samples)
+            gt = build_coco(dataset.samples, n, progress)
         else:
+            if cfg.model.num_classes is None:
+                raise ConfigError("model.num_classes: set it to build the ground truth of this dataset")
             gt = coco_from_dataset(dataset, cfg.model.num_classes, progress)
     return SplitPrediction(cfg, dets, gt)
 

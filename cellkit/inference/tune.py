@@ -131,7 +131,7 @@ def tune_thresholds(
     nms_grid: Sequence[float | None] = DEFAULT_NMS_GRID,
     metric: str = "ap50",
     max_dets: int = 1000,
-    num_classes: int = 4,
+    num_classes: int | None = None,
     backend: str = "pycocotools",
     progress: bool = True,
     evaluate: Callable[..., Any] | None = None,

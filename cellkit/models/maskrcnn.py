@@ -64,6 +64,9 @@ def build_model(cfg: Config | ModelConfig) -> MaskRCNN:
     if m.scale == "auto":
         raise ConfigError("model.scale: auto is measured from the training cells when training starts "
                           "(cellkit.analysis.scale.resolve_auto_scale(cfg)); build_model needs a number")
+    if m.num_classes is None:
+        raise ConfigError("model.num_classes: not known yet; training reads it from the data "
+                          "(cellkit.data.resolve_num_classes(cfg)), or set it")
     path = weights_path(m.weights)
     spec = create_backbone(m)
     model = assemble(spec, m)
@@ -99,6 +102,8 @@ def assemble(spec: BackboneSpec, m: ModelConfig) -> MaskRCNN:
     if m.fpn_channels is not None:
         resize_fpn(spec.module, m.fpn_channels, m.backbone)
     out = spec.module.out_channels
+    if m.num_classes is None:
+        raise ConfigError("model.num_classes: not known yet; set it (training reads it from the data)")
     n_out = m.num_classes + 1
     v2 = spec.head == "v2"
     anchors = AnchorGenerator(sizes, (tuple(m.aspect_ratios),) * levels)

@@ -39,10 +39,13 @@ def backbone_table(cfg: Config | None = None, names: Sequence[str] | None = None
         ``tags`` and ``description`` where the config does not fit that backbone.
     """
     cfg = cfg if cfg is not None else load_config()
+    # the class-specific predictors hold a few thousand parameters per class; unset (read from the
+    # data when training starts), they are counted for one class
+    classes = cfg.model.num_classes if cfg.model.num_classes is not None else 1
     rows: list[dict[str, Any]] = []
     for name in list_backbones() if names is None else names:
         info = backbone_info(name)
-        m = cfg.replace({"model.backbone": name, "model.weights": "none"}).model
+        m = cfg.replace({"model.backbone": name, "model.weights": "none", "model.num_classes": classes}).model
         try:
             validate_model_config(m)
             with torch.device("meta"):
@@ -54,6 +57,7 @@ def backbone_table(cfg: Config | None = None, names: Sequence[str] | None = None
             "name": name,
             "trainable_params": count_trainable_parameters(model),
             "params": count_parameters(model),
+            "num_classes": classes,
             "head": info.head,
             "imagenet": str(info.imagenet) if info.imagenet else None,
             "coco": info.coco.name if info.coco else None,
@@ -101,6 +105,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     text = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     text.insert(1, "  ".join("-" * w for w in widths))
     text.append("")
+    counted = next((r["num_classes"] for r in rows if "num_classes" in r), None)
+    if counted is not None:
+        text.append(f"parameters with predictors for {counted} class(es) (--set model.num_classes=K for yours)")
     text.append("weights: --set model.weights=none|imagenet|coco|/path/to/file.pth (coco: the resnet50 rows; "
-                "attention layers and the 5-class predictors start fresh)")
+                "attention layers and the class predictors start fresh)")
     return "\n".join(text)

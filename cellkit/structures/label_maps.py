@@ -82,7 +82,7 @@ class LabelMaps:
     def nbytes(self) -> int:
         return int(self.layers.nbytes + self.labels.nbytes)
 
-    def class_counts(self, num_classes: int = 4) -> np.ndarray:
+    def class_counts(self, num_classes: int) -> np.ndarray:
         """``(num_classes,)`` int64 number of instances per class."""
         return np.bincount(self.labels[1:], minlength=num_classes + 1)[1:]
 

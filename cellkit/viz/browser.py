@@ -21,7 +21,7 @@ from PIL import Image
 
 from ..evaluation.inputs import gt_rle
 from ..structures.label_maps import MaskRegion
-from .overlay import CLASS_COLORS, COMPARE_COLORS, STATUS_COLORS, instances_from_coco, render
+from .overlay import COMPARE_COLORS, STATUS_COLORS, class_color, instances_from_coco, render
 
 
 @dataclass
@@ -103,7 +103,7 @@ class MaskBrowser:
         status_names: status -> legend label.
     """
 
-    def __init__(self, items: Sequence[BrowserItem], num_classes: int = 4, max_side: int = 720,
+    def __init__(self, items: Sequence[BrowserItem], num_classes: int, max_side: int = 720,
                  palette: dict[str, tuple[int, int, int]] | None = None,
                  status_names: dict[str, str] | None = None) -> None:
         if not items:
@@ -198,7 +198,7 @@ class MaskBrowser:
             ax.imshow(arr)
             ax.set_title(title, fontsize=9)
             ax.axis("off")
-        colors: dict[Any, tuple[int, int, int]] = CLASS_COLORS
+        colors: dict[Any, tuple[int, int, int]] = {k: class_color(k) for k in range(1, self.num_classes + 1)}
         if self.state["color_by"] == "status":
             colors = self.palette or STATUS_COLORS
         handles = [plt.Line2D([], [], color=np.array(c) / 255, lw=3,
@@ -217,7 +217,7 @@ class MaskBrowser:
         s = self.state
         picker = W.Dropdown(options=[(n, i) for i, n in enumerate(self.names())], value=s["index"], description="image")
         toggles = [W.ToggleButton(value=True, description=f"class {k}", layout=W.Layout(width="80px"),
-                                  style={"text_color": "#%02x%02x%02x" % CLASS_COLORS.get(k, (60, 60, 60)),
+                                  style={"text_color": "#%02x%02x%02x" % class_color(k),
                                          "font_weight": "bold"})
                    for k in range(1, self.num_classes + 1)]
         mode = W.ToggleButtons(options=["outline", "fill", "both"], value=s["mode"], description="draw")
@@ -302,7 +302,7 @@ def comparison_browser(dataset: Any, comparison: Any, image_ids: Sequence[int] |
         note = (f"{a} only {d.a_only}, {b} only {d.b_only}, both {d.both}, neither {d.neither}" if d else "")
         items.append(BrowserItem(dataset.samples[i].name, lambda i=i: dataset.load(i)[0], load_gt, None, note))
     names = {"both": "both", "a_only": f"{a} only", "b_only": f"{b} only", "neither": "neither"}
-    return MaskBrowser(items, num_classes=len(comparison.ground.category_ids), palette=COMPARE_COLORS,
+    return MaskBrowser(items, num_classes=comparison.ground.num_classes, palette=COMPARE_COLORS,
                        status_names=names)
 
 

@@ -54,7 +54,7 @@ def plot_copy_paste(ds: CellDataset, indices: Sequence[int], seed: int = 0) -> F
         axes[0, col].imshow(render(_uint8(plain), target_regions(plain_t), mode="outline"))
         axes[0, col].set_title(f"crop: {len(plain_t['labels'])} cells", fontsize=9)
         new = target_regions(target, n0)
-        by_class = ", ".join(f"c{k} {sum(r.label == k for r in new)}" for k in (1, 2, 3, 4) if any(r.label == k for r in new))
+        by_class = ", ".join(f"c{k} {sum(r.label == k for r in new)}" for k in sorted({r.label for r in new}))
         axes[1, col].imshow(drawn)
         axes[1, col].set_title(f"+{len(new)} pasted ({by_class})\n{len(target['labels']) - len(new)} kept", fontsize=9)
         for ax in axes[:, col]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
+import matplotlib.pyplot as plt
 import numpy as np
 import scipy.ndimage as ndi
 from pycocotools import mask as mask_utils
@@ -20,6 +21,15 @@ CLASS_COLORS: dict[int, tuple[int, int, int]] = {
     3: (0, 176, 255),  # blue
     4: (255, 23, 68),  # red
 }
+"""The first four classes' colours; :func:`class_color` continues with matplotlib's tab10."""
+_MORE_COLORS = [tuple(int(round(255 * c)) for c in rgb) for rgb in plt.get_cmap("tab10").colors]
+
+
+def class_color(k: int) -> tuple[int, int, int]:
+    """The RGB colour of class ``k`` (1-based; any number of classes)."""
+    if k in CLASS_COLORS:
+        return CLASS_COLORS[k]
+    return _MORE_COLORS[(k - len(CLASS_COLORS) - 1) % len(_MORE_COLORS)]  # type: ignore[return-value]
 STATUS_COLORS: dict[str, tuple[int, int, int]] = {"tp": (0, 230, 118), "fp": (255, 23, 68), "fn": (0, 176, 255)}
 COMPARE_COLORS: dict[str, tuple[int, int, int]] = {
     "both": (0, 230, 118),  # green: found by both runs
@@ -48,7 +58,7 @@ def render(
     image: np.ndarray,
     instances: Sequence[MaskRegion],
     mode: str = "outline",
-    classes: Iterable[int] = (1, 2, 3, 4),
+    classes: Iterable[int] | None = None,
     color_by: str = "class",
     alpha: float = 0.45,
     min_score: float = 0.0,
@@ -60,7 +70,7 @@ def render(
         image: ``(H, W, 3)`` uint8 (uint16 is scaled to uint8).
         instances: what to draw.
         mode: "outline", "fill" or "both".
-        classes: classes to show.
+        classes: classes to show (None: all).
         color_by: "class" (:data:`CLASS_COLORS`) or "status" (``palette``, by default
             :data:`STATUS_COLORS`: TP green, FP red, FN blue; :data:`COMPARE_COLORS` for a comparison).
         alpha: fill opacity.
@@ -74,13 +84,13 @@ def render(
     if image.dtype == np.uint16:
         out /= 257.0
     h, w = out.shape[:2]
-    shown = set(classes)
+    shown = None if classes is None else set(classes)
     by_status = STATUS_COLORS if palette is None else palette
     for inst in instances:
-        if inst.label not in shown or inst.score < min_score:
+        if (shown is not None and inst.label not in shown) or inst.score < min_score:
             continue
-        color = np.asarray(by_status.get(inst.status or "", CLASS_COLORS.get(inst.label, (255, 255, 255)))
-                           if color_by == "status" else CLASS_COLORS.get(inst.label, (255, 255, 255)), np.float32)
+        color = np.asarray(by_status.get(inst.status or "", class_color(inst.label))
+                           if color_by == "status" else class_color(inst.label), np.float32)
         mh, mw = inst.mask.shape
         y0, x0 = max(inst.top, 0), max(inst.left, 0)
         y1, x1 = min(inst.top + mh, h), min(inst.left + mw, w)

@@ -8,11 +8,11 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..analysis.stats import DatasetStats
-from .overlay import CLASS_COLORS, render
+from .overlay import class_color, render
 
 
 def _color(k: int) -> tuple[float, ...]:
-    return tuple(c / 255 for c in CLASS_COLORS.get(k, (128, 128, 128)))
+    return tuple(c / 255 for c in class_color(k))
 
 
 def plot_dataset_stats(stats: DatasetStats) -> Figure:
@@ -67,11 +67,12 @@ def plot_examples(dataset: Any, picks: dict[str, int] | Sequence[int], mode: str
     for ax, (title, i) in zip(axes[0], picks.items()):
         image, maps = dataset.load(i)
         ax.imshow(render(image, list(maps.regions()), mode=mode))
-        counts = maps.class_counts()
+        counts = maps.class_counts(max(int(maps.labels.max()), 1))
         ax.set_title(f"{title}: {image.shape[0]}x{image.shape[1]} px, {counts.sum()} cells\n"
                      + " ".join(f"c{k + 1}:{n}" for k, n in enumerate(counts)), fontsize=9)
         ax.axis("off")
-    handles = [plt.Line2D([], [], color=_color(k), lw=3, label=f"class {k}") for k in CLASS_COLORS]
+    classes = sorted({int(k) for i in picks.values() for k in dataset.load(i)[1].labels[1:]}) or [1]
+    handles = [plt.Line2D([], [], color=_color(k), lw=3, label=f"class {k}") for k in classes]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     return fig
