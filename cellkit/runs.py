@@ -29,7 +29,9 @@ name of a run). A run directory holds::
 - **a guard**: a folder that holds a previous run (:data:`RUN_MARKERS`) is refused unless the
   caller resumes it (``resume=True``, ``--resume``) or replaces it (``overwrite=True``,
   ``--overwrite``), which first deletes the previous run's outputs (:data:`RUN_OUTPUTS`; other
-  files stay).
+  files stay). Resuming a run that has no ``checkpoints/last.pth`` is refused too (it would
+  start from scratch over the old run's best.pth and metrics), and so is resuming with a key
+  changed that cannot change mid-run (:func:`check_resume_config`; :data:`RESUMABLE_KEYS` can).
 - the clean-up of temporary files a killed process left in ``checkpoints/``, done only while
   holding the lock.
 
@@ -49,6 +51,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .config import Config, load_config
+from .documents import loads_json, short
+from .documents import read_json as read_document
 from .errors import ConfigError, DataError
 from .outputs import check_writable_dir
 
@@ -161,10 +165,10 @@ class RunDir:
 
 
 def read_json(path: PathLike) -> Any:
-    """A JSON file's content, or None when it is missing or unreadable."""
+    """A JSON file's content, or None when it is missing, unreadable or hostile (:mod:`cellkit.documents`)."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+        return read_document(path)
+    except DataError:
         return None
 
 
@@ -176,8 +180,8 @@ def read_history(run_dir: PathLike) -> list[dict[str, Any]]:
     rows = []
     for line in path.read_text().splitlines():
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
+            rows.append(loads_json(line, path))
+        except DataError:  # a line cut short (or hostile): skipped
             continue
     return rows
 
@@ -373,6 +377,51 @@ def _guard(run: Path, resume: bool, overwrite: bool) -> None:
     if found and not (resume or overwrite):
         raise DataError(run, f"holds a previous run ({', '.join(found)}); continue it with --resume (resume=True), "
                              "replace it with --overwrite (overwrite=True), or choose another folder")
+    last = RunDir(run).checkpoint("last")
+    if found and resume and not last.is_file():
+        raise DataError(last, f"nothing to resume from: the run holds {', '.join(found)} but no "
+                              f"{CHECKPOINTS}/last.pth; start again with --overwrite, or choose another folder")
+
+
+RESUMABLE_KEYS = ("name", "data.root", "data.num_workers", "data.cache", "train.epochs", "train.device",
+                  "train.eval_every", "train.early_stop_decays", "train.early_stop_patience", "train.max_nonfinite",
+                  "train.tensorboard", "train.tensorboard_images", "eval.backend", "eval.bootstrap",
+                  "eval.bootstrap_seed")
+"""The config keys a resumed run may change (more epochs, the data moved, another device); any
+other change (the optimiser, the learning rate, the model, the split, the augmentation) would
+make the checkpoint's state or the epochs before it mean something else."""
+
+
+def check_resume_config(stored: Any, cfg: Config) -> None:
+    """Refuse to resume a run whose checkpoint was trained with another value of a key outside
+    :data:`RESUMABLE_KEYS`.
+
+    Args:
+        stored: the config dict the checkpoint holds (``Config.to_dict()`` of the run).
+        cfg: the config the resumed run would use.
+
+    Raises:
+        ConfigError: naming the first changed key, both values and the keys that can change.
+    """
+    if not isinstance(stored, dict):
+        return
+    old = _flatten(stored)
+    for key, value in cfg.flat().items():
+        if key in RESUMABLE_KEYS or key not in old or old[key] == value:
+            continue  # a key missing from the checkpoint came with a later cellkit
+        raise ConfigError(f"{key} cannot change when resuming (the run has {short(old[key], 30)}, now "
+                          f"{short(value, 30)}); keys that can: train.epochs, train.eval_every, early stopping, "
+                          "train.device, data.root, data.num_workers; or start again with --overwrite")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
 
 
 def clear_run(run_dir: PathLike) -> list[Path]:

@@ -43,6 +43,7 @@ def _check_round_trip(root: Path, gt_path: Path) -> int:
     return checked
 
 
+@pytest.mark.slow
 def test_convert_real_fixture_round_trip(fixture_root: Path, tmp_path: Path) -> None:
     train, val = convert(fixture_root, tmp_path, val_fraction=0.0, progress=False)
     assert _check_round_trip(fixture_root, train) == 161

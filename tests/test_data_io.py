@@ -150,7 +150,8 @@ def test_folder_problems(fixture_copy: Path, tmp_path: Path) -> None:
     shutil.rmtree(fixture_copy / "train" / "empty-folder")
     shutil.copy(fixture_copy / SAMPLE / "class1.tif", fixture_copy / SAMPLE / "class5.tif")
     with pytest.raises(DataError, match=r"class5.tif: class 5 is outside 1..4"):
-        scan_train(fixture_copy)
+        scan_train(fixture_copy, 4)
+    assert {k for s in scan_train(fixture_copy) for k in s.class_paths} == {1, 2, 5}  # no number given: any class
     (tmp_path / "nodata" / "train").mkdir(parents=True)
     with pytest.raises(DataError, match="no image folders"):
         scan_train(tmp_path / "nodata")

@@ -15,6 +15,7 @@ import matplotlib
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
+import tidecv
 from perturb import perturb_predictions, prediction
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -164,6 +165,7 @@ def test_constructed_errors_are_counted(constructed: dict, name: str) -> None:
     assert int(np.sum(m.gt_kind == "tp")) == gt_roles["tp"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["real", "synth"])
 def test_oracles_equal_ap_of_the_fixed_construction(constructed: dict, name: str) -> None:
     gt, preds, exp = constructed[name]
@@ -344,10 +346,10 @@ def test_decomposition_at_iou_075_is_on_the_ap75_scale(real_gt: dict) -> None:
     assert rep.counts["tp"] < tide_decomposition(real_gt, preds).counts["tp"]  # a stricter threshold
 
 
+@pytest.mark.slow
 def test_counts_equal_tidecv(synth_gt: dict) -> None:
-    """Same error counts as the reference implementation (when it is installed; it is not a
-    dependency). tidecv skips images without ground truth, whose predictions are all background here."""
-    tidecv = pytest.importorskip("tidecv")
+    """Same error counts as the reference implementation (tidecv, in the dev extra and the lock).
+    tidecv skips images without ground truth, whose predictions are all background here."""
     preds = perturb_predictions(synth_gt, seed=8, fp_per_image=8)
     g, p = tidecv.Data("gt", max_dets=10_000), tidecv.Data("pred", max_dets=10_000)
     for a in synth_gt["annotations"]:
@@ -483,6 +485,7 @@ def test_scores_and_threshold_curve(real_gt: dict) -> None:
 # one object for the whole analysis
 
 
+@pytest.mark.slow
 def test_error_analysis_answers_from_one_matching(constructed: dict) -> None:
     gt, preds, _ = constructed["synth"]
     ea = ErrorAnalysis(gt, preds, max_dets=1000, backend="pycocotools")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import cellkit
+from cellkit.errors import DataError
 from cellkit.outputs import write_atomic, write_json
 
 
@@ -36,7 +37,7 @@ def test_write_atomic_takes_text_and_bytes_and_cleans_up_on_error(tmp_path: Path
     assert write_atomic(tmp_path / "t.txt", "héllo\n").read_text(encoding="utf-8") == "héllo\n"
     assert write_atomic(tmp_path / "b.bin", b"\x00\x01").read_bytes() == b"\x00\x01"
     (tmp_path / "dir").mkdir()
-    with pytest.raises(OSError):  # a folder cannot be replaced by a file
+    with pytest.raises(DataError, match="dir: cannot write"):  # a folder cannot be replaced by a file
         write_atomic(tmp_path / "dir", "x")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.bin", "dir", "t.txt"]
 

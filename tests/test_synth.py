@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tifffile
 
 from cellkit.data import load_sample, read_test_index, scan_train, write_synthetic
@@ -46,6 +47,7 @@ def test_deterministic_for_a_seed(tmp_path: Path) -> None:
         assert x.class_paths.keys() == y.class_paths.keys()
 
 
+@pytest.mark.slow
 def test_classes_are_imbalanced_and_differ_in_size_and_colour() -> None:
     counts = np.zeros(5)
     area = {k: [] for k in range(1, 5)}

@@ -10,15 +10,20 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from ..outputs import (
+    check_replaceable,
     check_writable_dir,
+    read_head,
+    write_files_together,
     write_json,  # noqa: F401  (re-exported: the one atomic JSON writer lives in cellkit.outputs)
-    write_texts_together,
 )
 from ..progress import bar
 from ..structures.label_maps import LabelMaps
 from ..structures.rle import encode_mask
 from .instances import load_sample
 from .layout import TrainSample, num_classes_of, scan_train, split_samples
+
+GT_FILES = ("train_gt.json", "val_gt.json")
+"""What :func:`convert` writes, together."""
 
 
 def categories(num_classes: int) -> list[dict[str, Any]]:
@@ -83,19 +88,29 @@ def convert(
 
     The split is :func:`cellkit.data.layout.split_samples` with the same fraction and seed that
     training uses, so ``val_gt.json`` is exactly what a run validates on. Both files are built in
-    memory and then replaced together (:func:`cellkit.outputs.write_texts_together`): a bad image,
-    an error or Ctrl-C leaves the previous pair untouched, never a new train file beside a stale
-    val file of another split.
+    memory and then replaced as one change (:func:`cellkit.outputs.write_files_together`): a bad
+    image, an error, a full disk, Ctrl-C or kill -9 leaves the previous pair, never a new train
+    file beside a stale val file of another split.
 
     Raises:
-        DataError: ``out`` cannot be written (checked first), or a dataset file is bad.
+        DataError: ``out`` cannot be written, or holds a ``train_gt.json``/``val_gt.json`` that is
+            not COCO ground truth (checked first); a dataset file is bad; the disk is full.
         ConfigError: ``val_fraction`` outside [0, 1).
     """
     out = check_writable_dir(out)
+    for name in GT_FILES:
+        check_replaceable(out / name, "COCO ground-truth file", looks_like_coco)
     samples = scan_train(root, num_classes)
     num_classes = num_classes if num_classes is not None else num_classes_of(samples)
     train, val = split_samples(samples, val_fraction, seed)
-    texts = {out / "train_gt.json": json.dumps(build_coco(train, num_classes, progress)),
-             out / "val_gt.json": json.dumps(build_coco(val, num_classes, progress))}
-    train_path, val_path = write_texts_together(texts)
+    texts = {out / GT_FILES[0]: json.dumps(build_coco(train, num_classes, progress)),
+             out / GT_FILES[1]: json.dumps(build_coco(val, num_classes, progress))}
+    train_path, val_path = write_files_together(texts)
     return train_path, val_path
+
+
+def looks_like_coco(path: Path) -> bool:
+    """Whether an existing file is COCO ground truth (a JSON object with ``images``,
+    ``annotations`` or ``categories`` in its first bytes), e.g. from an earlier ``convert``."""
+    head = read_head(path).lstrip()
+    return head.startswith(b"{") and any(k in head for k in (b'"images"', b'"annotations"', b'"categories"'))

@@ -1,16 +1,20 @@
-"""Reading the dataset's TIFF files, with errors that name the file and the problem."""
+"""Reading the dataset's TIFF files (and PNG images), with errors that name the file and the problem."""
 from __future__ import annotations
 
 import logging
 import os
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import tifffile
 
 from ..errors import DataError
 
 PathLike = str | os.PathLike[str]
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
+"""The image files :func:`read_image` reads (TIFF through tifffile, PNG through imagecodecs)."""
 
 # tifffile logs its own complaint about broken files before returning nothing; we raise instead
 logging.getLogger("tifffile").setLevel(logging.ERROR)
@@ -48,6 +52,19 @@ def _read_tiff(path: PathLike) -> np.ndarray:
     return arr
 
 
+def _read_png(path: Path) -> np.ndarray:
+    """A PNG's pixels as stored: 16-bit PNGs stay uint16 (Pillow reads 16-bit RGB as 8-bit)."""
+    if not path.is_file():
+        raise _missing(path)
+    try:
+        arr = imagecodecs.png_decode(path.read_bytes())
+    except Exception as e:  # imagecodecs raises PngError (and others) for broken files
+        raise DataError(path, f"cannot read PNG ({type(e).__name__}: {e}); the file may be truncated or not a PNG") from None
+    if arr.size == 0:
+        raise DataError(path, "PNG decoded to an empty array")
+    return arr
+
+
 def tiff_shape(path: PathLike) -> tuple[int, int]:
     """(height, width) of a single-page TIFF, read from its header without decoding the pixels."""
     path = Path(path)
@@ -65,10 +82,12 @@ def tiff_shape(path: PathLike) -> tuple[int, int]:
 
 
 def read_image(path: PathLike) -> np.ndarray:
-    """Read an image TIFF as RGB.
+    """Read an image TIFF (or a PNG, by its suffix) as RGB, without changing its values.
 
     Accepts RGBA, RGB and grey, uint8 or uint16 (or float in [0, 1], stored as uint16), in
-    contiguous or planar layout. Alpha is dropped; grey is repeated to 3 channels.
+    contiguous or planar layout. Alpha is dropped; grey is repeated to 3 channels. 16-bit images
+    keep their 16 bits (how they become the model's [0, 1] input is ``data.intensity``, see
+    :mod:`cellkit.data.intensity`).
 
     Returns:
         ``(H, W, 3)`` array of dtype uint8 or uint16.
@@ -76,7 +95,7 @@ def read_image(path: PathLike) -> np.ndarray:
     Raises:
         DataError: missing, unreadable or truncated file; a multi-page TIFF; unsupported shape or dtype.
     """
-    arr = _read_tiff(path)
+    arr = _read_png(Path(path)) if Path(path).suffix.lower() == ".png" else _read_tiff(path)
     if arr.ndim == 3 and arr.shape[0] in (1, 2, 3, 4) and arr.shape[-1] not in (1, 2, 3, 4):
         arr = np.moveaxis(arr, 0, -1)  # planar (samples, H, W)
     if arr.ndim == 2:
@@ -107,7 +126,8 @@ def read_label_map(path: PathLike, shape: tuple[int, int] | None = None) -> np.n
         shape: the (H, W) of its image; a different shape is an error.
 
     Returns:
-        ``(H, W)`` int64 array of the original (non-contiguous) instance ids.
+        ``(H, W)`` int64 array of the original (non-contiguous) instance ids; ids of 2**63 and more
+        (uint64 or float maps) are numbered 1..N in their order instead (0 stays background).
 
     Raises:
         DataError: unreadable file, shape mismatch, NaN/infinite, negative or non-integer ids.
@@ -128,10 +148,13 @@ def read_label_map(path: PathLike, shape: tuple[int, int] | None = None) -> np.n
         frac = arr != np.round(arr)
         if frac.any():
             raise DataError(path, f"label map has non-integer ids (e.g. {arr[frac][0]!r}); ids must be whole numbers")
-        if arr.max() > np.iinfo(np.int64).max:
-            raise DataError(path, "label map ids are too large for integers")
     elif not np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_:
         raise DataError(path, f"unsupported label map dtype {arr.dtype}")
     if arr.min() < 0:
         raise DataError(path, f"label map has negative ids (min {arr.min():g}); ids must be >= 0")
+    if arr.dtype in (np.uint64, np.float64, np.float32) and arr.max() >= 2**63:
+        # ids past int64 (uint64 near 2**64, floats near 2**63) would wrap to negative numbers and
+        # make the background a cell: number them 1..N in their order instead (0 stays background)
+        ids, inverse = np.unique(arr, return_inverse=True)
+        return (inverse.reshape(arr.shape) + int(ids[0] != 0)).astype(np.int64)
     return arr.astype(np.int64, copy=False)

@@ -1,7 +1,6 @@
 """The dataset layout (``train/<id>/image.tif``, ``classK.tif``, ``test_release/``) and its index."""
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -9,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..documents import read_json, short
 from ..errors import ConfigError, DataError
 from .io import PathLike, tiff_shape
 
@@ -110,8 +110,8 @@ def declared_num_classes(root: PathLike) -> int | None:
     if not info.is_file():
         return None
     try:
-        n = json.loads(info.read_text()).get("n_classes", 4)
-    except (OSError, ValueError, AttributeError):
+        n = read_json(info, "synth_info.json").get("n_classes", 4)
+    except (DataError, AttributeError):
         return None
     return n if isinstance(n, int) and n >= 1 else None
 
@@ -130,12 +130,7 @@ def read_test_index(root: PathLike, check_files: bool = True) -> list[TestImage]
     """
     root = Path(root).expanduser()
     index = root / TEST_INDEX
-    if not index.is_file():
-        raise DataError(index, "test index not found")
-    try:
-        entries = json.loads(index.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(index, f"not valid JSON ({e})") from None
+    entries = read_json(index, "test index")  # limits on size, depth and integer digits
     if not isinstance(entries, list):
         raise DataError(index, "expected a list of {file_name, id, height, width} entries")
     folder = root / "test_release"
@@ -144,19 +139,19 @@ def read_test_index(root: PathLike, check_files: bool = True) -> list[TestImage]
     seen_names: dict[str, int] = {}
     for i, e in enumerate(entries):
         if not isinstance(e, dict) or not {"file_name", "id", "height", "width"} <= set(e):
-            raise DataError(index, f"entry {i} must have file_name, id, height and width, got {e!r}")
+            raise DataError(index, f"entry {i} must have file_name, id, height and width, got {short(e)}")
         if not all(isinstance(e[k], int) and not isinstance(e[k], bool) for k in ("id", "height", "width")):
-            raise DataError(index, f"entry {i}: id, height and width must be integers, got {e!r}")
+            raise DataError(index, f"entry {i}: id, height and width must be integers, got {short(e)}")
         name = e["file_name"]
         if not isinstance(name, str) or not name.strip() or Path(name).name != name or name in (".", ".."):
             raise DataError(index, f"entry {i}: file_name must be the name of a file in test_release/ (a string), "
-                                   f"got {name!r}")
+                                   f"got {short(name)}")
         if e["height"] < 1 or e["width"] < 1:
             raise DataError(index, f"entry {i}: height and width must be at least 1, got {e['height']} x {e['width']}")
         if e["id"] in seen_ids:
             raise DataError(index, f"duplicate id {e['id']} (entries {seen_ids[e['id']]} and {i})")
         if e["file_name"] in seen_names:
-            raise DataError(index, f"duplicate file_name {e['file_name']!r} (entries {seen_names[e['file_name']]} and {i})")
+            raise DataError(index, f"duplicate file_name {short(e['file_name'])} (entries {seen_names[e['file_name']]} and {i})")
         seen_ids[e["id"]] = i
         seen_names[e["file_name"]] = i
         out.append(TestImage(e["id"], e["file_name"], folder / e["file_name"], e["height"], e["width"]))
@@ -179,24 +174,52 @@ def read_test_index(root: PathLike, check_files: bool = True) -> list[TestImage]
 
 
 def split_samples(
-    samples: list[TrainSample], val_fraction: float, seed: int = 0
+    samples: list[TrainSample], val_fraction: float, seed: int = 0, holdout_fraction: float = 0.0
 ) -> tuple[list[TrainSample], list[TrainSample]]:
     """Deterministic train/validation split: the same seed always gives the same split.
 
     At least one image goes to validation when ``val_fraction > 0`` and there are two or more
-    images; no image is ever in both parts. Order within each part follows ``image_id``.
+    images; no image is ever in both parts. Order within each part follows ``image_id``. With
+    ``holdout_fraction`` the hold-out images (:func:`split_holdout`) are left out of the training part.
 
     Raises:
         ConfigError: ``val_fraction`` outside [0, 1) (a ``ValueError`` too).
     """
+    train, val, _ = split_holdout(samples, val_fraction, holdout_fraction, seed)
+    return train, val
+
+
+def split_holdout(
+    samples: list[TrainSample], val_fraction: float, holdout_fraction: float, seed: int = 0
+) -> tuple[list[TrainSample], list[TrainSample], list[TrainSample]]:
+    """Training, validation and hold-out images: one permutation of the images from ``seed``, its first
+    ``val_fraction`` validation (the same images whatever the hold-out), the next ``holdout_fraction``
+    held out, the rest training. Disjoint and deterministic; order within each part follows ``image_id``.
+
+    A hold-out fraction above 0 holds out at least one image while two are left for training and
+    validation; training always keeps one image.
+
+    Raises:
+        ConfigError: a fraction outside [0, 1), or the two together leaving nothing to train on.
+    """
     if not 0 <= val_fraction < 1:  # NaN fails too
         raise ConfigError(f"data.val_fraction: must be in [0, 1), got {val_fraction}")
+    if not 0 <= holdout_fraction < 1:
+        raise ConfigError(f"data.holdout_fraction: must be in [0, 1), got {holdout_fraction}")
     n = len(samples)
     n_val = int(round(n * val_fraction))
     if val_fraction > 0 and n >= 2:
         n_val = min(max(n_val, 1), n - 1)
+    n_hold = int(round(n * holdout_fraction))
+    if holdout_fraction > 0 and n - n_val >= 2:
+        n_hold = min(max(n_hold, 1), n - n_val - 1)
+    elif holdout_fraction > 0:
+        raise ConfigError(f"data.holdout_fraction: {n} image(s) with {n_val} for validation leave none to hold out "
+                          f"and train on")
     order = np.random.default_rng(seed).permutation(n)
     val_idx = set(order[:n_val].tolist())
-    train = [s for i, s in enumerate(samples) if i not in val_idx]
+    hold_idx = set(order[n_val:n_val + n_hold].tolist())
+    train = [s for i, s in enumerate(samples) if i not in val_idx and i not in hold_idx]
     val = [s for i, s in enumerate(samples) if i in val_idx]
-    return train, val
+    holdout = [s for i, s in enumerate(samples) if i in hold_idx]
+    return train, val, holdout

@@ -39,7 +39,7 @@ import scipy.ndimage as ndi
 import tifffile
 
 from ..errors import DataError
-from ..outputs import check_writable_dir
+from ..outputs import check_writable_dir, disk_errors, remove_dead_temporaries, replace_folder
 from ..progress import bar
 from ..structures.rle import encode_mask
 from .coco import categories, write_json
@@ -262,7 +262,8 @@ def write_synthetic(
 
     ``out`` must be new, empty, or a previous synthetic dataset (it holds ``synth_info.json``),
     which is then replaced as a whole. The dataset is written into a temporary folder beside
-    ``out`` and renamed into place at the end, so an error or Ctrl-C leaves ``out`` as it was.
+    ``out`` and swapped in at the end in one step (:func:`cellkit.outputs.replace_folder`), so an
+    error, a full disk, Ctrl-C or kill -9 leaves ``out`` as it was (or the whole new dataset).
 
     Args:
         n_train: annotated images under ``train/<uuid>/``.
@@ -271,22 +272,19 @@ def write_synthetic(
         n_classes: classes of cells (4 imitates the hw3 data).
 
     Raises:
-        DataError: ``out`` is a folder with other content (a real dataset, say), or cannot be written.
+        DataError: ``out`` is a folder with other content (a real dataset, say), or cannot be
+            written (a full disk: ``no space left on device``).
     """
     out = check_writable_dir(Path(out).resolve(), "dataset folder")
     if out.is_dir() and any(out.iterdir()) and not (out / SYNTH_INFO).is_file():
         raise DataError(out, "the folder is not empty and is not a synthetic dataset written before (no "
                         "synth_info.json); refusing to write into it; choose a new or empty folder")
+    remove_dead_temporaries(out.parent, out.name)  # folders of killed writers
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
-        _write_synthetic(tmp, n_train, n_test, seed, max_size, progress, n_classes)
-        if out.is_dir() and any(out.iterdir()):  # a previous synthetic dataset: swap it out whole
-            old = out.with_name(f".{out.name}.old{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)  # a missing or empty folder
+        with disk_errors(out):
+            _write_synthetic(tmp, n_train, n_test, seed, max_size, progress, n_classes)
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

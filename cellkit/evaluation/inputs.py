@@ -10,21 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
+import itertools
 import math
 import numbers
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from ..documents import read_json as read_document
+from ..documents import short
 from ..errors import DataError
-from ..structures.rle import rle_runs_fit, rle_string_ok, to_rle
+from ..structures.rle import check_rle_strings, rle_runs_fit, rle_string_ok, to_rle
 
 PathLike = str | os.PathLike[str]
 
@@ -52,17 +53,10 @@ AREA_RANGES: dict[str, tuple[float, float]] = {
 
 
 def read_json(path: PathLike, what: str = "JSON file") -> Any:
-    """Parse a JSON file; a missing or unparsable file is a :class:`DataError` naming it."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(path, f"{what} not found")
-    try:
-        with open(path, "rb") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(path, f"not valid JSON ({e})") from None
-    except OSError as e:
-        raise DataError(path, f"cannot read {what} ({e.strerror})") from None
+    """Parse a JSON file within :mod:`cellkit.documents`' limits; a missing, unparsable or
+    hostile file (an integer of 5000 digits, nesting a thousand levels deep) is a
+    :class:`DataError` naming it."""
+    return read_document(path, what)
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,6 +254,7 @@ def sanitize_predictions(
     num_classes: int | None = None,
     iou_type: str = "segm",
     category_ids: Iterable[int] | None = None,
+    copy: bool = True,
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Drop predictions that would crash or corrupt COCO evaluation; run it *before* ``loadRes``.
 
@@ -281,6 +276,9 @@ def sanitize_predictions(
         num_classes: valid category ids are ``1..num_classes`` unless ``category_ids`` is given.
         iou_type: ``"segm"`` requires a segmentation; ``"bbox"`` requires a bbox or a segmentation.
         category_ids: the valid category ids (e.g. those of the ground truth).
+        copy: False for a list nobody else holds (just read from a file): entries already in
+            the kept form (Python ints, float score and box, an RLE of the image's size with str
+            counts) are kept themselves instead of copied.
 
     Returns:
         ``(kept, dropped)`` where ``dropped`` maps every reason of :data:`DROP_REASONS` to a count.
@@ -293,18 +291,130 @@ def sanitize_predictions(
         raise ValueError("sanitize_predictions needs num_classes or category_ids")
     valid_cats = set(int(c) for c in category_ids) if category_ids is not None else set(range(1, num_classes + 1))
     dropped = dict.fromkeys(DROP_REASONS, 0)
-    kept: list[dict[str, Any]] = []
-    for p in preds:
+    kept: list[dict[str, Any] | None] = []
+    # plain entries (what json gives) take a fast path whose RLE strings are checked all at once
+    # at the end (bad_mask and empty_mask are the last reasons, so the first reason still counts)
+    pending: list[int] = []
+    strings: list[str] = []
+    pixels: list[int] = []
+    preds = preds if isinstance(preds, list) else list(preds)
+    columns = _plain_columns(preds, sizes, valid_cats, copy)
+    for k, p in enumerate(preds):
+        entry = columns[k] if columns is not None else _plain_entry(p, sizes, valid_cats)
+        if entry is not None:
+            pending.append(len(kept))
+            strings.append(entry["segmentation"]["counts"])
+            pixels.append(sizes[entry["image_id"]][0] * sizes[entry["image_id"]][1])
+            kept.append(entry)
+            continue
         reason, entry = _check_prediction(p, sizes, valid_cats, iou_type)
         if reason is None:
-            kept.append(entry)  # type: ignore[arg-type]
+            kept.append(entry)
         else:
             dropped[reason] += 1
-    if any("bbox" in e for e in kept):
+    ok, area = check_rle_strings(strings, pixels)
+    for k in np.flatnonzero(~ok | (area == 0)).tolist():
+        dropped["bad_mask" if not ok[k] else "empty_mask"] += 1
+        kept[pending[k]] = None
+    kept = [e for e in kept if e is not None]
+    if any("bbox" in e for e in kept):  # type: ignore[operator]
         for e in kept:
             if "bbox" not in e:
                 e["bbox"] = [float(v) for v in mask_utils.toBbox(e["segmentation"])]
     return kept, dropped
+
+
+def _plain_columns(preds: list[Any], sizes: Mapping[int, tuple[int, int]], valid_cats: set[int],
+                   copy: bool = True) -> list[dict[str, Any] | None] | None:
+    """:func:`_plain_entry` of every prediction, checked column by column (numpy over the values)
+    when every entry has the same plain form (what json gives: dicts of Python ints and floats,
+    list boxes, RLEs with list sizes and str counts); None when they do not, and then each
+    entry is looked at by itself."""
+    if not preds or _types(preds) != {dict} or not sizes:
+        return None
+    try:
+        ids, cats = [p["image_id"] for p in preds], [p["category_id"] for p in preds]
+        scores, segs = [p["score"] for p in preds], [p["segmentation"] for p in preds]
+        if not (_types(ids) == _types(cats) == {int} and _types(scores) <= {float, int} and _types(segs) == {dict}):
+            return None
+        sizes_given, counts = [g["size"] for g in segs], [g["counts"] for g in segs]
+    except KeyError:
+        return None
+    boxes = [p.get("bbox") for p in preds]
+    if _types(counts) != {str} or _types(sizes_given) != {list} or set(map(len, sizes_given)) != {2} \
+            or _types(itertools.chain.from_iterable(sizes_given)) != {int}:
+        return None
+    with_box = _types(boxes) == {list}
+    box_types = _types(itertools.chain.from_iterable(boxes)) if with_box else set()
+    if with_box and (set(map(len, boxes)) != {4} or not box_types <= {float, int}):
+        return None
+    if not with_box and _types(boxes) != {type(None)}:
+        return None
+    n = len(preds)
+    known = np.array(sorted(sizes), dtype=np.int64)
+    try:
+        id_arr, cat_arr = np.array(ids, dtype=np.int64), np.array(cats, dtype=np.int64)
+        given = np.fromiter(itertools.chain.from_iterable(sizes_given), dtype=np.int64, count=2 * n).reshape(n, 2)
+    except OverflowError:  # an integer beyond int64: each entry by itself
+        return None
+    at = np.minimum(np.searchsorted(known, id_arr), len(known) - 1)
+    good = known[at] == id_arr
+    good &= np.isin(cat_arr, np.array(sorted(valid_cats), dtype=np.int64))
+    score = np.array(scores, dtype=np.float64)
+    good &= np.isfinite(score)
+    good &= (given == np.array([sizes[int(k)] for k in known], dtype=np.int64).reshape(-1, 2)[at]).all(axis=1)
+    if with_box:
+        box = np.fromiter(itertools.chain.from_iterable(boxes), dtype=np.float64, count=4 * n).reshape(n, 4)
+        good &= np.isfinite(box).all(axis=1) & (box[:, 2] > 0) & (box[:, 3] > 0)
+    if with_box and (copy or box_types != {float}):  # fresh lists of floats (copies when they hold floats only)
+        box_lists = [b[:] for b in boxes] if box_types == {float} else box.tolist()
+    score_list = scores if _types(scores) == {float} else score.tolist()
+    if not copy and score_list is scores and (not with_box or box_types == {float}):
+        return [p if ok else None for p, ok in zip(preds, good.tolist())]  # already in the kept form
+    if with_box:
+        return [{"image_id": i, "category_id": c, "score": sc, "bbox": b,
+                 "segmentation": {"size": hw[:], "counts": text}} if ok else None
+                for i, c, sc, b, hw, text, ok in zip(ids, cats, score_list, box_lists, sizes_given, counts,
+                                                     good.tolist())]
+    return [{"image_id": i, "category_id": c, "score": sc, "segmentation": {"size": hw[:], "counts": text}}
+            if ok else None for i, c, sc, hw, text, ok in zip(ids, cats, score_list, sizes_given, counts, good.tolist())]
+
+
+def _types(values: Iterable[Any]) -> set[type]:
+    return set(map(type, values))
+
+
+def _plain_entry(p: Any, sizes: Mapping[int, tuple[int, int]], valid_cats: set[int]) -> dict[str, Any] | None:
+    """The kept entry of a plain, valid prediction (a dict of Python numbers, a list bbox and an
+    RLE with str counts of its image's size) but for its RLE string, which the caller checks
+    (:func:`~cellkit.structures.rle.check_rle_strings`); None for anything else, which
+    :func:`_check_prediction` then checks (and names the reason) the long way."""
+    if type(p) is not dict:
+        return None
+    image_id, cat, score, seg = p.get("image_id"), p.get("category_id"), p.get("score"), p.get("segmentation")
+    if type(image_id) is not int or type(cat) is not int or type(seg) is not dict or cat not in valid_cats:
+        return None
+    hw = sizes.get(image_id)
+    size, counts = seg.get("size"), seg.get("counts")
+    if hw is None or type(counts) is not str or type(size) is not list or len(size) != 2 \
+            or type(size[0]) is not int or type(size[1]) is not int or (size[0], size[1]) != hw:
+        return None
+    if not ((type(score) is float and score - score == 0) or type(score) is int):  # finite: inf - inf is nan
+        return None
+    out: dict[str, Any] = {"image_id": image_id, "category_id": cat, "score": float(score)}
+    bb = p.get("bbox")
+    if bb is not None:
+        if type(bb) is not list or len(bb) != 4:
+            return None
+        x, y, w, h = bb
+        for v in bb:
+            if not ((type(v) is float and v - v == 0) or type(v) is int):
+                return None
+        if not (w > 0 and h > 0):
+            return None
+        out["bbox"] = [float(x), float(y), float(w), float(h)]
+    out["segmentation"] = {"size": [hw[0], hw[1]], "counts": counts}
+    return out
 
 
 def _check_prediction(
@@ -431,8 +541,13 @@ def check_predictions_match(
 
 def count_beyond_cap(preds: Sequence[Mapping[str, Any]], cap: int) -> int:
     """How many predictions COCOeval ignores with at most ``cap`` detections per image and class."""
-    per = Counter((p["image_id"], p["category_id"]) for p in preds)
-    return int(sum(max(0, n - cap) for n in per.values()))
+    return count_beyond_caps(preds, (cap,))[0]
+
+
+def count_beyond_caps(preds: Sequence[Mapping[str, Any]], caps: Sequence[int]) -> list[int]:
+    """:func:`count_beyond_cap` of each cap, from one count of the predictions per image and class."""
+    per = Counter((p["image_id"], p["category_id"]) for p in preds).values()
+    return [int(sum(max(0, n - cap) for n in per)) for cap in caps]
 
 
 def is_int(v: Any) -> bool:
@@ -454,9 +569,9 @@ def _is_finite_real(v: Any) -> bool:
 
 
 def short_repr(x: Any, n: int = 120) -> str:
-    """``repr(x)`` cut to ``n`` characters (with ``...``), for error messages quoting bad input."""
-    s = repr(x)
-    return s if len(s) <= n else s[: n - 3] + "..."
+    """``repr(x)`` cut to ``n`` characters (with ``...``), for error messages quoting bad input
+    (safe for values of any size or depth: :func:`cellkit.documents.short`)."""
+    return short(x, n)
 
 
 # --------------------------------------------------------------------------------------------

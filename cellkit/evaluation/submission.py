@@ -22,8 +22,9 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from ..documents import loads_json
 from ..errors import DataError
-from ..outputs import check_writable_file, write_atomic
+from ..outputs import check_replaceable, check_writable_file, read_head, write_files_together
 from ..structures.rle import rle_decodes, rle_run_lengths, rle_string_ok
 from .inputs import is_int, read_json, short_repr
 
@@ -284,10 +285,7 @@ def _read_submission(path: PathLike) -> Any:
                 names = [n for n in z.namelist() if n.lower().endswith(".json")]
                 if len(names) != 1:
                     raise DataError(path, f"expected one .json file in the zip, found {len(names)}")
-                try:
-                    return json.loads(z.read(names[0]))
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise DataError(path, f"{names[0]} in the zip is not valid JSON ({e})") from None
+                return loads_json(z.read(names[0]), f"{path} ({names[0]} in the zip)")
         except zipfile.BadZipFile as e:
             raise DataError(path, f"not a valid zip file ({e})") from None
     return read_json(path, "submission file")
@@ -298,7 +296,9 @@ def _read_submission(path: PathLike) -> Any:
 
 
 def write_submission(entries: Sequence[Mapping[str, Any]], out_json: PathLike) -> tuple[Path, Path]:
-    """Write the submission json and a zip holding it, each atomically (temporary file, rename).
+    """Write the submission json and a zip holding it, as one change
+    (:func:`cellkit.outputs.write_files_together`): killed at any instant or stopped by a full
+    disk, the two files are the old pair or the new pair, never a new json beside an old zip.
 
     Args:
         entries: COCO result dicts; RLE ``counts`` given as bytes are written as str, numpy
@@ -311,18 +311,18 @@ def write_submission(entries: Sequence[Mapping[str, Any]], out_json: PathLike) -
         ``(json_path, zip_path)``.
 
     Raises:
-        DataError: an entry holds NaN/Inf or something JSON cannot represent.
+        DataError: an entry holds NaN/Inf or something JSON cannot represent; the files cannot
+            be written (a full disk: ``no space left on device``; the old pair is unchanged).
     """
     out, zip_path = submission_paths(out_json)
     try:
         text = json.dumps([_plain_entry(e) for e in entries], allow_nan=False, default=_json_default)
     except (ValueError, TypeError) as e:
         raise DataError(out, f"cannot write the submission: {e}") from None
-    write_atomic(out, text)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
         z.writestr(out.name, text)
-    write_atomic(zip_path, buf.getvalue())
+    write_files_together({out: text, zip_path: buf.getvalue()})
     return out, zip_path
 
 
@@ -336,15 +336,36 @@ def submission_paths(out_json: PathLike) -> tuple[Path, Path]:
 
 
 def check_submission_writable(out_json: PathLike) -> tuple[Path, Path]:
-    """:func:`submission_paths`, after checking both can be written (call it before predicting).
+    """:func:`submission_paths`, after checking both can be written (call it before predicting):
+    each is new, or a submission written before (:func:`looks_like_submission`); any other file
+    there (a checkpoint, a test index, a file of one's own) is refused, not replaced.
 
     Raises:
-        DataError: the json or the zip cannot be written there.
+        DataError: the json or the zip cannot be written there, or is a file of another kind.
     """
     out, zip_path = submission_paths(out_json)
     check_writable_file(out, "submission file")
     check_writable_file(zip_path, "submission zip")
+    check_replaceable(out, "submission file", looks_like_submission)
+    check_replaceable(zip_path, "submission zip", looks_like_submission)
     return out, zip_path
+
+
+def looks_like_submission(path: PathLike) -> bool:
+    """Whether an existing file is a submission (or a COCO result list) an earlier run wrote: a
+    JSON list of result objects (or an empty one), or a zip holding one ``.json`` and nothing else.
+    Judged from the first bytes (a checkpoint is a zip of many files; a test index is a list of
+    ``file_name`` entries without ``image_id``)."""
+    p = Path(path)
+    if zipfile.is_zipfile(p):
+        try:
+            with zipfile.ZipFile(p) as z:
+                names = z.namelist()
+        except (OSError, zipfile.BadZipFile):
+            return False
+        return len(names) == 1 and names[0].lower().endswith(".json")
+    head = read_head(p).lstrip()
+    return head.startswith(b"[") and (head[1:].lstrip().startswith(b"]") or b'"image_id"' in head)
 
 
 def _plain_entry(e: Mapping[str, Any]) -> dict[str, Any]:
