@@ -5,7 +5,9 @@ Ground truth: synthetic images of about 400 x 500 px with 150-300 crowded cells 
 shifted; some dropped, some with a wrong class, random scores), plus false-positive blobs, so that
 each image has exactly 1000 detections (far beyond pycocotools' default cap of 100).
 
-Each variant runs in its own process (fresh memory high-water mark) on the same two json files:
+Each variant runs in its own process (fresh memory high-water mark) on the same two json files,
+with the libraries imported before the clock starts (``--repeats N``: N rounds over the variants,
+best of each, and the ratio of cellkit to faster-coco-eval by hand):
 
 * ``pycocotools``: COCOeval by hand, the textbook way: ``COCO(gt)``, ``loadRes(pred)``,
   ``params.maxDets = [1, 10, 1000]``, ``evaluate()``, ``accumulate()``, AP50 read off
@@ -14,11 +16,21 @@ Each variant runs in its own process (fresh memory high-water mark) on the same 
   cap-100 figures from the same run, per-class table).
 * ``cellkit-fast``: the same with ``backend="faster_coco_eval"`` (when installed).
 * ``faster-coco-eval``: faster-coco-eval's COCOeval_faster by hand (when installed).
+* ``faster-coco-eval-both``: the same by hand for bbox and segm (what ``cellkit-report`` evaluates).
 * ``cellkit-report``: ``evaluate_predictions`` as ``cellkit evaluate`` runs it (segm + bbox +
-  cell metrics) with the fastest available backend.
+  cell metrics) with the fastest available backend, without the 95 % intervals (timed apart,
+  ``--bootstrap``).
+
+With ``--bootstrap N`` a second table, reported separately, times the 95 % intervals
+(:mod:`cellkit.evaluation.bootstrap`) per backend, each in its own process: the evaluation without
+intervals, the same with ``bootstrap=N``, and within it the N draws alone (re-accumulating
+COCOeval's per-image matching; nothing is matched again). The goal: the draws add at most the time
+of the evaluation itself.
 
     python benchmarks/eval_speed.py                 # 100 images x 1000 detections
     python benchmarks/eval_speed.py --images 10     # a quick look
+    python benchmarks/eval_speed.py --variants "" --bootstrap 1000   # the intervals' cost alone
+    python benchmarks/eval_speed.py --variants cellkit-fast,faster-coco-eval,cellkit-report,faster-coco-eval-both --repeats 5
 """
 from __future__ import annotations
 
@@ -118,7 +130,7 @@ def run_one(variant: str, gt: str, pred: str, max_dets: int) -> dict:
     import contextlib
     import io
 
-    if variant in ("pycocotools", "faster-coco-eval"):
+    if variant in ("pycocotools", "faster-coco-eval", "faster-coco-eval-both"):
         if variant == "pycocotools":
             from pycocotools.coco import COCO
             from pycocotools.cocoeval import COCOeval as Eval
@@ -130,10 +142,11 @@ def run_one(variant: str, gt: str, pred: str, max_dets: int) -> dict:
         with contextlib.redirect_stdout(io.StringIO()):
             coco_gt = COCO(gt)
             coco_dt = coco_gt.loadRes(pred)
-            E = Eval(coco_gt, coco_dt, "segm")
-            E.params.maxDets = [1, 10, max_dets]
-            E.evaluate()
-            E.accumulate()
+            for iou_type in ("bbox", "segm") if variant == "faster-coco-eval-both" else ("segm",):
+                E = Eval(coco_gt, coco_dt, iou_type)
+                E.params.maxDets = [1, 10, max_dets]
+                E.evaluate()
+                E.accumulate()
         p = np.asarray(E.eval["precision"])[0, :, :, 0, 2]
         ap50 = float(np.mean(p[p > -1]))
     else:
@@ -141,10 +154,12 @@ def run_one(variant: str, gt: str, pred: str, max_dets: int) -> dict:
 
         backend = "faster_coco_eval" if variant == "cellkit-fast" or (
             variant == "cellkit-report" and faster_coco_eval_available()) else "pycocotools"
+        faster_coco_eval_available()  # imports the backend before the clock starts, as the by-hand variants do
         base = _rss()
         t = time.perf_counter()
         if variant == "cellkit-report":
-            ap50 = evaluate_predictions(gt, pred, max_dets=max_dets, backend=backend).headline  # type: ignore[arg-type]
+            ap50 = evaluate_predictions(gt, pred, max_dets=max_dets, backend=backend,  # type: ignore[arg-type]
+                                        bootstrap=0).headline  # the intervals: the --bootstrap table
         else:
             ap50 = coco_evaluate(gt, pred, "segm", max_dets, backend).ap50  # type: ignore[arg-type]
     seconds = time.perf_counter() - t
@@ -153,16 +168,44 @@ def run_one(variant: str, gt: str, pred: str, max_dets: int) -> dict:
             "peak_over_start_mb": (peak - base) / MB}
 
 
+def run_bootstrap(backend: str, gt: str, pred: str, max_dets: int, n_draws: int) -> dict:
+    """Time ``coco_evaluate`` without intervals, then with ``bootstrap=n_draws`` (and the draws alone
+    within it, timed again on its matching) in this process; returns seconds and the interval."""
+    from cellkit.evaluation.bootstrap import bootstrap_scores
+    from cellkit.evaluation.coco import coco_evaluate
+
+    t = time.perf_counter()
+    plain = coco_evaluate(gt, pred, "segm", max_dets, backend)  # type: ignore[arg-type]
+    t_plain = time.perf_counter() - t
+    t = time.perf_counter()
+    res = coco_evaluate(gt, pred, "segm", max_dets, backend, bootstrap=n_draws)  # type: ignore[arg-type]
+    t_with = time.perf_counter() - t
+    assert res.ap50 == plain.ap50 and res.matches is not None  # the point estimate does not move
+    t = time.perf_counter()
+    bootstrap_scores(res.matches, n_draws)
+    t_draws = time.perf_counter() - t
+    return {"backend": backend, "evaluation_s": t_plain, "with_bootstrap_s": t_with, "draws_s": t_draws,
+            "ap50": res.ap50, "ci": list(res.interval("ap50") or [])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=100)
     ap.add_argument("--dets", type=int, default=1000, help="detections per image")
     ap.add_argument("--max-dets", type=int, default=1000)
-    ap.add_argument("--variants", default="pycocotools,cellkit,cellkit-fast,faster-coco-eval,cellkit-report")
+    ap.add_argument("--variants",
+                    default="pycocotools,cellkit,cellkit-fast,faster-coco-eval,cellkit-report,faster-coco-eval-both")
+    ap.add_argument("--repeats", type=int, default=1, help="alternating rounds over the variants, best of (default 1)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--gt", help=argparse.SUPPRESS)
     ap.add_argument("--pred", help=argparse.SUPPRESS)
+    ap.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                    help="also time the 95 %% intervals with N bootstrap draws, per backend (a separate table)")
+    ap.add_argument("--bootstrap-backend", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.bootstrap_backend:
+        print(json.dumps(run_bootstrap(args.bootstrap_backend, args.gt, args.pred, args.max_dets, args.bootstrap)))
+        return
     if args.one:
         print(json.dumps(run_one(args.one, args.gt, args.pred, args.max_dets)))
         return
@@ -171,23 +214,60 @@ def main() -> None:
 
     variants = [v for v in args.variants.split(",") if v]
     if not faster_coco_eval_available():
-        variants = [v for v in variants if v not in ("cellkit-fast", "faster-coco-eval")]
+        variants = [v for v in variants if v not in ("cellkit-fast", "faster-coco-eval", "faster-coco-eval-both")]
         print("faster-coco-eval is not installed: its variants are skipped")
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         gt, pred, summary = make_data(Path(tmp), args.images, args.dets)
         print(f"data: {summary} ({time.perf_counter() - t:.1f} s to make; "
               f"gt.json {gt.stat().st_size / MB:.1f} MB, pred.json {pred.stat().st_size / MB:.1f} MB)")
-        print(f"{'variant':<18} {'seconds':>8} {'AP50':>8} {'peak RSS MB':>12} {'peak - start MB':>16}")
+        best: dict[str, dict] = {}
+        failed: dict[str, str] = {}
+        for _ in range(args.repeats):  # rounds over the variants: a shared machine's load falls on all of them
+            for v in variants:
+                if v in failed:
+                    continue
+                r = subprocess.run([sys.executable, __file__, "--one", v, "--gt", str(gt), "--pred", str(pred),
+                                    "--max-dets", str(args.max_dets)], capture_output=True, text=True)
+                if r.returncode != 0:
+                    failed[v] = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else str(r.returncode)
+                    continue
+                res = json.loads(r.stdout.strip().splitlines()[-1])
+                res["all_seconds"] = best.get(v, {}).get("all_seconds", []) + [res["seconds"]]
+                if v not in best or res["seconds"] < best[v]["seconds"]:
+                    best[v] = res
+                else:
+                    best[v]["all_seconds"] = res["all_seconds"]
+        print(f"{'variant':<21} {'seconds':>8} {'AP50':>8} {'peak RSS MB':>12} {'peak - start MB':>16}"
+              + (f"   (best of {args.repeats} alternating runs)" if args.repeats > 1 else ""))
         for v in variants:
-            r = subprocess.run([sys.executable, __file__, "--one", v, "--gt", str(gt), "--pred", str(pred),
-                                "--max-dets", str(args.max_dets)], capture_output=True, text=True)
-            if r.returncode != 0:
-                print(f"{v:<18} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+            if v in failed:
+                print(f"{v:<21} failed: {failed[v]}")
                 continue
-            res = json.loads(r.stdout.strip().splitlines()[-1])
-            print(f"{v:<18} {res['seconds']:>8.2f} {res['ap50']:>8.4f} {res['peak_rss_mb']:>12.0f} "
+            res = best[v]
+            print(f"{v:<21} {res['seconds']:>8.2f} {res['ap50']:>8.4f} {res['peak_rss_mb']:>12.0f} "
                   f"{res['peak_over_start_mb']:>16.0f}")
+        for v, hand in (("cellkit-fast", "faster-coco-eval"), ("cellkit-report", "faster-coco-eval-both")):
+            if hand in best and v in best:
+                print(f"{v} / {hand} by hand: {best[v]['seconds'] / best[hand]['seconds']:.2f}")
+        print(json.dumps({"variants": best, "errors": failed}))
+        if args.bootstrap > 0:
+            backends = ["pycocotools"] + (["faster_coco_eval"] if faster_coco_eval_available() else [])
+            print(f"\n95 % intervals: {args.bootstrap} bootstrap draws of the {args.images} images (AP50, AP, AP75, "
+                  "per class); seconds, each backend in its own process")
+            print(f"{'backend':<18} {'evaluation':>10} {'+ intervals':>12} {'draws alone':>12} {'draws / eval':>13} "
+                  f"{'AP50 [95 % interval]':>24}")
+            for b in backends:
+                r = subprocess.run([sys.executable, __file__, "--bootstrap-backend", b, "--gt", str(gt), "--pred",
+                                    str(pred), "--max-dets", str(args.max_dets), "--bootstrap", str(args.bootstrap)],
+                                   capture_output=True, text=True)
+                if r.returncode != 0:
+                    print(f"{b:<18} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+                    continue
+                res = json.loads(r.stdout.strip().splitlines()[-1])
+                lo, hi = res["ci"]
+                print(f"{b:<18} {res['evaluation_s']:>10.3f} {res['with_bootstrap_s']:>12.3f} {res['draws_s']:>12.3f} "
+                      f"{res['draws_s'] / res['evaluation_s']:>13.2f} {res['ap50']:>10.4f} [{lo:.3f}, {hi:.3f}]")
 
 
 if __name__ == "__main__":

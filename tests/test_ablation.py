@@ -30,6 +30,7 @@ from cellkit.grid import (
     scheduler_label,
 )
 from cellkit.grid.cluster import ClusterSpec, open_cluster, parse_cluster
+from cellkit.grid.spec import baseline_of
 from cellkit.grid.task import RunBusy, RunLock
 from cellkit.resources import GRIDS
 from cellkit.runs import read_history
@@ -137,6 +138,25 @@ def test_explicit_runs_crossed_with_a_grid_and_paths_relative_to_the_grid_file(t
     assert load_grid(grid).notebook.resolve() == REAL_NOTEBOOK.resolve()  # the default: the shipped notebook
 
 
+def test_seeds_replicate_every_configuration_and_a_baseline_is_named(tmp_path: Path) -> None:
+    spec = {"name": "s", "config": "demo", "grid": {"model.backbone": ["resnet18", "mobilenet_v3_large"]}, "seeds": 3,
+            "baseline": "mobilenet_v3_large"}
+    runs = expand_grid(spec, tmp_path)
+    assert [(r.name, r.configuration, r.seed, r.cfg.train.seed) for r in runs] == [
+        (f"{b}-seed={s}", b, s, s) for b in ("resnet18", "mobilenet_v3_large") for s in (0, 1, 2)]
+    assert runs[0].run_dir == tmp_path / "resnet18-seed=0" / "run"
+    assert baseline_of(load_grid(spec), runs) == "mobilenet_v3_large"
+    # a list of seeds, or a train.seed axis, does the same; without seeds a run is its own configuration
+    listed = expand_grid({**spec, "seeds": [7, 9]})
+    axis = expand_grid({**{k: v for k, v in spec.items() if k != "seeds"},
+                        "grid": {"model.backbone": ["resnet18", "mobilenet_v3_large"], "train.seed": [7, 9]}})
+    assert [(r.name, r.seed) for r in listed] == [(r.name, r.seed) for r in axis] == [
+        ("resnet18-seed=7", 7), ("resnet18-seed=9", 9), ("mobilenet_v3_large-seed=7", 7), ("mobilenet_v3_large-seed=9", 9)]
+    plain = expand_grid({"config": "demo", "grid": {"model.backbone": ["resnet18", "mobilenet_v3_large"]}})
+    assert [(r.configuration, r.seed) for r in plain] == [("resnet18", None), ("mobilenet_v3_large", None)]
+    assert baseline_of(load_grid({"config": "demo", "grid": {"model.backbone": ["resnet18"]}}), plain) == "resnet18"
+
+
 @pytest.mark.parametrize("spec, message", [
     ({"config": "demo", "overides": {"train.lr": 1}, "grid": {"train.seed": [0]}}, "unknown grid key 'overides'; did you mean 'overrides'"),
     ({"runs": [{"nmae": "a", "config": "demo"}]}, r"runs\[0\]: unknown grid key 'nmae'; did you mean 'name'"),
@@ -145,6 +165,12 @@ def test_explicit_runs_crossed_with_a_grid_and_paths_relative_to_the_grid_file(t
     ({"config": "demmo", "grid": {"train.seed": [0]}}, "did you mean recipe 'demo'"),
     ({"config": "demo"}, "nothing to run"),
     ({"runs": [{"name": "a", "config": "demo"}, {"name": "a", "config": "demo"}]}, "runs share a name"),
+    ({"config": "demo", "grid": {"train.seed": [0, 1]}, "seeds": 2}, "give 'seeds' or a grid axis train.seed, not both"),
+    ({"config": "demo", "grid": {"train.lr": [0.1]}, "seeds": 0}, "seeds must be at least 1"),
+    ({"config": "demo", "grid": {"train.lr": [0.1]}, "seeds": [1, 1]}, "seeds repeat a value"),
+    ({"config": "demo", "grid": {"train.lr": [0.1]}, "seeds": "three"}, "seeds is a number of runs per configuration"),
+    ({"config": "demo", "grid": {"model.backbone": ["resnet18"]}, "baseline": "resnet19"},
+     "baseline 'resnet19' is not a configuration of the grid; did you mean 'resnet18'"),
 ])
 def test_invalid_grids_fail_with_a_suggestion(spec: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -344,7 +370,8 @@ def test_a_killed_runner_leaves_nothing_running_and_the_rerun_finishes(killed_gr
         assert_tensorboard_equals_history(out / name / "run", lines)
         assert json.loads((out / name / "status.json").read_text())["status"] == "ok"
     md = (out / "results.md").read_text()
-    table = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ") and "| Run |" not in line]
+    runs_md = md.split("Runs (")[1]  # the runs table, after the configurations compared with the baseline
+    table = [line.split("|")[1].strip() for line in runs_md.splitlines() if line.startswith("| ") and "| Run |" not in line]
     assert table == RUNS and "Attempts" in md  # each run once
     # the lock files say who held them last; nothing holds them now
     for name in RUNS + ["runner"]:
@@ -396,6 +423,7 @@ def test_rerun_skips_finished_runs(killed_grid: dict) -> None:
     assert run_action(first) == "replace"
 
 
+@pytest.mark.slow
 def test_a_second_live_runner_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "out"
     holder = subprocess.Popen([sys.executable, "-c", (
@@ -413,6 +441,7 @@ def test_a_second_live_runner_is_refused(tmp_path: Path) -> None:
     assert not (out / "a").exists()
 
 
+@pytest.mark.slow
 def test_the_lock_outlives_a_killed_holder_while_its_child_runs(tmp_path: Path) -> None:
     # a task's papermill subprocess inherits the lock: killing the task's process (-9) does not
     # free the run for a second attempt while the first one's training process still runs
@@ -439,6 +468,7 @@ def test_the_lock_outlives_a_killed_holder_while_its_child_runs(tmp_path: Path) 
     lock.release()
 
 
+@pytest.mark.slow
 def test_papermill_worker_dies_with_its_parent(tmp_path: Path) -> None:
     # die_with_parent (PR_SET_PDEATHSIG): a process that called it is killed when its parent dies
     code = (
@@ -536,6 +566,7 @@ def test_local_cluster_gives_each_worker_one_gpu(tmp_path: Path) -> None:
         assert set(cl.threads) == set(info) and all(n >= 1 for n in cl.threads.values())
 
 
+@pytest.mark.slow
 def test_a_local_cluster_leaves_the_runs_their_share_of_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     """Starting a LocalCluster sets OMP_NUM_THREADS=1 in the runner's own process (dask's nanny
     pre-spawn environment); that was read back as the user's choice, so every run of a local grid
@@ -582,7 +613,6 @@ def test_a_failing_run_is_recorded_and_the_grid_goes_on(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not REAL_NOTEBOOK.is_file(), reason="notebooks/02_training.ipynb not written yet")
 def test_the_real_training_notebook(tmp_path: Path) -> None:
     out = tmp_path / "out"
     rows = run_grid({"name": "real", "config": "demo", "overrides": TINY, "runs": [{"name": "real"}]}, out, progress=False)

@@ -9,10 +9,11 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pytest
-from perturb import prediction
+from perturb import perturb_predictions, prediction
 from pycocotools import mask as mask_utils
 
 from cellkit.analysis.compare import compare_runs
+from cellkit.cli import main
 from cellkit.config import load_config
 from cellkit.errors import DataError
 from cellkit.evaluation.coco import coco_evaluate
@@ -179,3 +180,90 @@ def test_figure_and_browser(constructed: tuple, synth_root: Path) -> None:
     assert "cellkit-mask-browser" in w._dom_classes
     fig = browser.figure(0)
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# is the difference real? (paired bootstrap over the same images, `cellkit compare`)
+
+
+def test_a_run_compared_with_itself_is_not_distinguishable(constructed: tuple, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    gt, a, _, _ = constructed
+    run = _fake_run(tmp_path / "a" / "run", gt, a)
+    cmp = compare_runs(run, run, bootstrap=400)
+    assert cmp.difference.interval == (0.0, 0.0) and cmp.difference.estimate == 0.0
+    assert cmp.verdict() == "not distinguishable" and cmp.difference.p_value == 1.0
+    lo, hi = cmp.result_a.interval("ap50")
+    assert lo < cmp.ap50_a < hi
+    assert main(["compare", str(run), str(run), "--bootstrap", "400"]) == 0
+    out = capsys.readouterr().out
+    assert f"AP50 {cmp.ap50_a:.4f} [{lo:.2f}, {hi:.2f}]" in out
+    assert "B - A = +0.0000 [+0.00, +0.00]: not distinguishable (paired bootstrap over the same 8 images" in out
+
+
+@pytest.mark.parametrize("how", ["half dropped", "scores shuffled"])
+def test_a_clearly_worse_run_is_worse(how: str, synth_gt: dict, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    rng = np.random.default_rng(0)
+    if how == "half dropped":
+        good = perturb_predictions(synth_gt, seed=1, fp_per_image=5)
+        bad = [p for p in good if rng.random() < 0.5]
+    else:  # the same masks ranked at random: the false positives, ranked last before, mixed in with the cells
+        cells = perturb_predictions(synth_gt, seed=1, fp_per_image=0, p_wrong_class=0.0)
+        blobs = perturb_predictions(synth_gt, seed=2, p_drop=1.0, fp_per_image=20)
+        good = [{**p, "score": 0.5 + 0.5 * float(rng.random())} for p in cells] + \
+               [{**p, "score": 0.5 * float(rng.random())} for p in blobs]
+        scores = rng.permutation([p["score"] for p in good])
+        bad = [{**p, "score": float(s)} for p, s in zip(good, scores)]
+    ra = _fake_run(tmp_path / "grid" / "good" / "run", synth_gt, good)
+    rb = _fake_run(tmp_path / "grid" / "bad" / "run", synth_gt, bad)
+    cmp = compare_runs(ra, rb, bootstrap=1000)
+    assert cmp.ap50_b < cmp.ap50_a and cmp.difference.interval[1] < 0
+    assert cmp.verdict() == "good better"
+    assert compare_runs(rb, ra, bootstrap=1000).verdict() == "good better"  # whichever is A
+    assert main(["compare", str(ra.parent), str(rb.parent), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["verdict"] == "good better" and d["ap50_diff_ci"][1] < 0 and d["p_value"] < 0.05
+    assert d["n_images"] == 8 and d["runs"] == [str(ra.parent), str(rb.parent)]
+
+
+def test_runs_on_different_images_are_refused_with_one_line(constructed: tuple, real_gt: dict, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    gt, a, _, _ = constructed
+    ra = _fake_run(tmp_path / "a" / "run", gt, a)
+    other = _fake_run(tmp_path / "other" / "run", real_gt, [])
+    assert main(["compare", str(ra), str(other)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cellkit compare: error: ") and "not the validation split of" in err[0]
+    assert "different images" in err[0] and captured.out == ""
+    assert main(["compare", str(ra), str(ra), "--split", "holdout"]) == 2
+    assert "no hold-out split" in capsys.readouterr().err
+
+
+def test_hold_out_predictions_compare_the_same_way(constructed: tuple, tmp_path: Path) -> None:
+    gt, a, b, _ = constructed
+    runs = []
+    for name, preds in (("a", a), ("b", b)):
+        run = _fake_run(tmp_path / name / "run", gt, preds)
+        (run / "holdout_gt.json").write_text(json.dumps(gt))
+        (run / "holdout_predictions.json").write_text(json.dumps(b if name == "a" else a))  # swapped
+        runs.append(run)
+    val = compare_runs(*runs, bootstrap=300)
+    hold = compare_runs(*runs, bootstrap=300, split="holdout")
+    assert hold.ap50_a == pytest.approx(val.ap50_b) and hold.ap50_b == pytest.approx(val.ap50_a)
+    assert hold.difference.estimate == pytest.approx(-val.difference.estimate)
+
+
+@pytest.mark.slow
+def test_cellkit_compare_does_not_load_torch(constructed: tuple, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    gt, a, b, _ = constructed
+    ra, rb = _fake_run(tmp_path / "a" / "run", gt, a), _fake_run(tmp_path / "b" / "run", gt, b)
+    code = ("import sys; from cellkit.cli import main; rc = main(['compare', sys.argv[1], sys.argv[2], "
+            "'--bootstrap', '100']); print('TORCH', 'torch' in sys.modules, rc)")
+    r = subprocess.run([sys.executable, "-c", code, str(ra), str(rb)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "B - A = " in r.stdout and r.stdout.strip().endswith("TORCH False 0")

@@ -216,6 +216,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "cellkit", *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_evaluate(datasets: dict, tmp_path: Path) -> None:
     gt, preds = datasets["real"]
     preds = preds + [dict(preds[0], bbox=[float("nan"), 0, 1, 1])]
@@ -306,3 +307,80 @@ def test_one_number_formatter_for_every_report() -> None:
     assert fmt(None) == fmt(float("nan")) == fmt(np.float32("nan")) == "n/a"
     assert nan_to_none(np.float64(0.25)) == 0.25 and type(nan_to_none(np.float64(0.25))) is float
     assert nan_to_none(None) is None and nan_to_none(np.nan) is None
+
+
+def test_rle_strings_checked_at_once_as_one_by_one() -> None:
+    """Speed issue: the vectorised check of many RLE strings says what the walk over each string
+    says (lexically an RLE, runs >= 0 summing to the image) and gives pycocotools' area, for valid
+    masks and for strings cut short, with bad characters, a flipped sign bit, an extra run, run
+    lengths of many groups, non-ASCII text, and a wrong pixel count."""
+    from pycocotools import mask as mask_utils
+
+    from cellkit.structures.rle import check_rle_strings, encode_mask, rle_runs_fit, rle_string_ok
+
+    rng = np.random.default_rng(0)
+    strings, pixels = [], []
+    for i in range(1500):
+        h, w = int(rng.integers(1, 40)), int(rng.integers(1, 40))
+        text = encode_mask(rng.random((h, w)) < rng.random())["counts"]
+        kind = i % 8
+        if kind == 1 and text:
+            text = text[: int(rng.integers(0, len(text)))]
+        elif kind == 2:
+            text = "".join(chr(int(c)) for c in rng.integers(40, 120, int(rng.integers(0, 12))))
+        elif kind == 3 and text:
+            text = text[:-1] + chr(ord(text[-1]) ^ 0x10)
+        elif kind == 4:
+            text += "1"
+        elif kind == 5:
+            text = "P" * int(rng.integers(10, 20)) + text  # zero-valued groups: one run of many groups
+        elif kind == 6:
+            text = text.replace("1", "\u00e9", 1)
+        strings.append(text)
+        pixels.append(h * w + (int(rng.integers(-2, 3)) if kind == 7 else 0))
+    ok, area = check_rle_strings(strings, pixels)
+    expected = [rle_string_ok(t) and rle_runs_fit(t, 1, p) for t, p in zip(strings, pixels)]
+    assert ok.tolist() == expected and 300 < sum(expected) < 1400
+    assert area.tolist() == [int(mask_utils.area({"size": [1, p], "counts": t})) if e else 0
+                             for t, p, e in zip(strings, pixels, expected)]
+    empty = check_rle_strings([], [])
+    assert empty[0].shape == empty[1].shape == (0,)
+
+
+def test_sanitize_column_by_column_drops_what_one_by_one_drops(datasets: dict, real_gt: dict) -> None:
+    """Speed issue: plain json-like predictions are checked column by column; with bad values of
+    every kind among them, the kept entries and the drop counts are those of checking each entry
+    by itself, and the caller's entries are untouched."""
+    from cellkit.evaluation.inputs import _check_prediction, _plain_columns
+
+    gt, preds = datasets["real"]
+    h, w = real_gt["images"][0]["height"], real_gt["images"][0]["width"]
+    good = preds[0]
+    counts = good["segmentation"]["counts"]
+    bad = [
+        dict(good, score=float("nan")), dict(good, score=float("inf")), dict(good, bbox=[1.0, 2.0, float("nan"), 3.0]),
+        dict(good, bbox=[1.0, 2.0, 0.0, 3.0]), dict(good, image_id=999), dict(good, category_id=7),
+        dict(good, segmentation={"size": [h, w + 1], "counts": counts}),
+        dict(good, segmentation={"size": [h, w], "counts": counts[:-2]}),
+        dict(good, segmentation={"size": [h, w], "counts": counts + "1"}),
+        dict(good, segmentation={"size": [h, w], "counts": str(h * w)}),  # digits: runs that do not fit
+        dict(prediction(1, 2, 0.9, np.zeros((h, w), bool)), bbox=[1.0, 1.0, 2.0, 2.0]),  # empty mask
+        dict(good, score=1, bbox=[1, 2, 3, 4]),  # integers are numbers too: kept, as floats
+    ]
+    mixed = preds[:20] + bad + preds[20:]
+    snapshot = copy.deepcopy(mixed)
+    kept, dropped = sanitize_predictions(mixed, real_gt["images"], 4)
+    sizes = {im["id"]: (im["height"], im["width"]) for im in real_gt["images"]}
+    assert _plain_columns(mixed, sizes, {1, 2, 3, 4}) is not None  # the column path was taken
+    one_by_one = [_check_prediction(p, sizes, {1, 2, 3, 4}, "segm") for p in mixed]
+    assert kept == [entry for reason, entry in one_by_one if reason is None]
+    assert dropped == {r: sum(reason == r for reason, _ in one_by_one) for r in DROP_REASONS}
+    assert sum(dropped.values()) == len(bad) - 1 and dropped["bad_mask"] == 3 and dropped["empty_mask"] == 1
+    assert kept[20] == {"image_id": 1, "category_id": good["category_id"], "score": 1.0, "bbox": [1.0, 2.0, 3.0, 4.0],
+                        "segmentation": good["segmentation"]} and type(kept[20]["score"]) is float
+    assert mixed == snapshot or _nan_equal(mixed, snapshot)
+    assert all(k is not m for k, m in zip(kept, mixed))  # fresh dicts: loadRes writes into them
+    # a list nobody else holds (read from a file): the entries in the kept form are kept themselves
+    own = json.loads(json.dumps([e for e in kept if type(e["score"]) is float and e is not kept[20]]))
+    kept_own, dropped_own = sanitize_predictions(own, real_gt["images"], 4, copy=False)
+    assert kept_own == own and all(a is b for a, b in zip(kept_own, own)) and sum(dropped_own.values()) == 0

@@ -19,9 +19,13 @@ def add_commands(sub: Any) -> None:
         "report000, report004_scheduler, tiny) through the training notebook with papermill, each in its own "
         "kernel and folder OUT/<run>/. Finished runs are skipped on re-run, failed ones recorded and the grid goes "
         "on. Each run is a task on a Dask cluster (--cluster); a run whose worker dies is retried and resumes "
-        "from its last checkpoint, and the command may be killed and started again on the same folder. Writes "
-        "OUT/ledger.jsonl (every attempt), OUT/results.md, results.json, ap50.png and curves.png. Exit status 0 "
-        "when every run succeeded, 1 when any failed, 2 for invalid input.",
+        "from its last checkpoint, and the command may be killed and started again on the same folder. The grid's "
+        "'seeds: N' runs every configuration N times (train.seed 0..N-1) as replicates; each configuration is "
+        "compared with the baseline ('baseline:', default the first) on the same images: mean AP50 over seeds with "
+        "a 95 % interval over images and seeds, the difference with its paired interval, a Holm-corrected p-value "
+        "and a verdict (better, worse, not distinguishable). Writes OUT/ledger.jsonl (every attempt), "
+        "OUT/results.md, results.json, ap50.png, curves.png and forest.png (the differences to the baseline). "
+        "Exit status 0 when every run succeeded, 1 when any failed, 2 for invalid input.",
     )
     p.add_argument("grid", metavar="GRID", help="grid YAML file, or a grid name from configs/grids/")
     p.add_argument("--out", metavar="DIR", help="output folder (default: runs/grids/<grid name>)")
@@ -75,7 +79,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
                     progress=not args.no_progress, cluster=cluster, retries=args.retries)
     print()
     print(format_results_table(rows, title=f"Grid {grid.name}"))
-    print(f"\nresults: {out / 'results.md'} (and results.json); plots: {out / 'ap50.png'}, {out / 'curves.png'}")
+    forest = f", {out / 'forest.png'}" if (out / "forest.png").is_file() else ""
+    print(f"\nresults: {out / 'results.md'} (and results.json); plots: {out / 'ap50.png'}, {out / 'curves.png'}{forest}")
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         print(f"{len(failed)} of {len(rows)} runs failed: {', '.join(r['name'] for r in failed)} "

@@ -12,7 +12,7 @@ from ..config import EvalConfig
 from ..errors import CellkitError
 from ..evaluation.coco import evaluate_predictions
 from ..evaluation.submission import check_submission, summarize_problems
-from .common import add_no_progress, iou_float, positive_int, unit_float
+from .common import add_no_progress, iou_float, non_negative_int, positive_int, unit_float
 
 CLASS_FILE = re.compile(r"^class(\d+)\.tiff?$", re.IGNORECASE)
 """A label map's name (as :data:`cellkit.data.layout.CLASS_FILE`, here without importing torch)."""
@@ -24,7 +24,8 @@ def add_commands(sub: Any) -> None:
         "evaluate", help="COCO segm AP50 (the scored metric), AP, per-class AP, bbox AP and cell metrics",
         description="Evaluate COCO results against COCO ground truth (--gt and --pred), or predict a run's "
         "validation split with its best checkpoint and evaluate that (--run). Prints segm AP50 (the scored "
-        "metric), AP, AP75, AP by size, per-class AP, bbox AP, what pycocotools' standard cap of 100 "
+        "metric) with its 95 % interval over images (bootstrap), AP, AP75, AP by size, per-class AP, bbox AP, "
+        "what pycocotools' standard cap of 100 "
         "detections gives, predictions dropped before evaluation, and precision/recall/F1/TP/(TP+FP+FN) at one IoU.",
     )
     src = p.add_argument_group("what to evaluate (either --gt and --pred, or --run)")
@@ -46,6 +47,11 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--no-cell-metrics", action="store_true", help="skip precision/recall/F1 at one IoU")
     p.add_argument("--num-classes", type=positive_int, default=None,
                    help="categories 1..N (default: the categories of the ground truth)")
+    p.add_argument("--bootstrap", type=non_negative_int, default=None, metavar="N",
+                   help="bootstrap draws of the images for the 95 %% intervals [lo, hi] (default 1000, eval.bootstrap; "
+                   "0: no intervals)")
+    p.add_argument("--bootstrap-seed", type=non_negative_int, default=None, metavar="S",
+                   help="seed of the draws (default 0, eval.bootstrap_seed)")
     p.add_argument("--json", action="store_true", help="print the same as machine-readable JSON (only JSON on stdout)")
     add_no_progress(p)
     p.set_defaults(func=cmd_evaluate)
@@ -79,6 +85,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             args.run, checkpoint=args.checkpoint, max_dets=args.max_dets, backend=args.backend, iou_types=iou_types,
             score_threshold=args.score_threshold, iou_threshold=args.iou_threshold,
             cell_metrics=not args.no_cell_metrics, progress=not args.no_progress and not args.json,
+            bootstrap=args.bootstrap, bootstrap_seed=args.bootstrap_seed,
         )
     else:
         if not (args.gt and args.pred):
@@ -89,6 +96,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             num_classes=args.num_classes, cell_metrics=not args.no_cell_metrics,
             iou_threshold=args.iou_threshold if args.iou_threshold is not None else defaults.iou_threshold,
             score_threshold=args.score_threshold,
+            bootstrap=args.bootstrap if args.bootstrap is not None else defaults.bootstrap,
+            bootstrap_seed=args.bootstrap_seed if args.bootstrap_seed is not None else defaults.bootstrap_seed,
         )
     if args.json:
         out = report.to_dict()

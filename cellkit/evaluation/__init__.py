@@ -5,6 +5,8 @@ module           what it holds
 ================ ==================================================================================
 ``coco``         :func:`coco_evaluate` / :func:`evaluate_predictions` (segm AP50, the scored metric)
 ``evaluator``    :class:`COCOEvaluator`: ``process()`` per batch (and rank), ``evaluate()`` once
+``bootstrap``    the 95 % interval of AP50/AP/AP75: images drawn again, re-accumulated from COCOeval's matching
+``significance`` paired bootstrap differences and verdicts, Holm's correction, replicated seeds
 ``inputs``       reading and sanitising ground truth and predictions (before ``loadRes``)
 ``rle``          COCO run-length encoding helpers (encode masks and box regions, check RLEs)
 ``cellmetrics``  precision, recall, F1, TP / (TP + FP + FN) at one IoU (Cellpose / StarDist)

@@ -23,6 +23,10 @@ the total is the mean over the classes (the mean AP50 is a mean over classes, so
 up; a class with no common cell left has ``rest = 0``). When B is A without its predictions of
 some cells (their matches and duplicates), ``explained == diff`` exactly.
 
+**Is the difference real?** Both runs are scored on the same bootstrap draws of the images
+(:mod:`cellkit.evaluation.significance`): the difference gets its 95 % interval and a verdict,
+``B better``, ``A better`` or ``not distinguishable`` (the interval holds 0).
+
 No torch.
 """
 from __future__ import annotations
@@ -34,8 +38,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import DataError
-from .coco import EvalResult, coco_evaluate
+from .coco import DEFAULT_BOOTSTRAP, EvalResult, coco_evaluate
 from .inputs import GroundTruth, load_ground_truth, load_predictions, sanitize_predictions
+from .significance import NOT_DISTINGUISHABLE, Difference, compare_results
 from .tide import Matching, match_prepared
 
 __all__ = ["CATEGORIES", "ImageDiff", "RunComparison", "compare_predictions", "same_split"]
@@ -84,6 +89,8 @@ class RunComparison:
         result_a, result_b: the COCO segm evaluations of A and B.
         common_a, common_b: their evaluations on the common ground truth.
         matching_a, matching_b: the AP matchings.
+        difference: AP50 ``B - A`` with its paired-bootstrap 95 % interval and p-value (None
+            without a bootstrap); :meth:`verdict` reads it.
     """
 
     names: tuple[str, str]
@@ -103,6 +110,13 @@ class RunComparison:
     common_b: EvalResult = field(repr=False)
     matching_a: Matching = field(repr=False)
     matching_b: Matching = field(repr=False)
+    difference: Difference | None = None
+
+    # -- the verdict ------------------------------------------------------------------------
+    def verdict(self) -> str:
+        """``"<B> better"``, ``"<A> better"`` (the runs' names) or ``"not distinguishable"``: whether
+        the paired 95 % interval of the AP50 difference excludes 0 (without a bootstrap: not distinguishable)."""
+        return self.difference.verdict(self.names) if self.difference is not None else NOT_DISTINGUISHABLE
 
     # -- per cell -------------------------------------------------------------------------
     @property
@@ -201,6 +215,10 @@ class RunComparison:
         return {
             "names": list(self.names), "iou": self.iou, "max_dets": self.max_dets,
             "ap50_a": self.ap50_a, "ap50_b": self.ap50_b, "ap50_diff": self.ap50_diff,
+            "ap50_a_ci": _ci(self.result_a.interval("ap50")), "ap50_b_ci": _ci(self.result_b.interval("ap50")),
+            "ap50_diff_ci": _ci(self.difference.interval) if self.difference is not None else None,
+            "p_value": self.difference.p_value if self.difference is not None else None,
+            "verdict": self.verdict(), "n_images": self.result_a.n_images,
             "explained": self.explained, "rest": self.rest, "counts": self.counts(),
             "counts_by_class": self.counts_by_class(), "per_class": self.per_class(), "table": self.table(),
         }
@@ -209,9 +227,14 @@ class RunComparison:
         """A text summary: AP50s, the explained difference, counts per class, the most differing images."""
         a, b = self.names
         c = self.counts()
+        d = self.difference
+        diff = f"{self.ap50_diff:+.4f}" + (f" [{d.interval[0]:+.2f}, {d.interval[1]:+.2f}]" if d is not None else "")
         lines = [
-            f"A = {a}: AP50 {self.ap50_a:.4f}    B = {b}: AP50 {self.ap50_b:.4f}    "
-            f"B - A = {self.ap50_diff:+.4f}",
+            f"A = {a}: AP50 {self.result_a.with_interval('ap50')}    "
+            f"B = {b}: AP50 {self.result_b.with_interval('ap50')}",
+            f"B - A = {diff}: {self.verdict()}"
+            + (f" (paired bootstrap over the same {self.result_a.n_images} images, {len(d.samples)} draws, "
+               f"p = {d.p_value:.3f})" if d is not None else " (no bootstrap: eval.bootstrap is 0)"),
             f"cells found by one run only explain {self.explained:+.4f}; ranking and false positives on the "
             f"cells both find or miss: {self.rest:+.4f}",
             f"{sum(c.values())} cells: both {c['both']}, {a} only {c['a_only']}, {b} only {c['b_only']}, "
@@ -243,6 +266,8 @@ def compare_predictions(
     max_dets: int = 1000,
     backend: str = "auto",
     iou: float = 0.5,
+    bootstrap: int = DEFAULT_BOOTSTRAP,
+    bootstrap_seed: int = 0,
 ) -> RunComparison:
     """Compare two sets of predictions of the same images cell by cell (see the module docstring).
 
@@ -254,6 +279,8 @@ def compare_predictions(
         max_dets: detections per image and class COCOeval keeps (as ``eval.max_dets``).
         backend: COCOeval implementation (``"auto"``, ``"pycocotools"``, ``"faster_coco_eval"``).
         iou: the IoU at which a prediction finds a cell (0.5: the scored metric).
+        bootstrap, bootstrap_seed: draws of the images (the same for both runs) for the intervals
+            and the verdict (0: none), and their seed.
 
     Raises:
         DataError: unreadable ground truth or predictions.
@@ -271,10 +298,12 @@ def compare_predictions(
     pred_b = np.where(found_b, mb.gt_pred_index, -1)
     only_a, only_b = found_a & ~found_b, found_b & ~found_a
 
-    def ap(g: Any, p: list[dict[str, Any]]) -> EvalResult:
-        return coco_evaluate(g, p, "segm", max_dets, backend, num_classes)  # type: ignore[arg-type]
+    def ap(g: Any, p: list[dict[str, Any]], draws: int = 0) -> EvalResult:
+        return coco_evaluate(g, p, "segm", max_dets, backend, num_classes,  # type: ignore[arg-type]
+                             bootstrap=draws, bootstrap_seed=bootstrap_seed)
 
-    result_a, result_b = ap(ground, ma.entries), ap(ground, mb.entries)
+    result_a, result_b = ap(ground, ma.entries, bootstrap), ap(ground, mb.entries, bootstrap)
+    diff = compare_results(result_a, result_b) if bootstrap else None
     removed = {id(a) for a, gone in zip(ma.gt_annotations, only_a | only_b) if gone}
     data = ground.dataset
     common = {"images": data["images"], "categories": data["categories"],
@@ -286,7 +315,7 @@ def compare_predictions(
         names=(str(names[0]), str(names[1])), iou=float(iou), max_dets=int(max_dets), ground=ground,
         gt_annotations=ma.gt_annotations, image_id=ma.gt_image_id, category_id=ma.gt_category_id,
         found_a=found_a, found_b=found_b, pred_a=pred_a, pred_b=pred_b, result_a=result_a, result_b=result_b,
-        common_a=common_a, common_b=common_b, matching_a=ma, matching_b=mb,
+        common_a=common_a, common_b=common_b, matching_a=ma, matching_b=mb, difference=diff,
     )
 
 
@@ -314,6 +343,10 @@ def same_split(gt_a: GroundTruth, gt_b: GroundTruth) -> str | None:
     if ca != cb:
         return f"the same images with different cells ({len(ca)} vs {len(cb)} annotations)"
     return None
+
+
+def _ci(interval: Any) -> list[float] | None:
+    return None if interval is None else [float(v) for v in interval]
 
 
 def _f(x: Any, spec: str = ".4f") -> str:

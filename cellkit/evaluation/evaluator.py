@@ -37,6 +37,7 @@ class COCOEvaluator:
         backend: COCOeval implementation.
         num_classes: categories ``1..num_classes`` (None: the ground truth's categories).
         cell_metrics: add precision/recall/F1 at ``iou_threshold`` (scores >= ``score_threshold``).
+        bootstrap, bootstrap_seed: draws of the images for the 95 % intervals (0: none), and their seed.
     """
 
     def __init__(
@@ -49,6 +50,8 @@ class COCOEvaluator:
         cell_metrics: bool = False,
         iou_threshold: float = 0.5,
         score_threshold: float = 0.5,
+        bootstrap: int = 0,
+        bootstrap_seed: int = 0,
     ) -> None:
         self.ground: GroundTruth = load_ground_truth(gt, num_classes, need_masks="segm" in iou_types)
         self.iou_types = tuple(iou_types)
@@ -58,6 +61,7 @@ class COCOEvaluator:
         self.cell_metrics = cell_metrics
         self.iou_threshold = iou_threshold
         self.score_threshold = score_threshold
+        self.bootstrap, self.bootstrap_seed = bootstrap, bootstrap_seed
         self.predictions: list[dict[str, Any]] = []
         """Every rank's entries after :meth:`evaluate` (this rank's alone before)."""
         self._error: str | None = None
@@ -96,7 +100,8 @@ class COCOEvaluator:
                     self.ground, self.predictions, iou_types=self.iou_types,  # type: ignore[arg-type]
                     max_dets=self.max_dets, backend=self.backend, num_classes=self.num_classes,  # type: ignore[arg-type]
                     cell_metrics=self.cell_metrics, iou_threshold=self.iou_threshold,
-                    score_threshold=self.score_threshold,
+                    score_threshold=self.score_threshold, bootstrap=self.bootstrap,
+                    bootstrap_seed=self.bootstrap_seed,
                 )
             except Exception as e:  # every rank waits in the broadcast below: tell them, then fail together
                 result["error"] = f"{type(e).__name__}: {e}"

@@ -15,13 +15,14 @@ The modules, each one concern:
 from __future__ import annotations
 
 from .cluster import ClusterSpec, open_cluster, parse_cluster
-from .results import collect_results, format_results_table, save_plots
+from .results import collect_results, configurations, format_results_table, save_plots
 from .runner import run_grid
 from .spec import GridSpec, RunSpec, attention_of, expand_grid, format_plan, load_grid, scheduler_label
 from .status import run_action
 
 __all__ = [
-    "ClusterSpec", "GridSpec", "RunSpec", "attention_of", "collect_results", "expand_grid", "format_plan",
+    "ClusterSpec", "GridSpec", "RunSpec", "attention_of", "collect_results", "configurations", "expand_grid",
+    "format_plan",
     "format_results_table", "load_grid", "open_cluster", "parse_cluster", "run_action", "run_grid", "save_plots",
     "scheduler_label",
 ]

@@ -31,7 +31,7 @@ from ..runs import RunDir
 from .cluster import Cluster, ClusterSpec, open_cluster, parse_cluster, threads_per_worker, visible_gpus
 from .ledger import Ledger
 from .results import collect_results, save_plots
-from .spec import GridSpec, RunSpec, expand_grid, load_grid, notebook_kernel
+from .spec import GridSpec, RunSpec, baseline_of, expand_grid, load_grid, notebook_kernel
 from .status import (
     ERROR_FILE,
     FAILED,
@@ -133,7 +133,9 @@ def _run_locked(g: GridSpec, runs: list[RunSpec], out: Path, kernel: str, client
     ledger = Ledger(out)
     write_json({
         "name": g.name, "source": str(g.source) if g.source else None, "notebook": str(g.notebook),
-        "kernel": kernel, "runs": [{"name": r.name, "reported": r.reported, **r.settings()} for r in runs],
+        "kernel": kernel, "baseline": baseline_of(g, runs),
+        "runs": [{"name": r.name, "configuration": r.configuration, "seed": r.seed, "reported": r.reported,
+                  **r.settings()} for r in runs],
     }, out / GRID_FILE, indent=1, default=str)
     plan = [(r, run_action(r)) for r in runs]
     actions = {r.name: action for r, action in plan}
@@ -180,7 +182,7 @@ def _run_locked(g: GridSpec, runs: list[RunSpec], out: Path, kernel: str, client
     else:
         pbar.close()
 
-    rows = collect_results(out)
+    rows = collect_results(out, progress=progress)
     for row in rows:
         row["action"] = actions.get(row["name"])
     save_plots(out, rows)

@@ -12,6 +12,13 @@
       train.scheduler: [constant, cosine]
     runs:                            # explicit runs (each crossed with the grid when both are given)
       - {name: cbam, config: ablation/resnet50_cbam, overrides: {train.lr: 0.001}, reported: 0.3617}
+    seeds: 3                         # replicates: every configuration with train.seed 0, 1, 2 (or a list of
+                                     # seeds; or a train.seed axis in grid:)
+    baseline: resnet18               # the configuration the others are compared with (default: the first)
+
+A *configuration* is one combination of settings; with several seeds it has several runs
+(``<configuration>-seed=<s>``), which the results table treats as replicates
+(:mod:`cellkit.analysis.replicates`).
 """
 from __future__ import annotations
 
@@ -25,14 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import yaml
-
 from ..config import Config, load_config, resolve_config_path
+from ..documents import read_yaml
 from ..errors import CellkitError, ConfigError, DataError
 from ..resources import GRIDS, NOTEBOOKS
 from ..resources import TRAINING_NOTEBOOK as DEFAULT_NOTEBOOK
 
-GRID_KEYS = ("name", "description", "notebook", "kernel", "config", "overrides", "data", "grid", "runs")
+GRID_KEYS = ("name", "description", "notebook", "kernel", "config", "overrides", "data", "grid", "runs", "seeds",
+             "baseline")
+SEED_KEY = "train.seed"
 RUN_KEYS = ("name", "config", "overrides", "reported")
 
 
@@ -52,6 +60,10 @@ class GridSpec:
     description: str = ""
     source: Path | None = None
     """The YAML file it came from (None: a dict)."""
+    seeds: list[int] | None = None
+    """``train.seed`` of each replicate of every configuration (None: one run per configuration)."""
+    baseline: str | None = None
+    """The configuration the others are compared with (None: the first)."""
 
 
 @dataclass
@@ -70,6 +82,10 @@ class RunSpec:
     """The number a report gives for this run (shown beside the result)."""
     cfg: Config | None = field(default=None, repr=False, compare=False)
     """The resolved, validated config (what the notebook will build)."""
+    configuration: str = ""
+    """The configuration this run replicates (its name without the seed; the run's name when there are no seeds)."""
+    seed: int | None = None
+    """Its ``train.seed`` when the grid replicates seeds, else None."""
 
     @property
     def folder(self) -> Path | None:
@@ -105,9 +121,9 @@ def load_grid(spec: "str | os.PathLike[str] | Mapping[str, Any] | GridSpec") -> 
     else:
         source = _resolve_grid_path(spec)
         try:
-            raw = yaml.safe_load(source.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{source}: not valid YAML ({e})") from None
+            raw = read_yaml(source, "grid file") or {}  # limits: size, aliases, depth, duplicate keys
+        except DataError as e:
+            raise ConfigError(str(e)) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: a grid is a mapping of keys ({', '.join(GRID_KEYS)})")
         base = source.parent
@@ -143,6 +159,7 @@ def load_grid(spec: "str | os.PathLike[str] | Mapping[str, Any] | GridSpec") -> 
         raise ConfigError(f"{where}: nothing to run; give 'grid:' (key -> list of values) and/or 'runs:'")
     if "config" in grid:
         grid["config"] = [_resolve_config_ref(c, base, f"{where}: grid.config") for c in grid["config"]]
+    seeds = _parse_seeds(raw.get("seeds"), grid, where)
     return GridSpec(
         name=name,
         notebook=_resolve_notebook(raw.get("notebook"), base),
@@ -154,7 +171,31 @@ def load_grid(spec: "str | os.PathLike[str] | Mapping[str, Any] | GridSpec") -> 
         kernel=raw.get("kernel"),
         description=str(raw.get("description") or ""),
         source=source,
+        seeds=seeds,
+        baseline=str(raw["baseline"]) if raw.get("baseline") is not None else None,
     )
+
+
+def _parse_seeds(value: Any, grid: dict[str, list[Any]], where: str) -> list[int] | None:
+    """``seeds: N`` (seeds 0..N-1) or ``seeds: [s, ...]``, or a ``train.seed`` axis taken out of ``grid``."""
+    axis = grid.pop(SEED_KEY, None)
+    if value is not None and axis is not None:
+        raise ConfigError(f"{where}: give 'seeds' or a grid axis {SEED_KEY}, not both")
+    if axis is not None:
+        value = axis
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ConfigError(f"{where}: seeds must be at least 1 (runs per configuration), got {value}")
+        return list(range(value))
+    if (isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                 for v in value)):
+        if len(set(value)) != len(value):
+            raise ConfigError(f"{where}: seeds repeat a value: {value}")
+        return list(value)
+    raise ConfigError(f"{where}: seeds is a number of runs per configuration (e.g. 3) or a list of seeds "
+                      f"(e.g. [0, 1, 2]), got {value!r}")
 
 
 def expand_grid(
@@ -165,11 +206,13 @@ def expand_grid(
     extra_overrides: Mapping[str, Any] | None = None,
     validate: bool = True,
 ) -> list[RunSpec]:
-    """The runs of a grid, in order: each explicit run (or the base config) x each grid point.
+    """The runs of a grid, in order: each explicit run (or the base config) x each grid point (a
+    configuration) x each seed.
 
     Names join the run's name and the grid point's values: ``model.backbone=resnet50_se,
     train.scheduler=plateau`` -> ``resnet50_se-plateau``; numbers, booleans and lists keep their
-    key (``train.lr=0.001`` -> ``lr=0.001``).
+    key (``train.lr=0.001`` -> ``lr=0.001``); with seeds, each configuration's runs are
+    ``<configuration>-seed=<s>``.
 
     Args:
         spec: see :func:`load_grid`.
@@ -180,7 +223,8 @@ def expand_grid(
             before anything starts.
 
     Raises:
-        ConfigError: an invalid config in any run (naming the run), or duplicate run names.
+        ConfigError: an invalid config in any run (naming the run), duplicate run names, or a
+            ``baseline`` that names no configuration.
         DataError: ``data`` is not a folder.
     """
     g = load_grid(spec)
@@ -202,15 +246,24 @@ def expand_grid(
             overrides = {**g.overrides, **run.get("overrides", {}),
                          **{k: v for k, v in point.items() if k != "config"}, **extra}
             parts = [_run_base_name(run, i, len(base_runs), g)] + [_slug(k, v) for k, v in point.items()]
-            name = _safe_name("-".join(p for p in parts if p) or g.name)
-            run_dir = Path(out_dir) / name / "run" if out_dir is not None else None
-            out.append(RunSpec(name, config, overrides, run_dir, data_str, run.get("reported")))
+            configuration = _safe_name("-".join(p for p in parts if p) or g.name)
+            for seed in (g.seeds if g.seeds is not None else [None]):
+                name = configuration if seed is None else _safe_name(f"{configuration}-seed={seed}")
+                own = overrides if seed is None else {**overrides, SEED_KEY: seed}
+                run_dir = Path(out_dir) / name / "run" if out_dir is not None else None
+                out.append(RunSpec(name, config, own, run_dir, data_str, run.get("reported"),
+                                   configuration=configuration, seed=seed))
     counts: dict[str, int] = {}
     for r in out:
         counts[r.name] = counts.get(r.name, 0) + 1
     dupes = sorted(n for n, c in counts.items() if c > 1)
     if dupes:
         raise ConfigError(f"{where}: runs share a name ({', '.join(dupes)}); give each explicit run a distinct 'name'")
+    configurations = list(dict.fromkeys(r.configuration for r in out))
+    if g.baseline is not None and g.baseline not in configurations:
+        close = difflib.get_close_matches(g.baseline, configurations, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; the configurations: {', '.join(configurations)}"
+        raise ConfigError(f"{where}: baseline '{g.baseline}' is not a configuration of the grid{hint}")
     if validate:
         for r in out:
             try:
@@ -218,6 +271,11 @@ def expand_grid(
             except ConfigError as e:
                 raise ConfigError(f"{where}: run '{r.name}': {e}") from None
     return out
+
+
+def baseline_of(g: GridSpec, runs: Sequence[RunSpec]) -> str | None:
+    """The configuration the grid compares the others with: ``baseline:``, else the first."""
+    return g.baseline if g.baseline is not None else (runs[0].configuration if runs else None)
 
 
 def resolve_run_config(r: RunSpec) -> Config:

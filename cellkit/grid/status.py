@@ -10,7 +10,9 @@
     OUT/<name>/error.txt             the failing cell's error and traceback (failed runs only)
     OUT/<name>/log.txt               the worker's log (cell outputs), every attempt
     OUT/<name>/job.json              the papermill call (notebook, kernel, parameters)
-    OUT/results.json, results.md     the results table; OUT/ap50.png, OUT/curves.png its plots
+    OUT/results.json, results.md     the configurations compared with the baseline, and every run
+    OUT/ap50.png, curves.png         each run's AP50 with its interval; every run's curves
+    OUT/forest.png                   each configuration's difference to the baseline, with its interval
     OUT/.locks/                      the runner's and each run's lock (fcntl)
 """
 from __future__ import annotations
