@@ -24,6 +24,7 @@ def median_diameters(gt: dict) -> dict[int, float]:
     return {k: float(np.median(np.sqrt(4 * np.asarray(v) / np.pi))) for k, v in by.items()}
 
 
+@pytest.mark.slow
 def test_scale_auto_measures_the_cells_and_the_checkpoint_keeps_the_factor(
         fixture_root: Path, real_gt: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = load_config(None, {

@@ -112,6 +112,7 @@ def test_pixel_span_is_the_pixels_whose_centres_are_in_the_interval():
 # targets
 
 
+@pytest.mark.slow
 def test_exact_targets_are_roi_align_aligned_true_and_torchvisions_are_its_own(real_cells):
     masks, boxes, _ = real_cells
     g = torch.Generator().manual_seed(0)
@@ -260,6 +261,7 @@ class RecordingHeads(MaskRoIHeads):
         return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("geometry", ["exact", "torchvision"])
 def test_tiny_model_trains_in_each_geometry_and_predicts_in_it(synth_sample, geometry):
     img, target = synth_sample
@@ -329,6 +331,7 @@ def test_geometry_knob_reaches_dice_heads_and_ensembles_must_agree(synth_sample)
         mask_geometry_of([dice, tv])
 
 
+@pytest.mark.slow
 def test_checkpoints_from_before_the_knob_keep_torchvisions_geometry(tmp_path):
     cfg = _tiny_cfg("exact")
     model = build_model(cfg)
@@ -345,6 +348,7 @@ def test_checkpoints_from_before_the_knob_keep_torchvisions_geometry(tmp_path):
 # the benchmark
 
 
+@pytest.mark.slow
 def test_mask_roundtrip_benchmark_smoke_run():
     script = REPO / "benchmarks" / "mask_roundtrip.py"
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(REPO))

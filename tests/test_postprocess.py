@@ -33,6 +33,7 @@ def sample_image(fixture_root) -> torch.Tensor:
     return image_to_tensor(read_image(sample.image_path))[:, :180, :200].contiguous()
 
 
+@pytest.mark.slow
 def test_paste_and_encode_equals_torchvision_on_model_output(sample_image):
     model = tiny_model(detections=60)
     h, w = sample_image.shape[-2:]

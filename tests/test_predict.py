@@ -1,6 +1,7 @@
 """Prediction: raw detections, thresholds, TTA and ensembles, sliding windows, tuning, the CLI."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -75,8 +76,6 @@ def cellkit_model(detections: int = 15) -> torch.nn.Module:
 @pytest.mark.parametrize("which", ["torchvision", "cellkit"])
 def test_raw_detections_equal_the_models_own_output(model, which):
     if which == "cellkit":
-        if not _models_ready():
-            pytest.skip("cellkit.models.build_model is not available yet")
         model = cellkit_model()
     images = [torch.rand(3, 150, 170, generator=torch.Generator().manual_seed(0)),
               torch.rand(3, 96, 120, generator=torch.Generator().manual_seed(1))]
@@ -142,6 +141,7 @@ def test_ensemble_of_one_model_twice_equals_the_model(model, image):
     assert np.diag(iou).min() > 0.95
 
 
+@pytest.mark.slow
 def test_tta_views_and_scaled_input(model, image):
     cfg = PredictConfig(tta=True, tta_flips=("h", "v", "vh"), tta_scales=(1.0, 1.5), tile_size=None)
     assert [(v.flip, v.scale) for v in tta_views(cfg)] == [
@@ -260,6 +260,7 @@ def test_dedupe_tiles_prefers_detections_away_from_borders():
         assert int(det.edge[keep[k]]) <= int(det.edge[j])
 
 
+@pytest.mark.slow
 def test_tiled_prediction_end_to_end(model):
     rgba, _, _ = synth_image(np.random.default_rng(9), 300, 260)
     img = image_to_tensor(rgba[..., :3])
@@ -269,6 +270,7 @@ def test_tiled_prediction_end_to_end(model):
     assert 0 < len(entries) <= 4 * 15  # 4 tiles of at most 15 detections, cores only
 
 
+@pytest.mark.slow
 def test_fixed_scale_models_tile_what_max_size_would_shrink():
     # at scale 2 with max_size 256 an image longer than 128 px would be shrunk below the training
     # scale by the cap; it is tiled instead, in tiles that fit
@@ -289,6 +291,7 @@ def test_fixed_scale_models_tile_what_max_size_would_shrink():
     assert m.transform.scale_factor(128, 100) == 2.0 and m.transform.scale_factor(200, 150) < 2.0
 
 
+@pytest.mark.slow
 def test_predict_images_over_test_dataset(model, synth_root):
     from cellkit.data.dataset import TestImageDataset as Images  # (a Test* name pytest would collect)
     from cellkit.evaluation.submission import check_submission
@@ -338,14 +341,6 @@ def test_tune_thresholds_finds_the_nms_that_removes_duplicates(tmp_path):
 # command line
 
 
-def _models_ready() -> bool:
-    try:
-        from cellkit.models import build_model  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, CELLKIT_PROGRESS="0", OMP_NUM_THREADS="2", PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "cellkit", *args], cwd=cwd, env=env, capture_output=True,
@@ -354,8 +349,6 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, synth_root) -> Path:
-    if not _models_ready():
-        pytest.skip("cellkit.models.build_model is not available yet")
     import cellkit
     from cellkit.models.checkpoint import save_checkpoint
 
@@ -370,6 +363,7 @@ def run_dir(tmp_path_factory, synth_root) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_cli_predict_writes_a_valid_submission(run_dir, synth_root, tmp_path):
     from cellkit.evaluation.submission import check_submission
 
@@ -385,12 +379,14 @@ def test_cli_predict_writes_a_valid_submission(run_dir, synth_root, tmp_path):
     assert "check-submission: 0 error(s)" in r.stdout
 
 
+@pytest.mark.slow
 def test_cli_predict_missing_checkpoint(synth_root, tmp_path):
     r = run_cli("predict", "--checkpoint", "nope/best.pth", "--data", str(synth_root), cwd=tmp_path)
     assert r.returncode == 2
     assert "nope/best.pth" in r.stderr and "checkpoint not found" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_tune_thresholds_then_predict_uses_them(run_dir, synth_root, tmp_path):
     r = run_cli("tune-thresholds", "--run", str(run_dir), "--device", "cpu", "--score-grid", "0,0.5",
                 "--mask-grid", "0.5", "--nms-grid", "none,0.5", cwd=tmp_path)
@@ -403,3 +399,172 @@ def test_cli_tune_thresholds_then_predict_uses_them(run_dir, synth_root, tmp_pat
     assert r.returncode == 0, r.stderr
     assert f"thresholds from {run_dir / 'thresholds.json'}" in r.stdout
     assert f"score_thresh={saved['score_thresh']}" in r.stdout and "mask_thresh=0.6" in r.stdout
+
+
+@pytest.mark.slow
+def test_a_score_threshold_drops_boxes_before_the_mask_head(tiny_run: Path, fixture_root: Path) -> None:
+    """Speed issue: predict.score_thresh > 0 drops detections in the box stage (the mask head runs on
+    fewer boxes), and the kept detections are exactly those of predicting everything and dropping
+    afterwards: same boxes, scores and masks, on the real fixture."""
+    from cellkit.data import image_to_tensor, read_image, scan_train
+    from cellkit.inference.predict import predict_image, raw_detections, score_floor
+    from cellkit.models.checkpoint import model_from_checkpoint
+
+    model, cfg, _ = model_from_checkpoint(tiny_run / "checkpoints" / "best.pth")
+    image = image_to_tensor(read_image(scan_train(fixture_root)[0].image_path))
+    everything = predict_image(model, image, dataclasses.replace(cfg.predict, score_thresh=0.0))
+    scores = sorted(e["score"] for e in everything)
+    thresh = scores[len(scores) // 2]  # half of them kept
+    kept = predict_image(model, image, dataclasses.replace(cfg.predict, score_thresh=thresh))
+    assert 0 < len(kept) < len(everything)
+    assert kept == [e for e in everything if e["score"] >= thresh]
+    with torch.inference_mode():
+        n_all = len(raw_detections(model, [image])[0]["masks"])
+        with score_floor(model, thresh):
+            n_kept = len(raw_detections(model, [image])[0]["masks"])
+    assert n_kept == len(kept) < n_all  # masks computed for the kept boxes only
+    assert model.roi_heads.score_thresh == cfg.model.box_score_thresh  # restored
+
+
+# --------------------------------------------------------------------------------------------
+# speed: tiles from the cell size, batched tiles, the weights' layout
+
+
+def test_aligned_tiles_cover_the_axis_with_the_fewest_pixels():
+    """Speed issue: tiles of a fixed-scale model start on the network's stride, overlap by at
+    least the overlap, partition the axis by their cores, and cost no more pixels (padded to the
+    stride) than any other aligned layout of at most `tile` px."""
+    from cellkit.inference.tiling import axis_spans
+
+    def cost(spans, align):
+        return sum(math.ceil((b - a) / align) * align for a, b in spans)
+
+    for size in (300, 513, 800, 1000, 2048, 3001, 5000):
+        for tile, overlap, align in ((512, 35, 32), (480, 160, 32), (256, 48, 16), (512, 128, 32)):
+            spans = axis_spans(size, tile, overlap, align)
+            assert spans[0][0] == 0 and spans[-1][1] == size
+            assert all(a % align == 0 and b - a <= tile for a, b in spans)
+            assert all(prev[1] - nxt[0] >= overlap for prev, nxt in zip(spans, spans[1:]))
+            brute = min((cost([(k * step, min(k * step + length, size)) for k in range(math.ceil((size - length) / step) + 1)], align)
+                         for length in range(align, tile + 1, align) for step in range(align, length - overlap + 1, align)
+                         if length < size), default=size)
+            assert size <= tile or cost(spans, align) == brute
+    assert axis_spans(2048, 512, 35, 32) == [(0, 512), (448, 960), (896, 1408), (1344, 1856), (1792, 2048)]
+    # 1.27 x the pixels the network sees, where evenly spaced 512 px tiles overlapping by 128 px were 1.56 x
+    assert cost(axis_spans(2048, 512, 35, 32), 32) ** 2 / 2048**2 < 1.27 < 1.5625 == (5 * 512) ** 2 / 2048**2
+    # no alignment (a min_size model): tiles of exactly `tile` px, evenly spaced, as before
+    assert axis_spans(1000, 256, 64) == [(s, s + 256) for s in tile_starts(1000, 256, 64)]
+
+
+def test_tile_overlap_auto_is_the_largest_cell_at_the_input_scale():
+    import cellkit
+    from cellkit.inference.predict import FALLBACK_OVERLAP, image_tiles, tile_overlap
+
+    def build(**over):
+        cfg = load_config(None, {"model.backbone": "resnet18", "model.num_classes": 4, **over})
+        return cellkit.build_model(cfg).eval()
+
+    fixed = build(**{"model.resize_mode": "fixed_scale", "model.scale": 2.0, "model.max_size": 1024,
+                     "model.max_cell_diameter": 49.5})
+    pc = PredictConfig(tile_size=1024, tile_above=600)
+    assert pc.tile_overlap == "auto" and tile_overlap(fixed, pc) == 25  # 49.5 input px at scale 2
+    tiles = image_tiles(fixed, pc, 700, 1300)  # at most 1024 / 2 = 512 px, starts on 32 / 2 = 16 px
+    assert all(t.y0 % 16 == 0 and t.x0 % 16 == 0 and t.height <= 512 and t.width <= 512 for t in tiles)
+    assert image_tiles(fixed, PredictConfig(tile_size=1024, tile_overlap=100, tile_above=600), 700, 1300) is not None
+    assert tile_overlap(fixed, PredictConfig(tile_overlap=60)) == 60
+    plain = tiny_model()  # a torchvision model does not know its largest cell
+    assert tile_overlap(plain, pc) == FALLBACK_OVERLAP
+    assert tile_overlap([fixed, plain], pc) == FALLBACK_OVERLAP  # an ensemble: the largest
+    resize = build(**{"model.max_cell_diameter": 40.0})  # min_size: tiles keep tile_size, evenly spaced
+    assert {(t.height, t.width) for t in image_tiles(resize, PredictConfig(tile_size=600, tile_above=700), 900, 1500)} \
+        == {(600, 600)}
+    big = build(**{"model.resize_mode": "fixed_scale", "model.max_size": 256, "model.max_cell_diameter": 300.0})
+    with pytest.raises(ConfigError, match="predict.tile_overlap") as e:
+        image_tiles(big, pc, 700, 700)
+    assert "\n" not in str(e.value) and "model.max_cell_diameter" in str(e.value)
+
+
+def test_aligned_tiles_keep_every_cell_once():
+    """The core rule and the duplicate removal on the aligned tiles (shorter last row and column):
+    every ground-truth cell comes out exactly once, whole, as on the untiled image."""
+    from cellkit.inference.tiling import tile_grid
+
+    _, owner, classes = synth_image(np.random.default_rng(13), 610, 700)
+    tiles = tile_grid(*owner.shape, 256, 48, align=32)  # cells of at most 41 px: smaller than the overlap
+    assert len({(t.height, t.width) for t in tiles}) > 1 and cells_cut(owner, tiles) > 20
+    parts = [place_tile(gt_detections(owner[t.y0 : t.y1, t.x0 : t.x1], classes, seed=k), t, k) for k, t in enumerate(tiles)]
+    merged = Detections.cat(parts).replace(image_id=1, image_size=owner.shape)
+    ids = instance_ids(owner)
+    assert len(merged) == len(ids)  # the core rule alone keeps each once
+    entries = finalize(merged, PredictConfig())
+    gt = [encode_mask(owner == i) for i in ids]
+    ious = mask_utils.iou([e["segmentation"] for e in entries], gt, [0] * len(gt))
+    untiled = finalize(gt_detections(owner, classes), PredictConfig(tile_size=None))
+    ref = mask_utils.iou([e["segmentation"] for e in untiled], gt, [0] * len(gt)).max(axis=0)
+    assert len(entries) == len(ids) and ((ious > 0.5).sum(axis=0) == 1).all()
+    assert (ious.max(axis=0) >= ref - 0.01).all()
+
+
+@pytest.mark.slow
+def test_tile_batches_and_channels_last_give_the_same_cells(model):
+    rgba, _, _ = synth_image(np.random.default_rng(9), 300, 260)
+    img = image_to_tensor(rgba[..., :3])
+    base = PredictConfig(tile_size=160, tile_overlap=48, tile_above=200, channels_last=False)
+    ref = predict_image(model, img, base, image_id=4)
+    assert ref
+    for cfg in (dataclasses.replace(base, tile_batch=3), dataclasses.replace(base, channels_last=True)):
+        got = predict_image(model, img, cfg, image_id=4)
+        assert len(got) == len(ref)
+        assert np.allclose([e["score"] for e in got], [e["score"] for e in ref], atol=1e-4)
+        ious = mask_utils.iou([e["segmentation"] for e in got], [e["segmentation"] for e in ref], [0] * len(ref))
+        assert np.diag(ious).min() > 0.97
+    # the weights' layout is put back, and they can still train (not inference tensors)
+    conv = model.backbone.body.conv1.weight
+    assert conv.is_contiguous() and not conv.is_inference()
+    model.train()
+    loss = sum(model([img[:, :128, :128]], [{"boxes": torch.tensor([[10.0, 10.0, 40.0, 40.0]]),
+                                             "labels": torch.tensor([1]),
+                                             "masks": torch.zeros(1, 128, 128, dtype=torch.uint8)}]).values())
+    loss.backward()
+    model.eval()
+    model.zero_grad()
+
+
+def test_a_tile_batch_that_cannot_fit_is_a_config_error():
+    import cellkit
+    from cellkit.inference.predict import check_tile_batch
+
+    cfg = load_config(None, {"model.backbone": "resnet18", "model.num_classes": 4, "model.resize_mode": "fixed_scale",
+                             "model.scale": 4.0, "model.max_size": 8192, "model.max_cell_diameter": 120.0})
+    m = cellkit.build_model(cfg).eval()
+    pc = PredictConfig(tile_batch=256)
+    with pytest.raises(ConfigError, match="predict.tile_batch") as e:
+        predict_image(m, torch.zeros(3, 1500, 1500), pc)  # 256 tiles of 1024 px at scale 4: about a terabyte
+    assert "\n" not in str(e.value) and "GB" in str(e.value) and "predict.tile_size" in str(e.value)
+    check_tile_batch(m, PredictConfig(tile_batch=2), 512, 512, available=2**40)  # fits: nothing raised
+    with pytest.raises(ConfigError, match="predict.tile_batch: 2 tile"):
+        check_tile_batch(m, PredictConfig(tile_batch=2), 512, 512, available=2**20)
+
+
+@pytest.mark.slow
+def test_training_records_the_largest_cell_and_tiles_overlap_by_it(tiny_run: Path, synth_root: Path) -> None:
+    """Speed issue: when training starts, the largest cell is measured on the training split
+    (the 99.5th percentile of the cells' longer box side, at the input scale); the run's config
+    and checkpoints keep it, the rebuilt model carries it, and predict.tile_overlap auto uses it."""
+    from cellkit.analysis.scale import MAX_CELL_PERCENTILE, cell_sizes
+    from cellkit.data import CellDataset, train_val_samples
+    from cellkit.inference.predict import image_tiles, tile_overlap
+    from cellkit.models.checkpoint import model_from_checkpoint
+
+    cfg = load_config(tiny_run / "config.yaml")
+    areas, extents, _ = cell_sizes(CellDataset(train_val_samples(cfg.data, cfg.model.num_classes, False)[0], cache=False))
+    assert len(extents) > 100 and (extents**2 >= areas).all()
+    expected = math.ceil(np.percentile(extents, MAX_CELL_PERCENTILE) * cfg.model.scale * 10) / 10
+    assert cfg.model.max_cell_diameter == expected and 20 < expected < 60
+    model, ckpt_cfg, _ = model_from_checkpoint(tiny_run / "checkpoints" / "best.pth")
+    assert ckpt_cfg.model.max_cell_diameter == expected == model.max_cell_diameter
+    pc = dataclasses.replace(ckpt_cfg.predict, tile_size=256, tile_above=300)
+    assert pc.tile_overlap == "auto" and tile_overlap(model, pc) == math.ceil(expected / cfg.model.scale)
+    tiles = image_tiles(model, pc, 600, 900)
+    rows = sorted({(t.y0, t.y1) for t in tiles})
+    assert all(a[1] - b[0] >= math.ceil(expected) for a, b in zip(rows, rows[1:]))

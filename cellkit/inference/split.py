@@ -11,8 +11,17 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from ..config import Config
-from ..data import CellDataset, build_coco, image_to_tensor, num_classes_of, read_image, train_val_samples
+from ..data import (
+    CellDataset,
+    build_coco,
+    holdout_samples,
+    image_to_tensor,
+    num_classes_of,
+    read_image,
+    train_val_samples,
+)
 from ..data.coco import coco_from_dataset
+from ..data.intensity import Intensity
 from ..errors import ConfigError, DataError
 from ..evaluation.coco import EvalReport, evaluate_predictions
 from ..models.checkpoint import model_from_checkpoint
@@ -23,7 +32,7 @@ from ..structures.coco_results import DropCounts
 from ..structures.detections import Detections
 from .predict import finalize, iter_detections
 
-Split = Literal["train", "val"]
+Split = Literal["train", "val", "holdout"]
 
 
 class ImagesOnly(Dataset):
@@ -40,7 +49,7 @@ class ImagesOnly(Dataset):
         sample = self.dataset.samples[index]
         # the decoded image from the dataset's cache when it is there; else only the image file
         cached = self.dataset.cached(index)
-        image = cached[0] if cached is not None else read_image(sample.image_path)
+        image = cached[0] if cached is not None else self.dataset.intensity.apply(read_image(sample.image_path))
         return image_to_tensor(image), {"image_id": sample.image_id}
 
 
@@ -69,13 +78,15 @@ class SplitPrediction:
 
     def evaluate(self, **kwargs: Any) -> EvalReport:
         """:func:`~cellkit.evaluation.evaluate_predictions` of :meth:`entries` against :attr:`gt`
-        (max_dets, backend and the cell-metric IoU from ``cfg.eval`` unless given)."""
+        (max_dets, backend, the cell-metric IoU and the bootstrap from ``cfg.eval`` unless given)."""
         if self.gt is None:
             raise DataError("<split>", "no ground truth to evaluate against")
         e = self.cfg.eval
         kwargs.setdefault("max_dets", e.max_dets)
         kwargs.setdefault("backend", e.backend)
         kwargs.setdefault("iou_threshold", e.iou_threshold)
+        kwargs.setdefault("bootstrap", e.bootstrap)
+        kwargs.setdefault("bootstrap_seed", e.bootstrap_seed)
         return evaluate_predictions(self.gt, self.entries(), num_classes=self.cfg.model.num_classes, **kwargs)
 
 
@@ -96,7 +107,8 @@ def predict_split(
     Args:
         model: a model (or an ensemble) in any mode; it is used in eval mode and restored.
         cfg: the run's config (the split comes from ``cfg.data``; ``cfg.predict`` predicts).
-        split: ``"val"`` or ``"train"`` (the split ``cellkit convert`` and training use).
+        split: ``"val"`` or ``"train"`` (the split ``cellkit convert`` and training use), or
+            ``"holdout"`` (``data.holdout_fraction``'s images).
         dataset: the images to predict instead of the split: a :class:`~cellkit.data.CellDataset`
             (its cache is used, no masks are built) or any dataset of ``(image, target)`` pairs.
         run_dir: a training run; its ``val_gt.json`` is the ground truth of the val split.
@@ -112,12 +124,16 @@ def predict_split(
         models = [m.to(device) for m in models]
     samples = None
     if dataset is None:
-        train, val = train_val_samples(cfg.data, cfg.model.num_classes, progress)
-        samples = val if split == "val" else train
+        if split == "holdout":
+            samples = holdout_samples(cfg.data, cfg.model.num_classes, progress)
+        else:
+            train, val = train_val_samples(cfg.data, cfg.model.num_classes, progress)
+            samples = val if split == "val" else train
         if not samples:
+            key = "holdout_fraction" if split == "holdout" else "val_fraction"
             raise DataError(run_dir or cfg.data.root or "<synthetic data>",
-                            f"the {split} split is empty (data.val_fraction is {cfg.data.val_fraction})")
-        dataset = CellDataset(samples, cache=False)
+                            f"the {split} split is empty (data.{key} is {getattr(cfg.data, key)})")
+        dataset = CellDataset(samples, cache=False, intensity=Intensity.from_config(cfg.data))
     images: Dataset = ImagesOnly(dataset) if isinstance(dataset, CellDataset) else dataset
     rank, world = shard
     if world > 1:
@@ -157,6 +173,8 @@ def evaluate_run(
     device: str | None = None,
     save_predictions: bool = True,
     progress: bool = True,
+    bootstrap: int | None = None,
+    bootstrap_seed: int | None = None,
 ) -> EvalReport:
     """Predict the validation split of a run with one of its checkpoints and evaluate it.
 
@@ -170,6 +188,8 @@ def evaluate_run(
         save_predictions: write the predictions to ``run_dir/val_predictions.json`` (the best
             checkpoint's, which the error-analysis notebook reads) or, for another checkpoint,
             ``run_dir/val_predictions_<checkpoint name>.json``.
+        bootstrap, bootstrap_seed: draws for the 95 % intervals (0: none) and their seed (default: the
+            run config's ``eval.bootstrap`` and ``eval.bootstrap_seed``).
 
     Raises:
         DataError: no such run, checkpoint or validation split.
@@ -190,4 +210,6 @@ def evaluate_run(
         max_dets=max_dets or e.max_dets, backend=backend or e.backend,  # type: ignore[arg-type]
         num_classes=cfg.model.num_classes, cell_metrics=cell_metrics,
         iou_threshold=e.iou_threshold if iou_threshold is None else iou_threshold, score_threshold=score_threshold,
+        bootstrap=e.bootstrap if bootstrap is None else bootstrap,
+        bootstrap_seed=e.bootstrap_seed if bootstrap_seed is None else bootstrap_seed,
     )

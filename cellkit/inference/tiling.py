@@ -10,8 +10,19 @@ neighbouring tile sees has its box centre on that tile's far side of the boundar
 (boxes that model noise pushes over the boundary, cells somewhat larger than the overlap) is
 caught by a cross-tile duplicate removal on the masks (intersection over the smaller mask), which
 prefers detections that do not touch an inner tile border. The overlap should exceed the largest
-cell (the default of 128 px does, for cells of 10-60 px): a cell much larger than the overlap is
-seen only in parts.
+cell (``predict.tile_overlap: auto`` takes the largest cell the model was trained on,
+``model.max_cell_diameter``): a cell much larger than the overlap is seen only in parts.
+
+How many tiles: tiles of at most ``tile_size`` px whose neighbours overlap by the overlap. For a
+model whose input scale does not depend on the tile (``fixed_scale``), the tiles start at
+multiples of the network's stride (32 input px), so each tile's feature maps lie on the untiled
+image's grid and cells are found as in the untiled image, and their length and step are those
+that cover the image with the fewest pixels (the last row and column end at the image's edge):
+a 2048 px image in 512 px tiles with 35 px of overlap is 5 x 5 tiles every 448 px, 512 px long
+and 256 px in the last row and column (1.27 x the pixels the network sees), where evenly spaced
+512 px tiles overlapping by 128 px were 1.56 x. A
+``min_size`` model resizes every tile to ``min_size``, so its tiles keep ``tile_size``, evenly
+spaced (a smaller tile would show it larger cells).
 """
 from __future__ import annotations
 
@@ -64,19 +75,55 @@ def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     return [round(i * (size - tile) / (n - 1)) for i in range(n)]
 
 
-def _cores(starts: list[int], tile: int, size: int) -> list[tuple[float, float]]:
-    bounds = [0.0] + [(starts[i] + starts[i - 1] + tile) / 2 for i in range(1, len(starts))] + [float(size)]
-    return [(bounds[i], bounds[i + 1]) for i in range(len(starts))]
+def axis_spans(size: int, tile: int, overlap: int, align: int | None = None) -> list[tuple[int, int]]:
+    """``(start, end)`` of the tiles along one axis of ``size`` px, neighbours overlapping by at
+    least ``overlap``.
+
+    Args:
+        align: None: the fewest tiles of ``tile`` px, evenly spaced (:func:`tile_starts`). A
+            number of px (the network's stride in image px): tiles start at multiples of it, so
+            that a tile's feature maps sit on the untiled image's grid and its cells come out as
+            the untiled image's do; their length (a multiple of it, at most ``tile``) and step are
+            those that cover the axis with the fewest pixels (the last tile ends at the image's
+            edge, shorter).
+
+    Raises:
+        ConfigError: ``overlap`` not in ``[0, tile)``.
+    """
+    if tile <= overlap or overlap < 0:
+        raise ConfigError(f"predict.tile_overlap ({overlap}) must lie in [0, predict.tile_size) (tile_size {tile})")
+    if size <= tile:
+        return [(0, size)]
+    best: tuple[int, int, int, int] | None = None
+    if align is not None and align >= 1:
+        for length in range(tile // align * align, overlap, -align):  # longest first: ties keep more overlap
+            step = (length - overlap) // align * align
+            if step <= 0:
+                break
+            n = math.ceil((size - length) / step) + 1
+            cost = (n - 1) * length + math.ceil((size - (n - 1) * step) / align) * align  # pixels the network sees
+            if best is None or cost < best[0]:
+                best = (cost, length, step, n)
+    if best is None:  # no alignment asked for (or the tile leaves no aligned step)
+        return [(s, s + tile) for s in tile_starts(size, tile, overlap)]
+    _, length, step, n = best
+    return [(k * step, min(k * step + length, size)) for k in range(n)]
 
 
-def tile_grid(height: int, width: int, tile: int, overlap: int) -> list[Tile]:
-    """The tiles of a ``height x width`` image, row by row."""
-    ys, xs = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
-    cy, cx = _cores(ys, tile, height), _cores(xs, tile, width)
+def _cores(spans: list[tuple[int, int]], size: int) -> list[tuple[float, float]]:
+    """Each tile's share of the axis: the boundary between neighbours is the middle of their overlap."""
+    bounds = [0.0] + [(spans[i][0] + spans[i - 1][1]) / 2 for i in range(1, len(spans))] + [float(size)]
+    return [(bounds[i], bounds[i + 1]) for i in range(len(spans))]
+
+
+def tile_grid(height: int, width: int, tile: int, overlap: int, align: int | None = None) -> list[Tile]:
+    """The tiles of a ``height x width`` image, row by row (``align``: see :func:`axis_spans`)."""
+    ys, xs = axis_spans(height, tile, overlap, align), axis_spans(width, tile, overlap, align)
+    cy, cx = _cores(ys, height), _cores(xs, width)
     tiles = []
-    for y, (cy0, cy1) in zip(ys, cy):
-        for x, (cx0, cx1) in zip(xs, cx):
-            y1, x1 = min(y + tile, height), min(x + tile, width)
+    for (y, y1), (cy0, cy1) in zip(ys, cy):
+        for (x, x1), (cx0, cx1) in zip(xs, cx):
+            y1, x1 = min(y1, height), min(x1, width)
             tiles.append(Tile(y, x, y1, x1, (cy0, cx0, cy1, cx1), (y > 0, x > 0, y1 < height, x1 < width)))
     return tiles
 

@@ -228,7 +228,9 @@ def tune_run(
     _check_grids(score_grid, mask_grid, nms_grid)  # before predicting, not after
     check_writable_file(RunDir(run_dir).thresholds, "thresholds file")  # before predicting, not after
     model, cfg, _ = model_from_checkpoint(ckpt, resolve_device(device), overrides)
-    sp = predict_split(model, cfg, "val", run_dir=run_dir, with_gt=True, progress=progress)
+    # predicted down to the lowest score of the grid (the box stage drops what scores below predict.score_thresh)
+    low = cfg.replace({"predict.score_thresh": min(min(score_grid), cfg.predict.score_thresh)})
+    sp = predict_split(model, low, "val", run_dir=run_dir, with_gt=True, progress=progress)
     result = tune_thresholds(
         sp.detections, sp.gt, cfg.predict, score_grid, mask_grid, nms_grid, metric, cfg.eval.max_dets,
         cfg.model.num_classes, cfg.eval.backend, progress,
