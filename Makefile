@@ -7,11 +7,12 @@ PY     := $(VENV)/bin/python
 LOCK   := requirements.lock
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test install lock notebooks-clean screenshots benchmarks clean help
+.PHONY: demo test test-fast install lock notebooks-clean screenshots benchmarks clean help
 
 help:
 	@echo "make demo   - create $(VENV), install cellkit ($(LOCK)), run the demo job on synthetic data (CPU, < 10 min)"
 	@echo "make test   - create $(VENV) if missing, run the whole test suite"
+	@echo "make test-fast - the fast lane: pytest -m 'not slow' (no training, kernel or subprocess)"
 	@echo "make lock   - re-resolve pyproject.toml's ranges in a fresh venv and write the exact versions to $(LOCK)"
 
 $(STAMP): pyproject.toml $(LOCK)
@@ -37,6 +38,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
 
 notebooks-clean: $(STAMP)
 	$(VENV)/bin/jupyter nbconvert --clear-output --inplace cellkit/notebooks/*.ipynb

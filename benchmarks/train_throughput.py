@@ -17,8 +17,10 @@ memory (``torch.cuda.max_memory_allocated``) as JSON lines:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
+import sys
 import time
 
 import torch
@@ -64,7 +66,8 @@ def make_trainer(args: argparse.Namespace, size: int, batch: int, **extra: objec
         "data.augment.scale_range": None, "data.synth_max_size": max(512, size), "data.synth_train": args.images,
         **extra,
     }
-    trainer = Trainer(cellkit.load_config("demo", overrides), None, progress=False)
+    with contextlib.redirect_stdout(sys.stderr):  # the Trainer's messages; stdout carries the JSON
+        trainer = Trainer(cellkit.load_config("demo", overrides), None, progress=False)
     trainer.train_set.preload(False)
     torch.manual_seed(0)
     items = [trainer.train_set[i % len(trainer.train_set)] for i in range(args.iters * batch)]

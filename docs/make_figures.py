@@ -1,7 +1,7 @@
 """Regenerate the pictures of docs/ and the README tour from the synthetic dataset.
 
     python docs/make_figures.py                 # every figure (needs `make demo` first for the run)
-    python docs/make_figures.py data train      # some of them: data, inspect, train, ablation, errors, browser
+    python docs/make_figures.py data train      # some of them: data, inspect, train, ablation, errors, browser, own_images
 
 ``train`` and ``errors`` draw the demo run (runs/demo/run, written by ``make demo``; ``--run DIR``
 picks another); ``ablation`` runs a small grid of the demo recipe (about 6 minutes on 2 CPU
@@ -133,6 +133,28 @@ def errors(args: argparse.Namespace) -> None:
     _save(browser.figure(0), "tour_04_worst.png")
 
 
+def own_images(args: argparse.Namespace) -> None:
+    """README "Your own images": `cellkit segment` of a new synthetic image with the demo model."""
+    import tempfile
+
+    import tifffile
+    from PIL import Image
+
+    from cellkit.cli import main as cellkit
+    from cellkit.data.synth import synth_image
+
+    run = _demo_run(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        image = synth_image(np.random.default_rng(20), 420, 560)[0]
+        tifffile.imwrite(Path(tmp) / "scan.tif", image)
+        cellkit(["segment", str(Path(tmp) / "scan.tif"), "--checkpoint", str(run / "checkpoints" / "best.pth"),
+                 "--out", str(Path(tmp) / "out"), "--formats", "overlay,csv", "--set", "predict.score_thresh=0.5",
+                 "--no-progress"])
+        out = IMG / "own_images_overlay.png"
+        Image.open(Path(tmp) / "out" / "scan" / "overlay.png").convert("RGB").quantize(128).save(out, optimize=True)
+        print(out)
+
+
 def browser(args: argparse.Namespace) -> None:
     """The mask browser widget in JupyterLab (through tests/test_browser.py)."""
     env = {**os.environ, "CELLKIT_SCREENSHOT_DIR": str(IMG)}
@@ -157,7 +179,8 @@ def copy_paste(args: argparse.Namespace) -> None:
     Image.open(out).convert("RGB").quantize(128).save(out, optimize=True)  # keeps the file small (< 300 KB)
 
 
-FIGURES = {"data": data, "copy_paste": copy_paste, "inspect": inspect, "train": train, "ablation": ablation, "errors": errors, "browser": browser}
+FIGURES = {"data": data, "copy_paste": copy_paste, "inspect": inspect, "train": train, "ablation": ablation, "errors": errors, "browser": browser,
+           "own_images": own_images}
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ def test_every_benchmark_has_a_smoke_run() -> None:
     """A new script in benchmarks/ must get a smoke run here (mask_roundtrip.py has its own in
     tests/test_mask_geometry.py, beside the geometry it measures)."""
     tested = {"data_memory.py", "demo_flops.py", "eval_speed.py", "mask_roundtrip.py", "paste_memory.py",
-              "train_throughput.py"}
+              "train_throughput.py", "segment_speed.py", "predict_speed.py"}
     assert {p.name for p in BENCHMARKS.glob("*.py")} <= tested
 
 
@@ -45,6 +45,18 @@ def test_eval_speed_smoke() -> None:
     ap_plain, ap_cellkit = float(rows["pycocotools"][2]), float(rows["cellkit"][2])
     assert 0.0 < ap_plain <= 1.0
     assert ap_cellkit == pytest.approx(ap_plain, abs=1e-4)  # the same evaluation, two ways
+
+
+@pytest.mark.slow
+def test_eval_speed_bootstrap_smoke() -> None:
+    """The intervals' cost (--bootstrap N), reported apart: each backend's evaluation, with the
+    intervals, and the draws alone, with the same AP50 and an interval around it."""
+    out = run_benchmark("eval_speed.py", "--images", "3", "--dets", "40", "--variants", "", "--bootstrap", "50")
+    line = next(row for row in out.splitlines() if row.startswith("pycocotools "))
+    evaluation, with_intervals, draws, _, ap50 = (float(x) for x in line.split()[1:6])
+    lo, hi = (float(x) for x in line.split("[")[1].rstrip("]").split(","))
+    assert 0 <= draws <= with_intervals + 0.01 and evaluation > 0, out
+    assert 0.0 < ap50 <= 1.0 and lo <= ap50 <= hi, out
 
 
 @pytest.mark.slow
@@ -82,3 +94,33 @@ def test_train_throughput_smoke() -> None:
 def test_data_memory_smoke() -> None:
     out = run_benchmark("data_memory.py", "--height", "300", "--width", "240", "--crop", "128", "--crops", "2")
     assert "image 300 x 240" in out and "128 px training crop" in out, out
+
+
+@pytest.mark.slow
+def test_segment_speed_smoke() -> None:
+    out = run_benchmark("segment_speed.py", "--sizes", "200,400", "--set", "predict.tile_size=256",
+                        "--set", "predict.tile_above=300", "--set", "model.box_detections_per_img=20",
+                        "--set", "model.rpn_post_nms_top_n_test=50", "--set", "model.rpn_pre_nms_top_n_test=100")
+    result = last_json(out)
+    small, large = result["rows"]
+    assert (small["size"], small["tiles"]) == (200, 1) and (large["size"], large["tiles"]) == (400, 9)
+    assert all(r["cells"] > 0 and r["s_per_mp"] > 0 and r["total_s"] >= r["predict_s"] for r in result["rows"])
+    assert result["matmul_gflops"] > 0 and "| 400 x 400 | 0.2 | 9 |" in out
+
+
+@pytest.mark.slow
+def test_predict_speed_smoke() -> None:
+    """The whole path against the bare forward on a tiny image with a random-weight model: tiles,
+    seconds, FLOPs per megapixel, peak memory, and the matmul figure, as the table shows them."""
+    out = run_benchmark("predict_speed.py", "--sizes", "300", "--repeats", "1", "--score", "0.0",
+                        "--set", "model.max_size=128", "--set", "model.max_cell_diameter=40",
+                        "--set", "model.box_detections_per_img=20", "--set", "model.rpn_post_nms_top_n_test=50",
+                        "--set", "model.rpn_pre_nms_top_n_test=100")
+    result = last_json(out)
+    (row,) = result["rows"]
+    whole, bare = row["whole"], row["bare"]
+    assert (row["size"], bare["tiles"]) == (300, 9)  # 128 px tiles without overlap: 3 x 3
+    assert whole["tiles"] == 16 and max(whole["tile_px"]) <= 128  # overlapping by 40 px, on the 32 px stride: 4 x 4
+    assert whole["cells"] > 0 and whole["seconds"] > 0 and bare["seconds"] > 0 and row["ratio"] > 0
+    assert row["gflop_whole"] > row["gflop_bare"] * 0.9 > 0 and whole["peak_mb"] > 0
+    assert all(g > 0 for g in result["matmul_gflops"]) and "| 300 x 300 | 16 of 128x128 px (9) |" in out

@@ -22,6 +22,7 @@ def test_help_lists_subcommands() -> None:
         assert cmd in r.stdout
 
 
+@pytest.mark.slow
 def test_synth_then_convert(tmp_path: Path) -> None:
     r = run_cli("synth", "--out", str(tmp_path / "ds"), "--train", "4", "--test", "2", "--seed", "1", "--max-size", "128")
     assert r.returncode == 0, r.stderr
@@ -42,6 +43,7 @@ def test_synth_then_convert(tmp_path: Path) -> None:
         ("empty", "no image folders found"),
     ],
 )
+@pytest.mark.slow
 def test_bad_input_exits_non_zero_with_the_file_named(fixture_copy: Path, tmp_path: Path, breakage: str, message: str) -> None:
     import numpy as np
     import tifffile

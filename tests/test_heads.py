@@ -67,6 +67,7 @@ def cascade_run(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> t
 # cascade
 
 
+@pytest.mark.slow
 def test_cascade_trains_every_stage_and_validates(cascade_run: tuple[DefaultTrainer, Path]) -> None:
     trainer, run = cascade_run
     heads = trainer.model.roi_heads
@@ -155,6 +156,7 @@ def test_cascade_predicts_with_tta_tiles_and_tuned_thresholds(cascade_run: tuple
     assert len(result.table) == 2 and all(0 <= r["ap50"] <= 1 for r in result.table)
 
 
+@pytest.mark.slow
 def test_cascade_keys_and_what_coco_weights_fit(tmp_path: Path) -> None:
     base = {"model.backbone": "resnet18", "model.num_classes": 4, "model.roi_head": "cascade"}
     with pytest.raises(ConfigError, match="model.cascade_stage_weights: 2 entries"):
@@ -222,6 +224,7 @@ def ema_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)["hooks"]["EMAHook"]["module"]
 
 
+@pytest.mark.slow
 def test_ema_resumes_exactly(synth_root: Path, tmp_path: Path) -> None:
     """Two epochs straight and one epoch + resume end with the same EMA weights, bit for bit."""
     over = {"train.ema_decay": 0.9, "train.eval_every": 0, "train.iters_per_epoch": 1}
@@ -241,6 +244,7 @@ def test_ema_resumes_exactly(synth_root: Path, tmp_path: Path) -> None:
     assert hook.updates == 2 and resumed.eval_model is hook.module
 
 
+@pytest.mark.slow
 def test_validation_and_best_use_the_ema_weights(synth_root: Path, tmp_path: Path) -> None:
     cfg = tiny(synth_root, **{"train.ema_decay": 0.5, "train.ema_warmup": False})
     trainer = DefaultTrainer(cfg, tmp_path / "run", progress=False)

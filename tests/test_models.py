@@ -293,6 +293,7 @@ def test_adding_a_backbone_is_one_function() -> None:
         registry._INFO.pop("resnet34")
 
 
+@pytest.mark.slow
 def test_models_command_lists_every_backbone_under_200m() -> None:
     from cellkit.cli import main
 
@@ -623,6 +624,7 @@ def test_dice_adds_a_term_and_leaves_bce_unchanged() -> None:
 # weights
 
 
+@pytest.mark.slow
 def test_weights_from_a_local_file_and_from_a_checkpoint(tmp_path: Path) -> None:
     torch.manual_seed(1)
     src = build_model(small_cfg("resnet18"))

@@ -6,12 +6,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+import imagecodecs
 import nbformat
 import numpy as np
+import pandas as pd
 import papermill as pm
 import pytest
+import roifile
+import tifffile
 
 from cellkit.data import load_sample, resolve_root, scan_train
+from cellkit.data.synth import synth_image
 from cellkit.evaluation import ErrorAnalysis
 from cellkit.evaluation.coco import coco_evaluate
 from cellkit.workbench import notebook_config
@@ -47,6 +52,7 @@ def test_committed_without_outputs_and_one_parameters_cell(name: str) -> None:
     assert len(tagged) == 1 and "interactive = True" in tagged[0].source
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("interactive", [False, True])
 def test_data_inspection(tmp_path: Path, interactive: bool) -> None:
     overrides = {"data.synth_train": 6, "data.synth_max_size": 160}
@@ -72,6 +78,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out / "run"
 
 
+@pytest.mark.slow
 def test_training_records_its_run(trained_run: Path) -> None:
     summary = json.loads((trained_run / "metrics.json").read_text())
     lines = [json.loads(x) for x in (trained_run / "metrics.jsonl").read_text().splitlines()]
@@ -81,6 +88,7 @@ def test_training_records_its_run(trained_run: Path) -> None:
     assert (trained_run / "checkpoints" / "best.pth").is_file()
 
 
+@pytest.mark.slow
 def test_error_analysis(trained_run: Path, tmp_path: Path) -> None:
     execute("04_error_analysis", tmp_path, run_dir=str(trained_run), interactive=True, n_worst=2,
             results_json=str(tmp_path / "errors.json"))
@@ -94,6 +102,7 @@ def test_error_analysis(trained_run: Path, tmp_path: Path) -> None:
     assert 1 <= len(numbers["worst"]) <= 2
 
 
+@pytest.mark.slow
 def test_ablation_grid(tmp_path: Path) -> None:
     grid = {"name": "nb", "config": "demo", "overrides": TINY, "grid": {"train.scheduler": ["constant", "cosine"]}}
     nb = execute("03_ablation", tmp_path, grid=grid, out_dir=str(tmp_path / "grid"), cluster="local:2", interactive=False,
@@ -121,4 +130,32 @@ def test_ablation_grid(tmp_path: Path) -> None:
                            max_dets=100)
         assert ea.matching.counts()["tp"] == sum(cmp["counts"][k] for k in found)
     assert cmp["explained"] + cmp["rest"] == pytest.approx(cmp["ap50_diff"], abs=1e-12)
-    assert images_in(nb) == 4  # bar chart, curves, the comparison figure, a compared image
+    # the paired verdict, and the configurations compared with the baseline (the first)
+    assert cmp["verdict"] in ("constant better", "cosine better", "not distinguishable")
+    assert cmp["ap50_diff_ci"][0] <= cmp["ap50_diff_ci"][1] and cmp["n_images"] == len(gt["images"])
+    assert [r["comparison"]["val"]["verdict"] for r in rows][0] == "baseline"
+    assert images_in(nb) == 5  # forest plot, bar chart, curves, the comparison figure, a compared image
+
+
+def test_segment_notebook(trained_run: Path, tmp_path: Path) -> None:
+    """05_segment on two own images (an RGB TIFF and a 16-bit grey PNG): its numbers are the files'."""
+    nb = nbformat.read(NOTEBOOKS / "05_segment.ipynb", as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code)
+    assert len([c for c in code if "parameters" in c.metadata.get("tags", [])]) == 1
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(4)
+    tifffile.imwrite(imgs / "a.tif", synth_image(rng, 120, 140)[0])
+    (imgs / "b.png").write_bytes(imagecodecs.png_encode(synth_image(rng, 100, 90)[0][..., 0].astype(np.uint16) * 257))
+    out = tmp_path / "own"
+    nb = execute("05_segment", tmp_path, checkpoint=str(trained_run / "checkpoints" / "best.pth"), images=str(imgs),
+                 out_dir=str(out), score_thresh=0.0, interactive=False, results_json=str(tmp_path / "seg.json"))
+    numbers = json.loads((tmp_path / "seg.json").read_text())
+    tables = [pd.read_csv(out / n / "cells.csv") for n in ("a", "b")]
+    assert numbers["images"] == 2 and numbers["skipped"] == 0
+    assert numbers["cells"] == sum(len(t) for t in tables) > 0
+    for row in numbers["per_image"]:
+        assert row["rois"] == row["geojson_features"] == row["cells"] == len(roifile.roiread(out / row["image"] / "rois.zip"))
+    assert len(scan_train(out)) == 2  # the training layout
+    assert images_in(nb) >= 3  # overlays, the diameter histogram, the in-memory overlay

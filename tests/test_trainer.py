@@ -31,7 +31,7 @@ TINY: dict[str, Any] = {
     "name": "tiny",
     "data": {"synth_train": 6, "synth_test": 2, "synth_seed": 5, "synth_max_size": 128, "val_fraction": 0.34,
              "augment": {"crop_size": 96}},
-    "model": {"backbone": "resnet18", "resize_mode": "fixed_scale", "rpn_pre_nms_top_n_train": 300,
+    "model": {"backbone": "resnet18", "num_classes": 4, "resize_mode": "fixed_scale", "rpn_pre_nms_top_n_train": 300,
               "rpn_post_nms_top_n_train": 150, "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 150,
               "box_batch_size_per_image": 64, "box_detections_per_img": 100},
     "train": {"epochs": 2, "batch_size": 2, "iters_per_epoch": 2, "lr": 5e-4},
@@ -52,6 +52,7 @@ def run_cli(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "cellkit", *args], capture_output=True, text=True, timeout=900, **kw)
 
 
+@pytest.mark.slow
 def test_run_directory_and_lr_read_back(tmp_path: Path) -> None:
     # warm-up epoch at 10 %, then MultiStepLR at 50 % / 75 % of 4 epochs, SGD with momentum
     _, cfg = tiny_config(tmp_path, **{"train.epochs": 4, "train.iters_per_epoch": 1, "train.optimizer": "sgd",
@@ -59,7 +60,8 @@ def test_run_directory_and_lr_read_back(tmp_path: Path) -> None:
                                       "train.scheduler": "multistep", "train.milestones": [0.5, 0.75],
                                       "train.warmup_epochs": 1, "train.warmup_factor": 0.1})
     run = tmp_path / "run"
-    summary = DefaultTrainer(cfg, run, progress=False).fit()
+    trainer = DefaultTrainer(cfg, run, progress=False)
+    summary = trainer.fit()
     group = load_checkpoint(run / "checkpoints/last.pth")["optimizer"]["param_groups"][0]
     assert (group["momentum"], group["weight_decay"]) == (0.8, 5e-4)
     lines = read_jsonl(run / "metrics.jsonl")
@@ -69,7 +71,11 @@ def test_run_directory_and_lr_read_back(tmp_path: Path) -> None:
     for key in ("loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg",
                 "val_ap50", "val_ap", "train_seconds", "images_per_s", "peak_mem_mb"):
         assert all(key in m and np.isfinite(m[key]) for m in lines), key
-    assert cellkit.load_config(run / "config.yaml") == cfg
+    # the run's config is the one asked for with what training measured filled in (classes, largest cell)
+    resolved = cfg.replace({"model.num_classes": 4, "model.max_cell_diameter": trainer.cfg.model.max_cell_diameter})
+    stored, want = cellkit.load_config(run / "config.yaml").flat(), resolved.flat()
+    assert trainer.cfg.model.max_cell_diameter > 0
+    assert {k: (stored[k], want[k]) for k in want if stored[k] != want[k]} == {}
     last = load_checkpoint(run / "checkpoints/last.pth")
     assert {"model", "optimizer", "scaler", "epoch", "config", "history", "rng", "hooks"} <= set(last)
     assert {"ValidationHook", "LRScheduleHook", "EarlyStoppingHook", "CheckpointHook"} <= set(last["hooks"])
@@ -93,7 +99,7 @@ def test_run_directory_and_lr_read_back(tmp_path: Path) -> None:
     assert len(images) == min(cfg.train.tensorboard_images, 2)  # 2 validation images
     assert all([step for step, _, _ in shots] == val_epochs for shots in images.values())
     assert all(w > h for shots in images.values() for _, w, h in shots)  # ground truth | predictions
-    assert cellkit.Config.from_dict(yaml.safe_load("\n".join(line[4:] for line in event_text(run).splitlines()))) == cfg
+    assert cellkit.Config.from_dict(yaml.safe_load("\n".join(line[4:] for line in event_text(run).splitlines()))) == resolved
     gt = json.loads((run / "val_gt.json").read_text())
     assert len(gt["images"]) == 2 and gt["annotations"]
 
@@ -138,6 +144,7 @@ def test_user_datasets_from_a_notebook(tmp_path: Path) -> None:
     assert set(event_images(tmp_path / "run")) == {"val/image0", "val/image1"}
 
 
+@pytest.mark.slow
 def test_plateau_decays_hold_in_a_real_run(tmp_path: Path) -> None:
     # patience 0: every epoch without a new best decays the lr; the run's lrs must follow the
     # schedule driven by the run's own validation AP50
@@ -176,6 +183,7 @@ def _with_batches(trainer: Trainer, batches: list[tuple[list, list]]) -> None:
     trainer._loader = DataLoader(batches, batch_size=None, collate_fn=lambda b: b)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_skips_the_step_and_is_counted(tmp_path: Path) -> None:
     _, cfg = tiny_config(tmp_path, **{"train.iters_per_epoch": 4, "train.eval_every": 0})
     t = DefaultTrainer(cfg, None, progress=False)
@@ -190,6 +198,7 @@ def test_nonfinite_loss_skips_the_step_and_is_counted(tmp_path: Path) -> None:
     assert all(torch.isfinite(p).all() for p in t.model.parameters())
 
 
+@pytest.mark.slow
 def test_nonfinite_losses_in_a_row_stop_the_run(tmp_path: Path) -> None:
     _, cfg = tiny_config(tmp_path, **{"train.iters_per_epoch": 4, "train.eval_every": 0, "train.max_nonfinite": 3})
     t = DefaultTrainer(cfg, None, progress=False)
@@ -200,6 +209,7 @@ def test_nonfinite_losses_in_a_row_stop_the_run(tmp_path: Path) -> None:
         t.train_one_epoch(0)
 
 
+@pytest.mark.slow
 def test_accumulation_and_clipping(tmp_path: Path) -> None:
     _, cfg = tiny_config(tmp_path, **{"train.iters_per_epoch": 2, "train.accumulate": 2, "train.eval_every": 0,
                                       "train.optimizer": "sgd", "train.momentum": 0.0, "train.weight_decay": 0.0,
@@ -322,6 +332,7 @@ def test_sigkill_mid_epoch_then_resume_with_a_custom_hook(tmp_path: Path) -> Non
                      *(c for e in range(done, 4) for c in epoch_calls(e)), ["after_train", 4]]
 
 
+@pytest.mark.slow
 def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path: Path) -> None:
     path = tmp_path / "checkpoints" / "last.pth"
     save_checkpoint({"model": {"w": torch.arange(10)}, "epoch": 1}, path)
@@ -339,6 +350,7 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path: Path) -> 
     assert ckpt["epoch"] == 1 and torch.equal(ckpt["model"]["w"], torch.arange(10))
 
 
+@pytest.mark.slow
 def test_cli_train_is_quiet_in_logs_and_prints_epoch_lines(tmp_path: Path) -> None:
     cfg_path, _ = tiny_config(tmp_path)
     r = run_cli("train", "--config", str(cfg_path), "--out", str(tmp_path / "run"), "--set", "train.epochs=1",

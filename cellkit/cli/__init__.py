@@ -11,13 +11,14 @@ exit status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from .. import __version__
 from ..errors import CellkitError
-from . import ablate, data, evaluate, info, predict, train
+from . import ablate, compare, data, evaluate, info, predict, segment, train
 
-GROUPS = (train, data, info, evaluate, predict, ablate)
+GROUPS = (train, data, info, evaluate, compare, predict, segment, ablate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,11 +41,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except CellkitError as e:
-        print(f"cellkit {args.command}: error: {e}", file=sys.stderr)
+        print(f"cellkit {args.command}: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk wherever a writer did not name its file itself
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = e.filename or getattr(args, "out", None)  # the file, else the command's output
+        prefix = f"{where}: " if where else ""
+        print(f"cellkit {args.command}: error: {prefix}cannot write: no space left on device", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cellkit {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _one_line(message: str, limit: int = 400) -> str:
+    """An error message as one line of at most ``limit`` characters (the writers keep theirs short;
+    this is the backstop for a message that quotes something long)."""
+    text = " ".join(message.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 __all__ = ["build_parser", "main"]

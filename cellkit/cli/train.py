@@ -53,6 +53,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = train(cfg, out, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     if summary.get("run_dir"):
         best = summary["best_val_ap50"]
-        print(f"run directory: {out}  (best val AP50 {best:.4f} at epoch {summary['best_epoch']})" if best is not None
-              else f"run directory: {out}")
+        lo, hi = summary.get("best_val_ap50_lo"), summary.get("best_val_ap50_hi")
+        ci = f" [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else ""
+        print(f"run directory: {out}  (best val AP50 {best:.4f}{ci} at epoch {summary['best_epoch']}, the epoch that "
+              "split chose)" if best is not None else f"run directory: {out}")
     return 0

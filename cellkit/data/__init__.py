@@ -9,7 +9,15 @@ from .copy_paste import CopyPaste, InstanceBank, build_copy_paste
 from .dataset import CellDataset, TestImageDataset, collate, image_to_tensor
 from .instances import load_sample
 from .io import read_image, read_label_map
-from .layout import TestImage, TrainSample, num_classes_of, read_test_index, scan_train, split_samples
+from .layout import (
+    TestImage,
+    TrainSample,
+    num_classes_of,
+    read_test_index,
+    scan_train,
+    split_holdout,
+    split_samples,
+)
 from .synth import ensure_synthetic, write_synthetic
 from .transforms import build_train_transforms
 
@@ -24,13 +32,23 @@ def resolve_root(cfg: DataConfig, progress: bool = True) -> Path:
 
 def train_val_samples(cfg: DataConfig, num_classes: int | None,
                       progress: bool = True) -> tuple[list[TrainSample], list[TrainSample]]:
-    """The training and validation image folders of ``cfg`` (the split ``cellkit convert`` writes).
+    """The training and validation image folders of ``cfg`` (the split ``cellkit convert`` writes;
+    the training part without the hold-out images of ``cfg.holdout_fraction``).
 
     Args:
         num_classes: label maps of classes above it are an error (None: any class).
     """
     samples = scan_train(resolve_root(cfg, progress), num_classes)
-    return split_samples(samples, cfg.val_fraction, cfg.split_seed)
+    return split_samples(samples, cfg.val_fraction, cfg.split_seed, cfg.holdout_fraction)
+
+
+def holdout_samples(cfg: DataConfig, num_classes: int | None, progress: bool = True) -> list[TrainSample]:
+    """The hold-out image folders of ``cfg`` (``data.holdout_fraction``; empty when it is 0): never
+    trained on, never used to choose the epoch (:func:`cellkit.data.layout.split_holdout`)."""
+    if cfg.holdout_fraction <= 0:
+        return []
+    samples = scan_train(resolve_root(cfg, progress), num_classes)
+    return split_holdout(samples, cfg.val_fraction, cfg.holdout_fraction, cfg.split_seed)[2]
 
 
 def resolve_num_classes(cfg: Config, progress: bool = True) -> Config:
@@ -49,7 +67,8 @@ def resolve_num_classes(cfg: Config, progress: bool = True) -> Config:
 __all__ = [
     "CellDataset", "TestImageDataset", "collate", "image_to_tensor",
     "load_sample", "read_image", "read_label_map", "TestImage", "TrainSample", "read_test_index", "scan_train",
-    "split_samples", "ensure_synthetic", "write_synthetic", "build_train_transforms", "build_coco", "convert",
+    "split_samples", "split_holdout", "holdout_samples", "ensure_synthetic", "write_synthetic",
+    "build_train_transforms", "build_coco", "convert",
     "resolve_root", "train_val_samples", "CopyPaste", "InstanceBank", "build_copy_paste", "num_classes_of",
     "resolve_num_classes",
 ]

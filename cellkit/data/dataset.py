@@ -13,6 +13,7 @@ from ..progress import bar
 from ..structures.label_maps import LabelMaps
 from .copy_paste import CopyPaste, InstanceBank
 from .instances import load_sample
+from .intensity import DEFAULT, Intensity
 from .io import read_image
 from .layout import TestImage, TrainSample
 
@@ -39,6 +40,8 @@ class CellDataset(Dataset):
         copy_paste: cells of other images of this dataset pasted onto each augmented crop
             (:class:`cellkit.data.copy_paste.CopyPaste`, from
             :func:`~cellkit.data.copy_paste.build_copy_paste`); None: off.
+        intensity: how raw values become [0, 1] (``data.intensity``, see
+            :class:`cellkit.data.intensity.Intensity`), applied once where an image is decoded.
 
     Each item is ``(image, target)``: image ``(3, H, W)`` float32 in [0, 1]; target with
     ``boxes`` ``(N, 4)`` float32 xyxy, ``labels`` ``(N,)`` int64 in 1..K, ``masks``
@@ -52,8 +55,10 @@ class CellDataset(Dataset):
         transforms: Callable[..., Any] | None = None,
         cache: bool = True,
         copy_paste: CopyPaste | None = None,
+        intensity: Intensity = DEFAULT,
     ) -> None:
         self.samples = list(samples)
+        self.intensity = intensity
         self.transforms = transforms
         self.cache = cache
         self.copy_paste = copy_paste
@@ -68,7 +73,8 @@ class CellDataset(Dataset):
         hit = self._cache.get(index)
         if hit is not None:
             return hit
-        item = load_sample(self.samples[index])
+        image, maps = load_sample(self.samples[index])
+        item = (self.intensity.apply(image), maps)
         if self.cache:
             self._cache[index] = item
         return item
@@ -124,15 +130,16 @@ class CellDataset(Dataset):
 class TestImageDataset(Dataset):
     """Test images (``test_release/``) as ``(image (3, H, W) float32 in [0, 1], TestImage)`` pairs."""
 
-    def __init__(self, images: Sequence[TestImage]) -> None:
+    def __init__(self, images: Sequence[TestImage], intensity: Intensity = DEFAULT) -> None:
         self.images = list(images)
+        self.intensity = intensity
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, TestImage]:
         meta = self.images[index]
-        return image_to_tensor(read_image(meta.path)), meta
+        return image_to_tensor(self.intensity.apply(read_image(meta.path))), meta
 
 
 def collate(batch: Sequence[tuple[Any, Any]]) -> tuple[list[Any], list[Any]]:

@@ -14,6 +14,8 @@ Only this module knows the default hooks (as Detectron2's ``engine/defaults.py``
   65 TensorBoardHook     TensorBoard event files in the run directory (``train.tensorboard``;
                          :mod:`cellkit.engine.tensorboard`)
   70 CheckpointHook      last.pth every epoch; best.pth (+ val_predictions.json) on a new best
+  72 HoldoutHook         after training, the hold-out split (``data.holdout_fraction`` > 0) scored
+                         once with best.pth's weights (:mod:`cellkit.engine.holdout`)
   75 MetricsWriter       metrics.jsonl every epoch, metrics.json at the end
   80 CurvePlotHook       plots/curves.png every epoch
   85 EpochLogger         the one-line epoch summary (and the early-stop reason)
@@ -29,6 +31,7 @@ from ..config import Config
 from ..progress import in_notebook
 from . import distributed as dist_utils
 from .ema import EMAHook
+from .holdout import HoldoutHook
 from .hooks import (
     CheckpointHook,
     CurvePlotHook,
@@ -53,6 +56,8 @@ def default_hooks(cfg: Config) -> list[Hook]:
         hooks.append(EMAHook.from_config(cfg.train))
     if cfg.train.tensorboard:
         hooks.append(TensorBoardHook())
+    if cfg.data.holdout_fraction > 0:
+        hooks.append(HoldoutHook())
     if in_notebook():
         hooks.append(LiveCurves())
     hooks.extend(hook_from_path(p) for p in cfg.train.hooks)

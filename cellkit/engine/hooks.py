@@ -36,7 +36,7 @@ from .train_loop import Hook, Trainer
 
 __all__ = [
     "CheckpointHook", "CurvePlotHook", "EarlyStoppingHook", "EpochLogger", "LRScheduleHook", "MetricsWriter",
-    "VALIDATION", "Validation", "ValidationHook", "hook_from_path",
+    "VALIDATION", "Validation", "ValidationHook", "hook_from_path", "improved",
 ]
 
 VALIDATION = "validation"
@@ -59,10 +59,14 @@ def hook_from_path(path: str) -> Hook:
     cls = getattr(module, attr, None)
     if cls is None:
         raise ConfigError(f"train.hooks: module {module_name!r} has no {attr!r}")
-    hook = cls()
-    if not isinstance(hook, Hook):
-        raise ConfigError(f"train.hooks: {path} is not a cellkit.engine.train_loop.Hook")
-    return hook
+    # checked before calling it: 'os:system' names a function, which must not run
+    if not (isinstance(cls, type) and issubclass(cls, Hook)):
+        kind = "a class" if isinstance(cls, type) else type(cls).__name__
+        raise ConfigError(f"train.hooks: {path} is {kind}, not a subclass of cellkit.engine.train_loop.Hook")
+    try:
+        return cls()
+    except TypeError as e:
+        raise ConfigError(f"train.hooks: {path} cannot be made without arguments ({e})") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,6 +192,16 @@ class ValidationHook(Hook):
 # files
 
 
+def improved(value: float | None, best: float | None, mode: str = "max") -> bool:
+    """Whether ``value`` is a new best over ``best`` (None: none yet) in ``mode`` max or min; None
+    and NaN never are. The rule that chooses a run's epoch (best.pth, the hold-out's weights)."""
+    if value is None or value != value:  # None or NaN
+        return False
+    if best is None:
+        return True
+    return value > best if mode == "max" else value < best
+
+
 class CheckpointHook(Hook):
     """``checkpoints/last.pth`` every epoch (everything needed to resume, hooks' state included);
     ``checkpoints/best.pth`` (weights, config, history) and ``val_predictions.json`` whenever
@@ -207,11 +221,7 @@ class CheckpointHook(Hook):
         self.best_epoch: int | None = None
 
     def improved(self, value: float | None) -> bool:
-        if value is None or value != value:  # None or NaN
-            return False
-        if self.best is None:
-            return True
-        return value > self.best if self.mode == "max" else value < self.best
+        return improved(value, self.best, self.mode)
 
     def after_epoch(self, metrics: dict[str, Any]) -> None:
         t = self.trainer
@@ -223,12 +233,14 @@ class CheckpointHook(Hook):
         if improved:
             self.best, self.best_epoch = float(value), int(metrics["epoch"])  # type: ignore[arg-type]
         state = t.state_dict()  # after updating self.best: last.pth resumes with it
-        save_checkpoint(state, run.checkpoint("last"))
         if improved or (self.best is None and not run.checkpoint("best").exists()):
             save_checkpoint(t.inference_state(), run.checkpoint("best"))
             validation = t.storage.get(VALIDATION)
             if improved and validation is not None and validation.predictions is not None:
                 write_json(validation.predictions, run.predictions())
+        # last: a run killed before it resumes from the epoch before and does this one again,
+        # so best.pth and val_predictions.json are written again together
+        save_checkpoint(state, run.checkpoint("last"))
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_epoch": self.best_epoch}
@@ -287,11 +299,13 @@ class EpochLogger(Hook):
             print(f"early stop: {summary['stop_reason']}", flush=True)
 
     def line(self, m: dict[str, Any]) -> str:
-        """``epoch 3/12 | loss 0.8123 | lr 1.00e-03 | val AP50 0.5012 AP 0.2301 | 41s | 1.95 img/s | mem 2100 MB``."""
+        """``epoch 3/12 | loss 0.8123 | lr 1.00e-03 | val AP50 0.5012 [0.44, 0.57] AP 0.2301 | 41s | 1.95 img/s |
+        mem 2100 MB`` (the interval: 95 % over the validation images)."""
         parts = [f"epoch {m['epoch']}/{self.trainer.cfg.train.epochs}", f"loss {m.get('loss', float('nan')):.4f}",
                  f"lr {m['lr']:.2e}"]
         if m.get("val_ap50") is not None:
-            parts.append(f"val AP50 {m['val_ap50']:.4f} AP {m['val_ap']:.4f}")
+            ci = f" [{m['val_ap50_lo']:.2f}, {m['val_ap50_hi']:.2f}]" if m.get("val_ap50_lo") is not None else ""
+            parts.append(f"val AP50 {m['val_ap50']:.4f}{ci} AP {m['val_ap']:.4f}")
         parts += [f"{m['train_seconds']:.0f}s", f"{m['images_per_s']:.2f} img/s", f"mem {m['peak_mem_mb']:.0f} MB"]
         if m.get("nonfinite_steps"):
             parts.append(f"{m['nonfinite_steps']} non-finite steps skipped")

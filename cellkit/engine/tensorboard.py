@@ -32,6 +32,8 @@ SCALAR_TAGS: dict[str, str] = {
     "loss": "loss/total",
     "lr": "train/lr",
     "val_ap50": "val/AP50",
+    "val_ap50_lo": "val/AP50_lo",
+    "val_ap50_hi": "val/AP50_hi",
     "val_ap": "val/AP",
     "val_ap75": "val/AP75",
     "images_per_s": "speed/images_per_s",

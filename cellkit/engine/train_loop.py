@@ -13,6 +13,8 @@ Detectron2's ``defaults.py`` does. With the default hooks a run directory
     metrics.json            the final summary (best val AP50 and its epoch, stop reason, ...)
     val_gt.json             COCO ground truth of the validation split
     val_predictions.json    the validation predictions of the best epoch (COCO results)
+    holdout_gt.json, holdout_predictions.json   the hold-out split scored once at the best epoch
+                            (``data.holdout_fraction`` > 0; :mod:`cellkit.engine.holdout`)
     checkpoints/last.pth    written every epoch (atomically), everything needed to resume
     checkpoints/best.pth    the epoch with the best val AP50: weights, config and history only
     plots/curves.png        loss and AP50 curves
@@ -39,18 +41,19 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .. import __version__
-from ..analysis.scale import resolve_auto_scale
+from ..analysis.scale import resolve_cell_statistics
 from ..config import Config
 from ..data import CellDataset, build_copy_paste, build_train_transforms, collate, num_classes_of, train_val_samples
 from ..data.coco import build_coco, coco_from_dataset
+from ..data.intensity import Intensity
 from ..data.sampling import RepeatFactorSampler, repeat_factors
 from ..errors import ConfigError, DataError, TrainingError
 from ..models import build_model
 from ..models.checkpoint import load_checkpoint, load_model_weights, rng_state, set_rng_state, stored_config
 from ..models.devices import resolve_device
-from ..outputs import write_json
+from ..outputs import write_atomic, write_json
 from ..progress import bar
-from ..runs import RunDir, claim_run_dir
+from ..runs import RunDir, check_resume_config, claim_run_dir
 from . import distributed as dist_utils
 from .schedule import build_optimizer
 
@@ -62,6 +65,11 @@ def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     if setting == "bf16":
         return torch.bfloat16
     return torch.float16
+
+
+def _any_cell(dataset: CellDataset) -> bool:
+    """Whether any label map of ``dataset`` holds a cell (decodes until the first one that does)."""
+    return any(dataset.load(i)[1].num_instances for i in range(len(dataset)))
 
 
 def seed_everything(seed: int) -> None:
@@ -135,9 +143,9 @@ class Trainer:
 
     Args:
         cfg: the configuration (``data``, ``model``, ``train``, ``eval``, ``predict``). A
-            ``model.scale: auto`` is measured on the training set here
-            (:func:`cellkit.analysis.scale.resolve_auto_scale`); ``self.cfg``, the run's
-            ``config.yaml`` and the checkpoints hold the resulting number.
+            ``model.scale: auto`` and ``model.max_cell_diameter`` are measured on the training
+            set here (:func:`cellkit.analysis.scale.resolve_cell_statistics`); ``self.cfg``, the
+            run's ``config.yaml`` and the checkpoints hold the resulting numbers.
         run_dir: where results go (None: nothing is written; handy in notebooks and tests).
         hooks: the hooks (none by default: a bare loop; :class:`~cellkit.engine.defaults.DefaultTrainer`
             adds validation, checkpoints, metrics ...). Hooks run in order of their ``priority``.
@@ -175,14 +183,16 @@ class Trainer:
                 cfg = self.cfg = cfg.replace({"model.num_classes": num_classes_of(train_samples + val_samples)})
             if train_set is None:
                 train_set = CellDataset(train_samples, build_train_transforms(cfg.data.augment), cache=cfg.data.cache,
-                                        copy_paste=build_copy_paste(cfg.data.augment, cfg.model.num_classes))
+                                        copy_paste=build_copy_paste(cfg.data.augment, cfg.model.num_classes),
+                                        intensity=Intensity.from_config(cfg.data))
             if val_set is None:
-                val_set = CellDataset(val_samples, None, cache=cfg.data.cache)
+                val_set = CellDataset(val_samples, None, cache=cfg.data.cache, intensity=Intensity.from_config(cfg.data))
         self.train_set: Dataset = train_set
         self.val_set: Dataset = val_set
         if cfg.model.num_classes is None:
             cfg = self.cfg = cfg.replace({"model.num_classes": self._classes_of_datasets()})
-        cfg = self.cfg = resolve_auto_scale(cfg, train_set, log=self._log)  # model.scale: auto -> a number
+        # model.scale: auto -> a number; model.max_cell_diameter (tiles' overlap) measured when not set
+        cfg = self.cfg = resolve_cell_statistics(cfg, train_set, log=self._log)
 
         if model is None:
             model = build_model(cfg)
@@ -208,6 +218,7 @@ class Trainer:
         self.stop_reason: str | None = None
         self.nonfinite_in_a_row = 0
         self._val_gt: dict[str, Any] | None = None
+        self._val_without_cells = False
         self._loader: DataLoader | None = None
         self.storage: dict[str, Any] = {}
         """What hooks hand each other during the current epoch (emptied before each epoch), e.g.
@@ -249,7 +260,23 @@ class Trainer:
 
     @property
     def has_validation(self) -> bool:
-        return len(self.val_set) > 0  # type: ignore[arg-type]
+        """A validation split with at least one image (and, once checked, one cell: AP is undefined without)."""
+        return len(self.val_set) > 0 and not self._val_without_cells  # type: ignore[arg-type]
+
+    def _check_cells(self) -> None:
+        """Refuse a training split whose label maps hold no cell (it would train on background alone
+        and report AP50 NaN); a validation split without cells is not validated, with a warning."""
+        train = self.train_set
+        if isinstance(train, CellDataset) and len(train) and not _any_cell(train):
+            raise DataError(train.samples[0].image_path.parent.parent,
+                            f"the label maps (classK.tif) of the {len(train)} training images hold no cell, only "
+                            "background: there is nothing to learn from")
+        val = self.val_set
+        if isinstance(val, CellDataset) and len(val) and not _any_cell(val):
+            self._val_without_cells = True
+            self._log(f"warning: the label maps of the {len(val)} validation images hold no cell, so AP is undefined "
+                      "there: this run is not validated (best.pth is its first epoch); set data.split_seed or "
+                      "data.val_fraction for a split with cells")
 
     def _sampler(self) -> torch.utils.data.Sampler[int]:
         tc = self.cfg.train
@@ -306,9 +333,10 @@ class Trainer:
         if resume:
             self._resume()
         t_start = time.time()
-        if self.run_dir is not None:
-            self.cfg.save(RunDir(self.run_dir).config)
         n_cached = sum(ds.preload(self.progress) for ds in (self.train_set, self.val_set) if isinstance(ds, CellDataset))
+        self._check_cells()
+        if self.run_dir is not None:
+            write_atomic(RunDir(self.run_dir).config, self.cfg.to_yaml())
         if self.run_dir is not None and self.has_validation:
             write_json(self.val_gt, RunDir(self.run_dir).val_gt)
         self._log(f"{len(self.train_set)} training / {len(self.val_set)} validation images "  # type: ignore[arg-type]
@@ -426,6 +454,8 @@ class Trainer:
             "name": self.cfg.name,
             "epochs_run": self.epoch,
             "best_val_ap50": best["val_ap50"] if best else None,
+            "best_val_ap50_lo": best.get("val_ap50_lo") if best else None,
+            "best_val_ap50_hi": best.get("val_ap50_hi") if best else None,
             "best_val_ap": best["val_ap"] if best else None,
             "best_epoch": best["epoch"] if best else None,
             "final": self.history[-1] if self.history else None,
@@ -474,6 +504,7 @@ class Trainer:
             self._log(f"nothing to resume at {path}; starting from scratch")
             return
         ckpt = load_checkpoint(path, map_location="cpu")  # load_state_dict moves each tensor where it belongs
+        check_resume_config(stored_config(ckpt, path), self.cfg)  # e.g. adamw state into sgd
         # hooks first: a scheduler hook builds its schedulers (which set the lr) before the
         # optimiser's saved state (and lr) is put back
         states = ckpt.get("hooks") or {}

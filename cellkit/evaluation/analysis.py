@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .coco import EvalResult, coco_evaluate
+from .coco import DEFAULT_BOOTSTRAP, EvalResult, coco_evaluate
 from .curves import DEFAULT_SCORE_THRESHOLDS, ThresholdPoint, pr_curves_from, score_distributions
 from .inputs import prepare
 from .operating import (
@@ -49,6 +49,7 @@ class ErrorAnalysis:
         max_dets: detections per image and class that COCOeval keeps (as ``eval.max_dets``).
         backend: COCOeval implementation (``"auto"``, ``"pycocotools"``, ``"faster_coco_eval"``).
         iou_fg, iou_bg: TIDE's foreground and background IoU (0.5 / 0.1).
+        bootstrap, bootstrap_seed: draws of the images for the intervals of :attr:`result` (0: none).
 
     Attributes:
         ground: the validated ground truth.
@@ -65,8 +66,11 @@ class ErrorAnalysis:
         backend: str = "auto",
         iou_fg: float = 0.5,
         iou_bg: float = 0.1,
+        bootstrap: int = DEFAULT_BOOTSTRAP,
+        bootstrap_seed: int = 0,
     ) -> None:
         self.ground, self.predictions, self.n_dropped = prepare(gt, predictions, num_classes)
+        self.bootstrap, self.bootstrap_seed = bootstrap, bootstrap_seed
         self.num_classes: int = self.ground.num_classes
         self.max_dets = max_dets
         self.backend = backend
@@ -87,10 +91,11 @@ class ErrorAnalysis:
 
     @property
     def result(self) -> EvalResult:
-        """The segm COCO evaluation of the predictions (computed on first use)."""
+        """The segm COCO evaluation of the predictions, with its 95 % intervals over images (``bootstrap``
+        draws; computed on first use)."""
         if self._base is None:
             self._base = coco_evaluate(self.ground, self.predictions, "segm", self.max_dets, self.backend,  # type: ignore[arg-type]
-                                       self.num_classes)
+                                       self.num_classes, bootstrap=self.bootstrap, bootstrap_seed=self.bootstrap_seed)
         return self._base
 
     @property

@@ -26,7 +26,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from .formatting import fmt, nan_to_none
-from .inputs import gt_rle, prepare
+from .inputs import GroundTruth, gt_rle, prepare
 
 __all__ = ["CellMetrics", "ClassCounts", "cell_metrics", "match_masks"]
 
@@ -164,6 +164,11 @@ def match_masks(
     if not rows_ok.size:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
     sub_ok = ok[np.ix_(rows_ok, cols_ok)]
+    if (sub_ok.sum(axis=0) == 1).all() and (sub_ok.sum(axis=1) == 1).all():
+        # every eligible pair stands alone (the usual case at IoU >= 0.5): they are the matching
+        r, c = np.nonzero(sub_ok)
+        r, c = rows_ok[r], cols_ok[c]
+        return r.astype(np.int64), c.astype(np.int64), iou[r, c]
     sub_iou = iou[np.ix_(rows_ok, cols_ok)]
     # each eligible pair is worth 1 plus a tie-breaking share of its IoU below 1 / n, so that no
     # sum of IoU shares can outweigh one more pair
@@ -183,6 +188,7 @@ def cell_metrics(
     iou_threshold: float = 0.5,
     score_threshold: float = 0.5,
     num_classes: int | None = None,
+    checked: bool = False,
 ) -> CellMetrics:
     """Precision, recall, F1 and TP/(TP+FP+FN) per class and overall at one IoU threshold.
 
@@ -195,11 +201,17 @@ def cell_metrics(
             report a fixed operating point, unlike AP, which ranks all scores; a near-zero
             threshold, right for AP, would count every low-confidence detection as a FP here).
         num_classes: categories ``1..num_classes`` (None: the ground truth's categories).
+        checked: ``gt`` is a :class:`~cellkit.evaluation.inputs.GroundTruth` and ``predictions``
+            the list :func:`~cellkit.evaluation.inputs.sanitize_predictions` kept against it (as
+            :func:`cellkit.evaluation.coco.evaluate_predictions` hands them over): not checked again.
 
     Returns:
         A :class:`CellMetrics`. Crowd instances (``iscrowd=1``) are left out of the ground truth.
     """
-    ground, kept, _ = prepare(gt, predictions, num_classes)
+    if checked and isinstance(gt, GroundTruth) and isinstance(predictions, list):
+        ground, kept = gt, predictions
+    else:
+        ground, kept, _ = prepare(gt, predictions, num_classes)
     gts: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
     for a in ground.dataset["annotations"]:
         if not a.get("iscrowd", 0):

@@ -68,7 +68,7 @@ seaborn and appdirs (for plotting and dataset downloads). So its definitions are
 on pycocotools, every AP coming from ``coco_evaluate``; on images with ground truth, where the cap
 and ignore regions do not come into play, the error counts are the same (up to IoU exactly at a
 threshold, which TIDE counts as ``loc`` and COCOeval, and so this module, as a match);
-``tests/test_errors.py`` compares them when tidecv is installed.
+``tests/test_errors.py`` compares them (tidecv is in the dev extra and the lock).
 
 APs are NaN where nothing is left to evaluate (e.g. the ``miss`` oracle when every instance was
 missed).

@@ -18,6 +18,7 @@ import torch
 
 from ..config import Config
 from ..errors import ConfigError, DataError
+from ..outputs import remove_dead_temporaries, write_error
 from .maskrcnn import build_model
 
 PathLike = str | os.PathLike[str]
@@ -25,20 +26,58 @@ PathLike = str | os.PathLike[str]
 
 def save_checkpoint(state: Mapping[str, Any], path: PathLike) -> Path:
     """Write ``state`` to ``path`` atomically: a temporary file in the same folder, flushed to
-    disk, then renamed over the target. A crash mid-write leaves the previous file intact."""
+    disk, then renamed over the target. A crash, kill or full disk mid-write leaves the previous
+    file intact (and temporary files of killed writers are removed).
+
+    Raises:
+        DataError: the file cannot be written (a full disk: ``no space left on device``).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    sink = _RecordingFile()
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_temporaries(path.parent, path.name)
         with open(tmp, "wb") as f:
-            torch.save(dict(state), f)
+            sink.file = f
+            torch.save(dict(state), sink)  # type: ignore[arg-type]
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        raise write_error(path, e) from None
+    except RuntimeError:
+        # torch's zip writer reports a failed write as "[enforce fail at inline_container.cc]":
+        # the OSError it swallowed says why
+        if sink.error is not None:
+            raise write_error(path, sink.error) from None
+        raise
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
     return path
+
+
+class _RecordingFile:
+    """A file object for ``torch.save`` that keeps the ``OSError`` of a failed write (torch turns
+    it into a RuntimeError without its errno)."""
+
+    def __init__(self) -> None:
+        self.file: Any = None
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.file.flush()
+        except OSError as e:
+            self.error = e
+            raise
 
 
 def load_checkpoint(path: PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

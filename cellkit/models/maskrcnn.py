@@ -48,6 +48,8 @@ def build_model(cfg: Config | ModelConfig) -> MaskRCNN:
     losses are ``loss_classifier_stageK`` / ``loss_box_reg_stageK`` per stage instead). The
     full-size ``masks`` of ``model(images)`` are torchvision's paste whatever the geometry;
     cellkit's prediction (:mod:`cellkit.inference.predict`) pastes in the model's geometry.
+    ``model.max_cell_diameter`` (input pixels, or None) is kept as an attribute of the same name
+    for the tiles' overlap.
 
     Weights: ``imagenet`` loads into the backbone while it is built; ``coco`` and a file path load
     every tensor that fits after assembly (predictors always have ``num_classes + 1`` outputs
@@ -151,6 +153,8 @@ def assemble(spec: BackboneSpec, m: ModelConfig) -> MaskRCNN:
     model.transform = ResizeTransform(
         m.min_size, m.max_size, m.image_mean, m.image_std, resize_mode=m.resize_mode, scale=m.scale
     )
+    # the largest cell it expects (input px; None: not measured): prediction overlaps tiles by it
+    model.max_cell_diameter = m.max_cell_diameter
     if m.roi_head == "cascade":  # stage 1 keeps box_head; masks, geometry and Dice as the standard heads
         dice = m.dice_weight if m.mask_loss == "bce+dice" else None
         model.roi_heads = make_cascade(model.roi_heads, m, new_box_head, m.box_head_dim, dice)

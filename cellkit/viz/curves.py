@@ -1,11 +1,14 @@
 """Training curves: loss terms, validation AP50/AP and the learning rate per epoch."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any, Sequence
 
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
+
+from ..outputs import write_atomic
 
 LOSS_KEYS = ("loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 
@@ -51,10 +54,12 @@ def plot_history(history: Sequence[dict[str, Any]], title: str = "") -> Figure:
 
 
 def save_history_plot(history: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Write :func:`plot_history` as a PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write :func:`plot_history` as a PNG, atomically (a reader never sees half a plot; a full
+    disk is a :class:`~cellkit.errors.DataError` naming the file)."""
     fig = plot_history(history, title)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    return write_atomic(path, buf.getvalue())
