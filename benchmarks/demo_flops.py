@@ -25,6 +25,7 @@ import time
 from collections import defaultdict
 
 import torch
+from _machine import matmul_gflops  # benchmarks/_machine.py, beside this script
 from torch.utils.flop_counter import FlopCounterMode
 
 GROUPS = {  # modules reported separately (each figure includes the module's children)
@@ -36,18 +37,6 @@ GROUPS = {  # modules reported separately (each figure includes the module's chi
     "roi_heads.mask_head": "mask head convs",
     "roi_heads.mask_predictor": "mask predictor",
 }
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """Best-of-``repeats`` fp32 GFLOP/s of an ``n x n`` matmul on the CPU with torch's threads."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
 
 
 def count_step(model: torch.nn.Module, images: list[torch.Tensor], targets: list[dict]) -> tuple[int, dict[str, int]]:

@@ -59,6 +59,7 @@ import onnxruntime as ort
 import scipy.ndimage as ndi
 import tifffile
 import torch
+from _machine import matmul_gflops, peak_mb, rss_mb  # benchmarks/_machine.py, beside this script
 from torch.utils.flop_counter import FlopCounterMode
 
 from cellkit.analysis.scale import resolve_cell_statistics
@@ -85,29 +86,6 @@ from cellkit.structures.rle import encode_region, mask_iou
 MB = 2.0**20
 DENSITY = 1 / 700
 CHOICES = ("default", "contiguous", "bf16-features", "bf16-all", "compile", "1-thread", "tile-batch-2")
-
-
-def matmul_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
-    """Best-of-``repeats`` fp32 GFLOP/s of an ``n x n`` matmul on ``threads`` threads."""
-    torch.set_num_threads(threads)
-    a, b = torch.rand(n, n), torch.rand(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
-
-
-def _rss() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
-
-
-def _peak() -> float:
-    with open("/proc/self/status") as f:  # VmHWM, not ru_maxrss: that one is inherited across exec
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def write_image(size: int, folder: Path) -> tuple[Path, Path]:
@@ -147,7 +125,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     if variant == "bf16-features":
         model.backbone, model.rpn.head = InBf16(model.backbone), InBf16(model.rpn.head)
     counter = FlopCounterMode(display=False) if spec["flops"] else None
-    base = _rss()
+    base = rss_mb()
     start = time.perf_counter()
     row: dict[str, Any] = {"size": spec["size"], "what": spec["what"], "variant": variant}
     with contextlib.ExitStack() as stack:
@@ -171,7 +149,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
                     boxes += len(raw_detections(model, [tensor[:, y0:y1, x0:x1]])[0]["boxes"])
             row.update(tiles=len(bare_tiles(model, cfg, h, w)), cells=boxes)
     row["seconds"] = time.perf_counter() - start
-    row["peak_mb"] = (_peak() - base) / MB
+    row["peak_mb"] = peak_mb() - base
     if spec["what"] == "whole":
         tiles = image_tiles(model, cfg.predict, h, w)
         row.update(tiles=1 if tiles is None else len(tiles),

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 import torch
+from _machine import matmul_gflops, rss_mb  # benchmarks/_machine.py, beside this script
 
 from cellkit.config import load_config
 from cellkit.data.synth import synth_image
@@ -42,27 +43,6 @@ from cellkit.models.maskrcnn import build_model
 MB = 1024.0
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / MB
-    return float("nan")
-
-
-def matmul_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
-    """Best-of-``repeats`` fp32 GFLOP/s of an ``n x n`` matmul on ``threads`` threads."""
-    torch.set_num_threads(threads)
-    a, b = torch.rand(n, n), torch.rand(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
-
-
 def one_size(size: int, checkpoint: str, set_items: list[str], threads: int, work: Path) -> dict:
     """Segment one ``size x size`` synthetic image; the JSON row of this size."""
     torch.set_num_threads(threads)
@@ -71,7 +51,7 @@ def one_size(size: int, checkpoint: str, set_items: list[str], threads: int, wor
     folder.mkdir(parents=True, exist_ok=True)
     tifffile.imwrite(folder / f"synth{size}.tif", image, photometric="rgb")
     del image
-    base = _rss_mb()
+    base = rss_mb()
     t = time.perf_counter()
     report = segment_images([folder], checkpoint, work / f"out{size}", set_items=set_items, device="cpu",
                             overwrite=True, progress=False, log=lambda *_: None)

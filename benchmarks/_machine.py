@@ -1,0 +1,40 @@
+"""What the benchmarks measure of the machine itself: the matmul figure that lets a time measured
+here be scaled to another machine, and this process's memory (Linux ``/proc``)."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+MB = 2.0**20
+
+
+def matmul_gflops(threads: int | None = None, n: int = 2048, repeats: int = 5) -> float:
+    """Best-of-``repeats`` fp32 GFLOP/s of an ``n x n`` matmul on the CPU (on ``threads`` threads
+    when given, else torch's current setting): seconds elsewhere ~ seconds here x this / theirs."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    a, b = torch.rand(n, n), torch.rand(n, n)
+    a @ b  # warm-up: the first call allocates and picks its kernel
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def _status_bytes(key: str) -> float:
+    with open("/proc/self/status") as f:
+        return next((int(line.split()[1]) * 1024.0 for line in f if line.startswith(key + ":")), float("nan"))
+
+
+def rss_mb() -> float:
+    """This process's resident memory now, in MiB (``VmRSS``)."""
+    return _status_bytes("VmRSS") / MB
+
+
+def peak_mb() -> float:
+    """This process's high-water resident memory, in MiB (``VmHWM``; not ``ru_maxrss``, which a
+    child inherits across exec)."""
+    return _status_bytes("VmHWM") / MB
