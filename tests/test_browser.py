@@ -99,6 +99,7 @@ def dismiss_dialogs(page) -> list[str]:
     return texts
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_mask_browser_renders_in_jupyterlab(jupyterlab: str, tmp_path: Path) -> None:

@@ -137,6 +137,7 @@ def test_ablation_grid(tmp_path: Path) -> None:
     assert images_in(nb) == 5  # forest plot, bar chart, curves, the comparison figure, a compared image
 
 
+@pytest.mark.slow
 def test_segment_notebook(trained_run: Path, tmp_path: Path) -> None:
     """05_segment on two own images (an RGB TIFF and a 16-bit grey PNG): its numbers are the files'."""
     nb = nbformat.read(NOTEBOOKS / "05_segment.ipynb", as_version=4)

@@ -71,3 +71,15 @@ def test_copy_paste_full_grid_runs_the_whole_demo() -> None:
     for r in runs:
         assert (r.cfg.train.epochs, r.cfg.train.iters_per_epoch) == (demo.train.epochs, demo.train.iters_per_epoch)
         assert r.cfg.data.augment.copy_paste == (0.0 if r.name.startswith("off") else 0.5)
+
+
+def test_copy_paste_seeds_grid_has_three_replicates_against_off() -> None:
+    from cellkit.grid import expand_grid
+    from cellkit.grid.spec import baseline_of, load_grid
+
+    runs = expand_grid("copy_paste_seeds")
+    assert [(r.name, r.cfg.train.seed) for r in runs] == [
+        (f"{name}-seed={s}", s) for name in ("off", "class_aware") for s in range(3)]
+    assert {r.cfg.data.augment.copy_paste for r in runs if r.name.startswith("off")} == {0.0}
+    assert {r.cfg.data.augment.copy_paste for r in runs if r.name.startswith("class_aware")} == {0.5}
+    assert baseline_of(load_grid("copy_paste_seeds"), runs) == "off"

@@ -122,6 +122,7 @@ def test_run_directory_and_lr_read_back(tmp_path: Path) -> None:
     assert again.ap50 == pytest.approx(best["val_ap50"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_user_datasets_from_a_notebook(tmp_path: Path) -> None:
     # any torch Dataset of (image, target) pairs trains and validates; the validation ground truth
     # comes from its targets and equals the one built from the label maps
