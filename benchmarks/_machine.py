@@ -1,10 +1,15 @@
-"""What the benchmarks measure of the machine itself: the matmul figure that lets a time measured
-here be scaled to another machine, and this process's memory (Linux ``/proc``)."""
+"""What the benchmarks share: the matmul figure that lets a time measured here be scaled to another
+machine, this process's memory (Linux ``/proc``), and a random-weight checkpoint of a recipe."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
+
+from cellkit.config import load_config
+from cellkit.models.checkpoint import save_checkpoint
+from cellkit.models.maskrcnn import build_model
 
 MB = 2.0**20
 
@@ -38,3 +43,14 @@ def peak_mb() -> float:
     """This process's high-water resident memory, in MiB (``VmHWM``; not ``ru_maxrss``, which a
     child inherits across exec)."""
     return _status_bytes("VmHWM") / MB
+
+
+def random_checkpoint(config: str, set_items: list[str], path: Path) -> str:
+    """A random-weight checkpoint of a recipe (the network and its cost, no training)."""
+    overrides = dict(item.split("=", 1) for item in set_items if item.startswith("model."))
+    cfg = load_config(config, {"model.num_classes": 4, "model.weights": "none", **overrides})
+    if cfg.model.scale == "auto":
+        cfg = cfg.replace({"model.scale": 1.0})
+    torch.manual_seed(0)
+    save_checkpoint({"model": build_model(cfg).state_dict(), "config": cfg.to_dict()}, path)
+    return str(path)

@@ -59,11 +59,10 @@ import onnxruntime as ort
 import scipy.ndimage as ndi
 import tifffile
 import torch
-from _machine import matmul_gflops, peak_mb, rss_mb  # benchmarks/_machine.py, beside this script
+from _machine import matmul_gflops, peak_mb, random_checkpoint, rss_mb  # benchmarks/_machine.py, beside this script
 from torch.utils.flop_counter import FlopCounterMode
 
 from cellkit.analysis.scale import resolve_cell_statistics
-from cellkit.config import load_config
 from cellkit.data import CellDataset, image_to_tensor, read_image, train_val_samples
 from cellkit.data.coco import categories
 from cellkit.data.intensity import Intensity
@@ -79,8 +78,6 @@ from cellkit.inference.predict import (
     tiling_limits,
 )
 from cellkit.inference.segment import load_segmenter
-from cellkit.models.checkpoint import save_checkpoint
-from cellkit.models.maskrcnn import build_model
 from cellkit.structures.rle import encode_region, mask_iou
 
 MB = 2.0**20
@@ -225,17 +222,6 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     if out.returncode:
         sys.exit(f"{spec.get('what')} {spec.get('variant', '')} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def random_checkpoint(config: str, set_items: list[str], path: Path) -> str:
-    """A random-weight checkpoint of a recipe (the network and its cost, no training)."""
-    overrides = dict(item.split("=", 1) for item in set_items if item.startswith("model."))
-    cfg = load_config(config, {"model.num_classes": 4, "model.weights": "none", **overrides})
-    if cfg.model.scale == "auto":
-        cfg = cfg.replace({"model.scale": 1.0})
-    torch.manual_seed(0)
-    save_checkpoint({"model": build_model(cfg).state_dict(), "config": cfg.to_dict()}, path)
-    return str(path)
 
 
 def cell_statistic(checkpoint: str, set_items: list[str]) -> list[str]:

@@ -32,13 +32,10 @@ from pathlib import Path
 import numpy as np
 import tifffile
 import torch
-from _machine import matmul_gflops, rss_mb  # benchmarks/_machine.py, beside this script
+from _machine import matmul_gflops, random_checkpoint, rss_mb  # benchmarks/_machine.py, beside this script
 
-from cellkit.config import load_config
 from cellkit.data.synth import synth_image
 from cellkit.inference.segment import segment_images
-from cellkit.models.checkpoint import save_checkpoint
-from cellkit.models.maskrcnn import build_model
 
 MB = 1024.0
 
@@ -61,17 +58,6 @@ def one_size(size: int, checkpoint: str, set_items: list[str], threads: int, wor
     return {"size": size, "megapixels": mp, "tiles": meta["tiles"], "cells": meta["cells"],
             "predict_s": meta["seconds"], "total_s": total, "s_per_mp": total / mp,
             "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / MB - base}
-
-
-def random_checkpoint(config: str, set_items: list[str], path: Path) -> str:
-    """A random-weight checkpoint of a recipe (the network and its cost, no training)."""
-    overrides = dict(item.split("=", 1) for item in set_items if item.startswith("model."))
-    cfg = load_config(config, {"model.num_classes": 4, "model.weights": "none", **overrides})
-    if cfg.model.scale == "auto":
-        cfg = cfg.replace({"model.scale": 1.0})
-    torch.manual_seed(0)
-    save_checkpoint({"model": build_model(cfg).state_dict(), "config": cfg.to_dict()}, path)
-    return str(path)
 
 
 def main() -> None:

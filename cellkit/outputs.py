@@ -291,16 +291,8 @@ def write_atomic(path: PathLike, data: str | bytes) -> Path:
             old file is unchanged.
     """
     p = Path(path)
-    tmp = _tmp_beside(p)
-    with disk_errors(p):
-        p.parent.mkdir(parents=True, exist_ok=True)
-        remove_dead_temporaries(p.parent, p.name)
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data if isinstance(data, bytes) else data.encode("utf-8"))
-            os.replace(tmp, p)
-        finally:
-            tmp.unlink(missing_ok=True)
+    with replacing(p) as tmp, disk_errors(p):
+        tmp.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
     return p
 
 
