@@ -16,7 +16,8 @@ own process (its own peak memory):
 
 The two alternate (whole, bare, whole, bare ...; ``--repeats``, best of each) so that the load of
 a shared machine falls on both; FLOPs per megapixel are counted once more per path with
-``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matmuls, forward only). Peak memory
+``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matmuls, forward only), in the
+process of each path's last run, after its timed run. Peak memory
 is the process's high-water mark minus its size before the image is read, next to the image's
 own arrays (the decoded image and its float32 copy, 15 bytes per pixel). The machine's 2048 x
 2048 fp32 matmul GFLOP/s is measured before and after, on the same threads: seconds on another
@@ -113,7 +114,9 @@ def bare_tiles(model: torch.nn.Module, cfg: Any, height: int, width: int) -> lis
 
 
 def run_one(spec: dict[str, Any]) -> dict[str, Any]:
-    """One measurement in this process (see the module docstring); returns its JSON row."""
+    """One measurement in this process (see the module docstring); returns its JSON row. With
+    ``spec["flops"]`` the same path runs once more after the timed run, under
+    ``FlopCounterMode`` (which slows it: neither its time nor its memory is in the row)."""
     torch.set_num_threads(spec["threads"])
     model, cfg = load_segmenter(spec["checkpoint"], spec.get("device", "cpu"), spec["sets"], use_thresholds=False)
     variant = spec.get("variant", "default")
@@ -121,13 +124,23 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         model.backbone = torch.compile(model.backbone, dynamic=False)
     if variant == "bf16-features":
         model.backbone, model.rpn.head = InBf16(model.backbone), InBf16(model.rpn.head)
-    counter = FlopCounterMode(display=False) if spec["flops"] else None
     base = rss_mb()
-    start = time.perf_counter()
     row: dict[str, Any] = {"size": spec["size"], "what": spec["what"], "variant": variant}
+    row.update(run_path(model, cfg, spec, variant))
+    row["peak_mb"] = peak_mb() - base
+    if spec["flops"]:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            run_path(model, cfg, spec, variant)
+        row["gflop"] = counter.get_total_flops() / 1e9
+    return row
+
+
+def run_path(model: torch.nn.Module, cfg: Any, spec: dict[str, Any], variant: str) -> dict[str, Any]:
+    """The ``whole`` or ``bare`` path once over ``spec["tiff"]``: seconds, cells, tiles."""
+    row: dict[str, Any] = {}
+    start = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        if counter is not None:
-            stack.enter_context(counter)
         if variant == "bf16-all":
             stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
         image = read_image(spec["tiff"])
@@ -146,7 +159,6 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
                     boxes += len(raw_detections(model, [tensor[:, y0:y1, x0:x1]])[0]["boxes"])
             row.update(tiles=len(bare_tiles(model, cfg, h, w)), cells=boxes)
     row["seconds"] = time.perf_counter() - start
-    row["peak_mb"] = peak_mb() - base
     if spec["what"] == "whole":
         tiles = image_tiles(model, cfg.predict, h, w)
         row.update(tiles=1 if tiles is None else len(tiles),
@@ -154,8 +166,6 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         if spec.get("out"):
             Path(spec["out"]).write_text(json.dumps(entries))
     row["image_mb"] = h * w * 15 / MB
-    if counter is not None:
-        row["gflop"] = counter.get_total_flops() / 1e9
     return row
 
 
@@ -265,7 +275,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="where the model runs (default cpu; cuda on a GPU machine)")
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs of each path, best of (default 2)")
-    ap.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one run per path less)")
+    ap.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one pass per path less)")
     ap.add_argument("--choices", action="store_true", help="CPU inference choices side by side on the first size")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -299,17 +309,17 @@ def speed(args: argparse.Namespace, base: dict[str, Any], work: Path) -> dict[st
         tiff, _ = write_image(size, work)
         spec = {**base, "size": size, "tiff": str(tiff)}
         runs: dict[str, list[dict[str, Any]]] = {"whole": [], "bare": []}
-        for _ in range(args.repeats):
-            for what in ("whole", "bare"):
-                runs[what].append(child({**spec, "what": what}))
+        for r in range(args.repeats):
+            for what in ("whole", "bare"):  # the last run of each path counts its FLOPs after its timed run
+                count = r == args.repeats - 1 and not args.no_flops
+                runs[what].append(child({**spec, "what": what, "flops": count}))
         whole = min(runs["whole"], key=lambda r: r["seconds"])
         bare = min(runs["bare"], key=lambda r: r["seconds"])
         row = {"size": size, "megapixels": size * size / 1e6, "whole": whole, "bare": bare,
                "ratio": whole["seconds"] / bare["seconds"], "all_whole_s": [r["seconds"] for r in runs["whole"]],
                "all_bare_s": [r["seconds"] for r in runs["bare"]]}
         if not args.no_flops:
-            row["gflop_whole"] = child({**spec, "what": "whole", "flops": True})["gflop"]
-            row["gflop_bare"] = child({**spec, "what": "bare", "flops": True})["gflop"]
+            row["gflop_whole"], row["gflop_bare"] = runs["whole"][-1]["gflop"], runs["bare"][-1]["gflop"]
         rows.append(row)
         print(json.dumps(row), flush=True)
     print("\n| image | tiles (bare) | cells | whole (s) | bare forward (s) | whole / bare | s / MP whole (bare) "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,7 @@ def test_every_benchmark_has_a_smoke_run() -> None:
     """A new script in benchmarks/ must get a smoke run here (mask_roundtrip.py has its own in
     tests/test_mask_geometry.py, beside the geometry it measures)."""
     tested = {"data_memory.py", "demo_flops.py", "eval_speed.py", "mask_roundtrip.py", "paste_memory.py",
-              "train_throughput.py", "segment_speed.py", "predict_speed.py"}
+              "train_throughput.py", "segment_speed.py", "predict_speed.py", "slower_cpu.py"}
     assert {p.name for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_")} <= tested  # _machine.py: shared helpers
 
 
@@ -124,3 +125,26 @@ def test_predict_speed_smoke() -> None:
     assert whole["cells"] > 0 and whole["seconds"] > 0 and bare["seconds"] > 0 and row["ratio"] > 0
     assert row["gflop_whole"] > row["gflop_bare"] * 0.9 > 0 and whole["peak_mb"] > 0
     assert all(g > 0 for g in result["matmul_gflops"]) and "| 300 x 300 | 16 of 128x128 px (9) |" in out
+
+
+def _cgroup_cpu_writable() -> bool:
+    return os.geteuid() == 0 and (os.access("/sys/fs/cgroup/cpu", os.W_OK) or os.access("/sys/fs/cgroup", os.W_OK))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _cgroup_cpu_writable(), reason="a CPU quota needs root and a writable cgroup hierarchy")
+def test_slower_cpu_smoke() -> None:
+    """The quota slows the matmul to the target (40 GFLOP/s: every machine of ours reads 67 or more
+    free), the command runs inside the cgroup, and its exit status comes back."""
+    name = f"cellkit-smoke-{os.getpid()}"
+    probe = "import sys; print(open('/proc/self/cgroup').read()); sys.exit(3)"
+    r = subprocess.run([sys.executable, str(BENCHMARKS / "slower_cpu.py"), "--gflops", "40", "--matmul-size", "1024",
+                        "--cgroup", name, "--", sys.executable, "-c", probe],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 3, r.stdout + r.stderr
+    free, inside = (float(x) for x in re.search(r"matmul (\d+) GFLOP/s free, (\d+) inside", r.stdout).groups())
+    assert free >= 60 and 28 <= inside <= 52, r.stdout  # near 40 (a 1024 px matmul under a quota varies by 10-25 %)
+    assert f"/{name}" in r.stdout  # the command's own /proc/self/cgroup
+    after = float(re.search(r"inside the quota after it: (\d+)", r.stdout).group(1))
+    assert after < free / 1.4, r.stdout  # still throttled after the command
+    assert not Path(f"/sys/fs/cgroup/cpu/{name}").exists() and not Path(f"/sys/fs/cgroup/{name}").exists()

@@ -15,6 +15,7 @@ from cellkit.config import load_config
 from cellkit.errors import CellkitError
 from cellkit.evaluation.coco import coco_evaluate
 from cellkit.grid import collect_results, configurations, format_results_table, save_plots
+from cellkit.viz.ablation_plots import plot_forest
 
 
 def half(preds: list, seed: int) -> list:
@@ -119,6 +120,22 @@ def test_the_tables_highlight_only_what_is_distinguishable(grid: tuple) -> None:
     assert f"{c['diff']:+.4f} [{c['diff_ci'][0]:+.2f}, {c['diff_ci'][1]:+.2f}]" in half_line
     paths = save_plots(out, rows)
     assert (out / "forest.png") in paths and (out / "forest.png").stat().st_size > 5000
+
+
+def test_the_forest_plot_keeps_its_words_inside_the_figure(grid: tuple) -> None:
+    """Its title and axis label once ran past the figure's right edge (the heads grid's forest.png)."""
+    _, rows, _ = grid
+    confs = configurations(rows)
+    for c in confs:
+        c["baseline"] = "torchvision_geometry_and_a_long_name"
+    fig = plot_forest(confs)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    for text in (ax.title, ax.xaxis.label):
+        box = text.get_window_extent(renderer)
+        assert box.x0 >= fig.bbox.x0 and box.x1 <= fig.bbox.x1, text.get_text()
+    assert "'torchvision_geometry_and_a_long_name'" in ax.title.get_text()
 
 
 def test_a_named_baseline_and_the_hold_out_split(synth_gt: dict, tmp_path: Path) -> None:

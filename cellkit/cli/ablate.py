@@ -8,6 +8,7 @@ from typing import Any
 
 from ..config import parse_set_args
 from ..errors import ConfigError
+from ..resources import GRIDS
 from .common import add_data, add_no_progress, add_set, non_negative_int
 
 
@@ -16,7 +17,8 @@ def add_commands(sub: Any) -> None:
     p = sub.add_parser(
         "ablate", help="run a grid of trainings (notebooks/02_training.ipynb via papermill) and tabulate AP50",
         description="Run every cell of an ablation grid (a YAML file, or the name of one in configs/grids/: "
-        "report000, report004_scheduler, tiny) through the training notebook with papermill, each in its own "
+        f"{', '.join(sorted(g.stem for g in GRIDS.glob('*.yaml')))}) through the training notebook with papermill, "
+        "each in its own "
         "kernel and folder OUT/<run>/. Finished runs are skipped on re-run, failed ones recorded and the grid goes "
         "on. Each run is a task on a Dask cluster (--cluster); a run whose worker dies is retried and resumes "
         "from its last checkpoint, and the command may be killed and started again on the same folder. The grid's "

@@ -210,7 +210,7 @@ def format_configurations(confs: Sequence[Mapping[str, Any]]) -> list[str]:
              "data.holdout_fraction > 0 would give an unbiased one)")
     out = ["Configurations: AP50 as the mean over seeds, with a 95 % interval over images"
            + (" and seeds" if seeds > 1 else " (one seed: the seed's own variation is not in it)")
-           + f"; each compared with the baseline {base} on {where}, paired over the same images; "
+           + f"; each compared with the baseline ('{base}') on {where}, paired over the same images; "
            "verdict at p < 0.05 after Holm's correction for the number of comparisons.", "",
            "| " + " | ".join(head) + " |", "|" + "|".join("---" if h in ("Configuration", "Verdict") else "---:"
                                                         for h in head) + "|"]

@@ -134,8 +134,10 @@ def plot_forest(configurations: Sequence[Mapping[str, Any]], title: str = "") ->
     span = max(0.02, max(highs) - min(lows))
     ax.set_xlim(min(lows) - 0.1 * span, max(highs) + 0.6 * span)
     where = "hold-out" if split == "holdout" else "validation"
-    ax.set_xlabel(f"{where} AP50 minus the baseline's ({base}), 95 % interval over images and seeds")
+    ax.set_xlabel(f"{where} AP50 minus the baseline's ('{base}')\n95 % interval over images and seeds", fontsize=9,
+                  wrap=True)
     ax.grid(axis="x", alpha=0.3)
-    ax.set_title(title or f"each configuration against the baseline {base} (Holm-corrected verdicts)")
+    ax.set_title(title or f"each configuration against the baseline ('{base}')\nverdicts Holm-corrected", fontsize=10,
+                 wrap=True)  # a long configuration name wraps instead of running off the figure
     fig.tight_layout()
     return fig

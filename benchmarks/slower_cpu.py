@@ -1,0 +1,116 @@
+"""Run a command as if on a slower CPU: a CPU quota (Linux cgroup ``cpu`` controller) sized so
+that the 2048 x 2048 fp32 matmul reads ``--gflops`` inside it.
+
+The project's time goals are set at a machine speed (``make test`` within 12 minutes at about
+90 GFLOP/s), and our machines differ 2x; scaling a time measured here by the matmul figure
+assumes all of it is compute, which overstates what start-ups, file I/O and waits cost. Under a
+quota everything slows alike (a throttled core runs nothing), so a time measured this way is an
+upper bound too, but a closer one, and it is measured, not scaled:
+
+    python benchmarks/slower_cpu.py --gflops 90 -- .venv/bin/python -m pytest --durations=25
+
+The quota is calibrated by measuring the matmul (2 threads) in the cgroup and correcting it
+until it reads within 5 % of the target; the figures before and inside are printed, then the
+command runs in the cgroup (its children too) and its exit status is returned. Needs root and a
+writable cgroup ``cpu`` hierarchy (v1 ``cpu.cfs_quota_us`` or v2 ``cpu.max``); says so in one line
+otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _machine import matmul_gflops  # benchmarks/_machine.py, beside this script
+
+V1 = Path("/sys/fs/cgroup/cpu")
+V2 = Path("/sys/fs/cgroup")
+PERIOD_US = 5_000  # short periods (the kernel takes a quota of 1 ms or more): a 50 ms matmul spans 10 of them
+
+
+def make_cgroup(name: str) -> tuple[Path, str]:
+    """A fresh cgroup ``name``; returns its folder and the kind (``v1`` or ``v2``).
+
+    Raises:
+        SystemExit: no writable cgroup cpu controller here.
+    """
+    if (V1 / "cpu.cfs_quota_us").is_file():
+        folder, kind = V1 / name, "v1"
+    elif (V2 / "cgroup.controllers").is_file() and "cpu" in (V2 / "cgroup.controllers").read_text().split():
+        folder, kind = V2 / name, "v2"
+    else:
+        sys.exit("slower_cpu: no cgroup cpu controller under /sys/fs/cgroup (v1 cpu/ or v2 with cpu)")
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError as e:
+        sys.exit(f"slower_cpu: cannot create cgroup {folder}: {e.strerror} (needs root and a writable cgroup hierarchy)")
+    return folder, kind
+
+
+def set_quota(folder: Path, kind: str, quota_us: int) -> None:
+    """Let the cgroup run ``quota_us`` of CPU time (all cores together) in every 5 ms period."""
+    if kind == "v1":
+        (folder / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+        (folder / "cpu.cfs_quota_us").write_text(str(quota_us))
+    else:
+        (folder / "cpu.max").write_text(f"{quota_us} {PERIOD_US}")
+
+
+def own_cgroup(kind: str) -> Path:
+    """The folder of the cgroup this process is in (``/proc/self/cgroup``), for the cpu controller."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if (kind == "v1" and "cpu" in controllers.split(",")) or (kind == "v2" and controllers == ""):
+            return (V1 if kind == "v1" else V2) / path.lstrip("/")
+    sys.exit(f"slower_cpu: /proc/self/cgroup names no {kind} cpu cgroup")
+
+
+def join(folder: Path) -> None:
+    """Move this whole process (every thread: ``cgroup.procs``) into the cgroup ``folder``."""
+    (folder / "cgroup.procs").write_text(str(os.getpid()))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gflops", type=float, required=True, help="the matmul figure to slow down to")
+    ap.add_argument("--matmul-size", type=int, default=2048,
+                    help="side of the calibration matmul (default 2048, the figure the docs quote; smaller is quicker)")
+    ap.add_argument("--cgroup", default="cellkit-slower-cpu", help="cgroup name (default cellkit-slower-cpu)")
+    ap.add_argument("cmd", nargs=argparse.REMAINDER, help="-- the command to run")
+    args = ap.parse_args()
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        ap.error("give the command after --")
+    folder, kind = make_cgroup(args.cgroup)
+    home = own_cgroup(kind)
+    cores = os.cpu_count() or 1
+    free = matmul_gflops(2, n=args.matmul_size, repeats=3)
+    if args.gflops >= free:
+        sys.exit(f"slower_cpu: this machine reads {free:.0f} GFLOP/s, not above the target {args.gflops:.0f}")
+    quota = int(PERIOD_US * cores * args.gflops / free)
+    join(folder)
+    for attempt in range(8):
+        set_quota(folder, kind, quota)
+        inside = matmul_gflops(2, n=args.matmul_size, repeats=3)
+        if abs(inside / args.gflops - 1) <= 0.05 or attempt == 7:
+            break
+        quota = max(1000, int(quota * args.gflops / inside))
+    close = "" if abs(inside / args.gflops - 1) <= 0.05 else f" (not within 5 % of {args.gflops:.0f} after 8 tries)"
+    print(f"slower_cpu: matmul {free:.0f} GFLOP/s free, {inside:.0f} inside the quota{close} "
+          f"({quota / PERIOD_US:.2f} of {cores} cores, {kind} cgroup {folder})", flush=True)
+    t = time.perf_counter()
+    rc = subprocess.run(cmd).returncode  # a child of a process in the cgroup starts in it
+    seconds = time.perf_counter() - t
+    after = matmul_gflops(2, n=args.matmul_size, repeats=3)
+    join(home)  # back where this process started, and the cgroup goes
+    folder.rmdir()
+    print(f"slower_cpu: the command took {seconds:.0f} s (exit status {rc}); matmul inside the quota after it: "
+          f"{after:.0f} GFLOP/s, free: {matmul_gflops(2, n=args.matmul_size, repeats=3):.0f}", flush=True)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
