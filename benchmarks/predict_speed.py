@@ -127,7 +127,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     base = rss_mb()
     row: dict[str, Any] = {"size": spec["size"], "what": spec["what"], "variant": variant}
     row.update(run_path(model, cfg, spec, variant))
-    row["peak_mb"] = peak_mb() - base
+    row["peak_mb"] = row.pop("peak_mb_after") - base
     if spec["flops"]:
         counter = FlopCounterMode(display=False)
         with counter:
@@ -159,6 +159,7 @@ def run_path(model: torch.nn.Module, cfg: Any, spec: dict[str, Any], variant: st
                     boxes += len(raw_detections(model, [tensor[:, y0:y1, x0:x1]])[0]["boxes"])
             row.update(tiles=len(bare_tiles(model, cfg, h, w)), cells=boxes)
     row["seconds"] = time.perf_counter() - start
+    row["peak_mb_after"] = peak_mb()  # before the writes below
     if spec["what"] == "whole":
         tiles = image_tiles(model, cfg.predict, h, w)
         row.update(tiles=1 if tiles is None else len(tiles),

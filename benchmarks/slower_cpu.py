@@ -47,6 +47,12 @@ def make_cgroup(name: str) -> tuple[Path, str]:
         folder.mkdir(exist_ok=True)
     except OSError as e:
         sys.exit(f"slower_cpu: cannot create cgroup {folder}: {e.strerror} (needs root and a writable cgroup hierarchy)")
+    if kind == "v2" and not (folder / "cpu.max").is_file():  # the controller is not on for the root's children
+        try:
+            (V2 / "cgroup.subtree_control").write_text("+cpu")
+        except OSError as e:
+            folder.rmdir()
+            sys.exit(f"slower_cpu: cannot create cgroup {folder}: the cpu controller cannot be enabled: {e.strerror}")
     return folder, kind
 
 
@@ -70,7 +76,10 @@ def own_cgroup(kind: str) -> Path:
 
 def join(folder: Path) -> None:
     """Move this whole process (every thread: ``cgroup.procs``) into the cgroup ``folder``."""
-    (folder / "cgroup.procs").write_text(str(os.getpid()))
+    try:
+        (folder / "cgroup.procs").write_text(str(os.getpid()))
+    except OSError as e:
+        sys.exit(f"slower_cpu: cannot move this process into cgroup {folder}: {e.strerror}")
 
 
 def main() -> int:
@@ -86,29 +95,41 @@ def main() -> int:
         ap.error("give the command after --")
     folder, kind = make_cgroup(args.cgroup)
     home = own_cgroup(kind)
-    cores = os.cpu_count() or 1
-    free = matmul_gflops(2, n=args.matmul_size, repeats=3)
-    if args.gflops >= free:
-        sys.exit(f"slower_cpu: this machine reads {free:.0f} GFLOP/s, not above the target {args.gflops:.0f}")
-    quota = int(PERIOD_US * cores * args.gflops / free)
+    try:
+        return run_slowed(folder, kind, home, args.gflops, args.matmul_size, cmd)
+    finally:
+        try:  # back where this process started, and the cgroup goes (unless the command left a process in it)
+            (home / "cgroup.procs").write_text(str(os.getpid()))
+            folder.rmdir()
+        except OSError as e:
+            print(f"slower_cpu: warning: cgroup {folder} not removed: {e.strerror}", file=sys.stderr)
+
+
+def run_slowed(folder: Path, kind: str, home: Path, gflops: float, n: int, cmd: list[str]) -> int:
+    """Calibrate the quota of ``folder`` to ``gflops`` (2-thread matmul of side ``n``), run ``cmd``
+    in it and return its exit status."""
+    free = matmul_gflops(2, n=n, repeats=3)
+    if gflops >= free:
+        sys.exit(f"slower_cpu: this machine reads {free:.0f} GFLOP/s, not above the target {gflops:.0f}")
+    # the matmul runs on 2 threads: a quota of 2 * PERIOD_US lets it run free
+    quota = max(1000, int(PERIOD_US * 2 * gflops / free))
     join(folder)
     for attempt in range(8):
         set_quota(folder, kind, quota)
-        inside = matmul_gflops(2, n=args.matmul_size, repeats=3)
-        if abs(inside / args.gflops - 1) <= 0.05 or attempt == 7:
+        inside = matmul_gflops(2, n=n, repeats=3)
+        if abs(inside / gflops - 1) <= 0.05 or attempt == 7:
             break
-        quota = max(1000, int(quota * args.gflops / inside))
-    close = "" if abs(inside / args.gflops - 1) <= 0.05 else f" (not within 5 % of {args.gflops:.0f} after 8 tries)"
+        quota = max(1000, int(quota * gflops / inside))
+    close = "" if abs(inside / gflops - 1) <= 0.05 else f" (not within 5 % of {gflops:.0f} after 8 tries)"
     print(f"slower_cpu: matmul {free:.0f} GFLOP/s free, {inside:.0f} inside the quota{close} "
-          f"({quota / PERIOD_US:.2f} of {cores} cores, {kind} cgroup {folder})", flush=True)
+          f"({quota / PERIOD_US:.2f} cores' time, {kind} cgroup {folder})", flush=True)
     t = time.perf_counter()
     rc = subprocess.run(cmd).returncode  # a child of a process in the cgroup starts in it
     seconds = time.perf_counter() - t
-    after = matmul_gflops(2, n=args.matmul_size, repeats=3)
-    join(home)  # back where this process started, and the cgroup goes
-    folder.rmdir()
+    after = matmul_gflops(2, n=n, repeats=3)
+    join(home)
     print(f"slower_cpu: the command took {seconds:.0f} s (exit status {rc}); matmul inside the quota after it: "
-          f"{after:.0f} GFLOP/s, free: {matmul_gflops(2, n=args.matmul_size, repeats=3):.0f}", flush=True)
+          f"{after:.0f} GFLOP/s, free: {matmul_gflops(2, n=n, repeats=3):.0f}", flush=True)
     return rc
 
 

@@ -624,13 +624,3 @@ def test_a_failing_run_is_recorded_and_the_grid_goes_on(tmp_path: Path) -> None:
     assert (out / "bad" / "standin.ipynb").is_file()  # the executed notebook, error and all
     assert "Failed runs:\n- bad: DataError" in (out / "results.md").read_text()
     assert "bad: DataError" in format_results_table(list(rows.values()))
-
-
-@pytest.mark.slow
-def test_the_real_training_notebook(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    rows = run_grid({"name": "real", "config": "demo", "overrides": TINY, "runs": [{"name": "real"}]}, out, progress=False)
-    assert rows[0]["status"] == "ok", (out / "real" / "error.txt").read_text() if (out / "real" / "error.txt").exists() else rows
-    assert rows[0]["backbone"] == "resnet18" and rows[0]["epochs_run"] == 1
-    assert (out / "real" / "02_training.ipynb").is_file() and (out / "real" / "run" / "metrics.json").is_file()
-    assert "AP50" in stream_text(out / "real" / "02_training.ipynb")  # the notebook's evaluation ran

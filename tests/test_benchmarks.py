@@ -141,10 +141,12 @@ def test_slower_cpu_smoke() -> None:
     r = subprocess.run([sys.executable, str(BENCHMARKS / "slower_cpu.py"), "--gflops", "40", "--matmul-size", "1024",
                         "--cgroup", name, "--", sys.executable, "-c", probe],
                        capture_output=True, text=True, timeout=300, cwd=REPO)
+    if r.returncode != 3 and re.match(r"slower_cpu: (cannot create cgroup|no cgroup cpu controller)", r.stderr):
+        pytest.skip(r.stderr.strip().splitlines()[-1])  # a container whose cgroups are not its own to change
     assert r.returncode == 3, r.stdout + r.stderr
     free, inside = (float(x) for x in re.search(r"matmul (\d+) GFLOP/s free, (\d+) inside", r.stdout).groups())
-    assert free >= 60 and 28 <= inside <= 52, r.stdout  # near 40 (a 1024 px matmul under a quota varies by 10-25 %)
-    assert f"/{name}" in r.stdout  # the command's own /proc/self/cgroup
+    assert 24 <= inside <= 56 and inside < free / 1.4, r.stdout  # near 40 (a 1024 px matmul under a quota varies by 10-30 %)
+    assert re.search(rf"^\d+:[a-z,]*:/{name}$", r.stdout, re.M), r.stdout  # the command's own /proc/self/cgroup
     after = float(re.search(r"inside the quota after it: (\d+)", r.stdout).group(1))
     assert after < free / 1.4, r.stdout  # still throttled after the command
     assert not Path(f"/sys/fs/cgroup/cpu/{name}").exists() and not Path(f"/sys/fs/cgroup/{name}").exists()

@@ -114,6 +114,11 @@ def test_ablation_grid(tmp_path: Path) -> None:
         assert r["status"] == "ok" and r["best_val_ap50"] == pytest.approx(summary["best_val_ap50"])
         assert r["scheduler"] == r["name"] and r["attempts"] == 1
         assert list(Path(r["run_dir"]).glob("events.out.tfevents.*"))  # TensorBoard for every run
+        # each run went through the shipped training notebook, executed copy kept beside its run
+        assert r["backbone"] == "resnet18" and r["epochs_run"] == 1
+        executed = nbformat.read(Path(r["run_dir"]).parent / "02_training.ipynb", as_version=4)
+        text = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", []))
+        assert "AP50" in text  # the training notebook's own evaluation ran
     ledger = [json.loads(x) for x in (tmp_path / "grid" / "ledger.jsonl").read_text().splitlines()]
     assert sorted(e["run"] for e in ledger if e["event"] == "finished") == ["constant", "cosine"]
     # the comparison of the first two runs: each run's AP50 is its own, every validation cell is
