@@ -94,7 +94,11 @@ def main() -> int:
     if not cmd:
         ap.error("give the command after --")
     folder, kind = make_cgroup(args.cgroup)
-    home = own_cgroup(kind)
+    try:
+        home = own_cgroup(kind)
+    except SystemExit:
+        folder.rmdir()
+        raise
     try:
         return run_slowed(folder, kind, home, args.gflops, args.matmul_size, cmd)
     finally:

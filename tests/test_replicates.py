@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 from perturb import perturb_predictions
@@ -136,6 +137,7 @@ def test_the_forest_plot_keeps_its_words_inside_the_figure(grid: tuple) -> None:
         box = text.get_window_extent(renderer)
         assert box.x0 >= fig.bbox.x0 and box.x1 <= fig.bbox.x1, text.get_text()
     assert "'torchvision_geometry_and_a_long_name'" in ax.title.get_text()
+    plt.close(fig)
 
 
 def test_a_named_baseline_and_the_hold_out_split(synth_gt: dict, tmp_path: Path) -> None:

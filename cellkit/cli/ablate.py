@@ -18,9 +18,8 @@ def add_commands(sub: Any) -> None:
         "ablate", help="run a grid of trainings (notebooks/02_training.ipynb via papermill) and tabulate AP50",
         description="Run every cell of an ablation grid (a YAML file, or the name of one in configs/grids/: "
         f"{', '.join(sorted(g.stem for g in GRIDS.glob('*.yaml')))}) through the training notebook with papermill, "
-        "each in its own "
-        "kernel and folder OUT/<run>/. Finished runs are skipped on re-run, failed ones recorded and the grid goes "
-        "on. Each run is a task on a Dask cluster (--cluster); a run whose worker dies is retried and resumes "
+        "each in its own kernel and folder OUT/<run>/. Finished runs are skipped on re-run, failed ones recorded "
+        "and the grid goes on. Each run is a task on a Dask cluster (--cluster); a run whose worker dies is retried and resumes "
         "from its last checkpoint, and the command may be killed and started again on the same folder. The grid's "
         "'seeds: N' runs every configuration N times (train.seed 0..N-1) as replicates; each configuration is "
         "compared with the baseline ('baseline:', default the first) on the same images: mean AP50 over seeds with "
