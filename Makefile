@@ -36,11 +36,20 @@ lock:
 demo: $(STAMP)
 	$(PY) -m cellkit demo --out runs/demo
 
+# The suite on two pytest workers (pytest-xdist; a test file stays on one worker, so its module
+# fixtures are built once) with one torch thread each: two workers of 2 threads on 2 cores fight
+# over them (the suite took 25 % longer than on one worker). The few processes that still run 2
+# threads wait for each other asleep, not spinning on a core the other worker needs. glibc malloc
+# keeps the memory torch frees instead of handing it back and faulting it in again (10 % of a
+# training step's CPU time). Figures: docs/benchmarks.md, "The test suite".
+TEST_ENV := OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296
+PYTEST   := $(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile
+
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 notebooks-clean: $(STAMP)
 	$(VENV)/bin/jupyter nbconvert --clear-output --inplace cellkit/notebooks/*.ipynb

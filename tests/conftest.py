@@ -14,6 +14,9 @@ from cellkit.config import Config, load_config
 TESTS = Path(__file__).parent
 FIXTURE = TESTS / "data" / "hw3-sample"
 REPO = TESTS.parent
+TORCH_THREADS = int(os.environ.get("OMP_NUM_THREADS") or 2)
+"""torch's threads in a test that trains: CI's 2 cores, or 1 under ``make test`` (OMP_NUM_THREADS=1:
+two pytest workers share the 2 cores, and threads of one fighting over a core cost more than they give)."""
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -97,7 +100,7 @@ def tiny_run(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
     run = tmp_path_factory.mktemp("tiny-run") / "run"
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(TORCH_THREADS)
     try:
         train(load_config(None, {**TINY, "data.root": str(synth_root), "train.epochs": 2}), run, progress=False)
     finally:
@@ -112,12 +115,12 @@ def tiny_run_copy(tiny_run: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def two_threads():
-    """torch on 2 threads (CI's cores) for a module of model tests, whatever the machine has;
-    a module opts in with ``pytestmark = pytest.mark.usefixtures("two_threads")``."""
+def torch_threads():
+    """torch on :data:`TORCH_THREADS` threads for a module of model tests, whatever the machine has;
+    a module opts in with ``pytestmark = pytest.mark.usefixtures("torch_threads")``."""
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(TORCH_THREADS)
     yield
     torch.set_num_threads(before)

@@ -29,7 +29,7 @@ from cellkit.grid import (
     run_grid,
     scheduler_label,
 )
-from cellkit.grid.cluster import ClusterSpec, open_cluster, parse_cluster
+from cellkit.grid.cluster import THREAD_VARS, ClusterSpec, open_cluster, parse_cluster
 from cellkit.grid.spec import baseline_of
 from cellkit.grid.task import RunBusy, RunLock
 from cellkit.resources import GRIDS
@@ -307,7 +307,8 @@ def killed_grid(tmp_path_factory: pytest.TempPathFactory) -> dict:
                                     "overrides": {**TINY, "train.epochs": 2}, "grid": {"model.backbone": RUNS}}))
     out = tmp / "out"
     facts: dict = {"grid": grid, "out": out, "notebook": notebook}
-    env = {**os.environ, "CELLKIT_TEST_PAUSE": "1"}
+    # the grid splits the cores between its workers unless OMP_NUM_THREADS is set (make test sets it)
+    env = {**{k: v for k, v in os.environ.items() if k not in THREAD_VARS}, "CELLKIT_TEST_PAUSE": "1"}
     log = open(tmp / "runner.log", "w")
     t0 = time.time()
     runner = subprocess.Popen([sys.executable, "-m", "cellkit", "ablate", str(grid), "--out", str(out),
@@ -350,7 +351,10 @@ def killed_grid(tmp_path_factory: pytest.TempPathFactory) -> dict:
     facts["log"] = (tmp / "runner.log").read_text()
     facts["first_seconds"] = time.time() - t0
     # 4. the grid again, in this process: resnet18 is skipped, mobilenet_v3_large resumes
-    facts["rows"] = run_grid(grid, out, cluster="local:2", progress=False)
+    with pytest.MonkeyPatch.context() as mp:
+        for var in THREAD_VARS:
+            mp.delenv(var, raising=False)
+        facts["rows"] = run_grid(grid, out, cluster="local:2", progress=False)
     return facts
 
 
@@ -401,9 +405,9 @@ def test_runs_ran_in_parallel_kernels_and_the_table_reads_their_files(killed_gri
         executed = out / r["name"] / "standin.ipynb"
         text = stream_text(executed)
         assert f"KERNEL_PREFIX {sys.prefix}\n" in text  # the kernel runs this venv's interpreter
-        if "OMP_NUM_THREADS" not in os.environ:  # the cores are split between the workers
-            workers = 2 if r["name"] == "resnet18" else 1  # the re-run started one worker for its one run
-            assert f"KERNEL_OMP {max(1, len(os.sched_getaffinity(0)) // workers)}" in text
+        # the cores are split between the workers
+        workers = 2 if r["name"] == "resnet18" else 1  # the re-run started one worker for its one run
+        assert f"KERNEL_OMP {max(1, len(os.sched_getaffinity(0)) // workers)}" in text
         metrics = json.loads((out / r["name"] / "run" / "metrics.json").read_text())
         assert r["backbone"] == metrics["backbone"] == r["name"]
         assert r["best_val_ap50"] == metrics["best_val_ap50"] and f"BEST {metrics['best_val_ap50']}" in text

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TORCH_THREADS
 
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = REPO / "benchmarks"
@@ -77,7 +78,8 @@ def test_demo_flops_smoke() -> None:
 
 @pytest.mark.slow
 def test_paste_memory_smoke() -> None:
-    out = run_benchmark("paste_memory.py", "--n", "20", "--n-full", "5", "--size", "200", "--no-predict")
+    out = run_benchmark("paste_memory.py", "--n", "20", "--n-full", "5", "--size", "200", "--no-predict",
+                        "--threads", str(TORCH_THREADS))
     rows = [line for line in out.splitlines() if line.startswith("| ") and "variant" not in line]
     assert len(rows) == 5, out
     assert "extrapolated" in out
@@ -99,7 +101,7 @@ def test_data_memory_smoke() -> None:
 
 @pytest.mark.slow
 def test_segment_speed_smoke() -> None:
-    out = run_benchmark("segment_speed.py", "--sizes", "200,400", "--set", "predict.tile_size=256",
+    out = run_benchmark("segment_speed.py", "--sizes", "200,400", "--threads", str(TORCH_THREADS), "--set", "predict.tile_size=256",
                         "--set", "predict.tile_above=300", "--set", "model.box_detections_per_img=20",
                         "--set", "model.rpn_post_nms_top_n_test=50", "--set", "model.rpn_pre_nms_top_n_test=100")
     result = last_json(out)
@@ -113,7 +115,7 @@ def test_segment_speed_smoke() -> None:
 def test_predict_speed_smoke() -> None:
     """The whole path against the bare forward on a tiny image with a random-weight model: tiles,
     seconds, FLOPs per megapixel, peak memory, and the matmul figure, as the table shows them."""
-    out = run_benchmark("predict_speed.py", "--sizes", "300", "--repeats", "1", "--score", "0.0",
+    out = run_benchmark("predict_speed.py", "--sizes", "300", "--repeats", "1", "--score", "0.0", "--threads", str(TORCH_THREADS),
                         "--set", "model.max_size=128", "--set", "model.max_cell_diameter=40",
                         "--set", "model.box_detections_per_img=20", "--set", "model.rpn_post_nms_top_n_test=50",
                         "--set", "model.rpn_pre_nms_top_n_test=100")
@@ -134,18 +136,19 @@ def _cgroup_cpu_writable() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _cgroup_cpu_writable(), reason="a CPU quota needs root and a writable cgroup hierarchy")
 def test_slower_cpu_smoke() -> None:
-    """The quota slows the matmul to the target (40 GFLOP/s: every machine of ours reads 67 or more
-    free), the command runs inside the cgroup, and its exit status comes back."""
+    """The quota slows the matmul to the target (30 GFLOP/s: every machine of ours reads 67 or more
+    free, and more than 60 with a second pytest worker beside it), the command runs inside the
+    cgroup, and its exit status comes back."""
     name = f"cellkit-smoke-{os.getpid()}"
     probe = "import sys; print(open('/proc/self/cgroup').read()); sys.exit(3)"
-    r = subprocess.run([sys.executable, str(BENCHMARKS / "slower_cpu.py"), "--gflops", "40", "--matmul-size", "1024",
+    r = subprocess.run([sys.executable, str(BENCHMARKS / "slower_cpu.py"), "--gflops", "30", "--matmul-size", "1024",
                         "--cgroup", name, "--", sys.executable, "-c", probe],
                        capture_output=True, text=True, timeout=300, cwd=REPO)
     if r.returncode != 3 and re.match(r"slower_cpu: (cannot create cgroup|no cgroup cpu controller)", r.stderr):
         pytest.skip(r.stderr.strip().splitlines()[-1])  # a container whose cgroups are not its own to change
     assert r.returncode == 3, r.stdout + r.stderr
     free, inside = (float(x) for x in re.search(r"matmul (\d+) GFLOP/s free, (\d+) inside", r.stdout).groups())
-    assert 24 <= inside <= 56 and inside < free / 1.4, r.stdout  # near 40 (a 1024 px matmul under a quota varies by 10-30 %)
+    assert 18 <= inside <= 42 and inside < free / 1.4, r.stdout  # near 30 (a 1024 px matmul under a quota varies by 10-30 %)
     assert re.search(rf"^\d+:[a-z,]*:/{name}$", r.stdout, re.M), r.stdout  # the command's own /proc/self/cgroup
     after = float(re.search(r"inside the quota after it: (\d+)", r.stdout).group(1))
     assert after < free / 1.4, r.stdout  # still throttled after the command

@@ -14,7 +14,7 @@ from cellkit.evaluation.coco import evaluate_predictions
 from cellkit.inference.submit import predict_submission
 from cellkit.models.checkpoint import model_from_checkpoint
 
-pytestmark = pytest.mark.usefixtures("two_threads")
+pytestmark = pytest.mark.usefixtures("torch_threads")
 
 
 @pytest.mark.slow

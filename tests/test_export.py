@@ -24,7 +24,7 @@ from cellkit.inference.segment import load_segmenter
 from cellkit.models.checkpoint import save_checkpoint
 from cellkit.models.maskrcnn import build_model
 
-pytestmark = [pytest.mark.usefixtures("two_threads"), pytest.mark.slow,
+pytestmark = [pytest.mark.usefixtures("torch_threads"), pytest.mark.slow,
               pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")]
 REPO = Path(__file__).resolve().parents[1]
 

@@ -34,7 +34,7 @@ from cellkit.models.checkpoint import load_checkpoint, model_from_checkpoint
 STAGE_LOSSES = {f"loss_{kind}_stage{k}" for kind in ("classifier", "box_reg") for k in (1, 2, 3)}
 
 
-pytestmark = pytest.mark.usefixtures("two_threads")
+pytestmark = pytest.mark.usefixtures("torch_threads")
 
 
 def tiny(synth_root: Path, **overrides: Any) -> cellkit.Config:

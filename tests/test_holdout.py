@@ -18,7 +18,7 @@ from cellkit.inference.split import predict_split
 from cellkit.models.checkpoint import model_from_checkpoint
 from cellkit.runs import RunDir
 
-pytestmark = pytest.mark.usefixtures("two_threads")
+pytestmark = pytest.mark.usefixtures("torch_threads")
 
 
 def test_the_hold_out_split_is_disjoint_deterministic_and_leaves_validation_alone(synth_root: Path) -> None:

@@ -45,7 +45,7 @@ from cellkit.structures.rle import encode_mask, rle_areas
 REPO = Path(__file__).resolve().parents[1]
 
 
-pytestmark = pytest.mark.usefixtures("two_threads")
+pytestmark = pytest.mark.usefixtures("torch_threads")
 
 
 @pytest.fixture(scope="module")
@@ -351,7 +351,7 @@ def test_checkpoints_from_before_the_knob_keep_torchvisions_geometry(tmp_path):
 @pytest.mark.slow
 def test_mask_roundtrip_benchmark_smoke_run():
     script = REPO / "benchmarks" / "mask_roundtrip.py"
-    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(REPO))
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), PYTHONPATH=str(REPO))
     done = subprocess.run([sys.executable, str(script), "--quick"], capture_output=True, text=True, timeout=300,
                           cwd=REPO, env=env)
     assert done.returncode == 0, done.stderr

@@ -71,7 +71,7 @@ SMALL = {
 LOSSES = {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
 
 
-pytestmark = pytest.mark.usefixtures("two_threads")
+pytestmark = pytest.mark.usefixtures("torch_threads")
 
 
 def small_cfg(backbone: str = "resnet18", **overrides: Any) -> Config:

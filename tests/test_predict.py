@@ -342,7 +342,7 @@ def test_tune_thresholds_finds_the_nms_that_removes_duplicates(tmp_path):
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, CELLKIT_PROGRESS="0", OMP_NUM_THREADS="2", PYTHONPATH=str(REPO))
+    env = dict(os.environ, CELLKIT_PROGRESS="0", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "cellkit", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 
@@ -419,10 +419,14 @@ def test_a_score_threshold_drops_boxes_before_the_mask_head(tiny_run: Path, fixt
     assert 0 < len(kept) < len(everything)
     assert kept == [e for e in everything if e["score"] >= thresh]
     with torch.inference_mode():
-        n_all = len(raw_detections(model, [image])[0]["masks"])
+        raw_all = raw_detections(model, [image])[0]
         with score_floor(model, thresh):
-            n_kept = len(raw_detections(model, [image])[0]["masks"])
-    assert n_kept == len(kept) < n_all  # masks computed for the kept boxes only
+            raw_kept = raw_detections(model, [image])[0]
+    # masks computed for the kept boxes only. Counted against the same path's scores: predict_image
+    # runs the weights channels_last, whose scores differ in the 7th digit, and the threshold is a
+    # detection's own score, so that detection may fall on either side of it here
+    assert len(raw_kept["masks"]) == int((raw_all["scores"] >= thresh).sum()) < len(raw_all["masks"])
+    assert abs(len(raw_kept["masks"]) - len(kept)) <= 1
     assert model.roi_heads.score_thresh == cfg.model.box_score_thresh  # restored
 
 
