@@ -40,8 +40,8 @@ demo: $(STAMP)
 # fixtures are built once) with one torch thread each: two workers of 2 threads on 2 cores fight
 # over them (the suite took 25 % longer than on one worker). The few processes that still run 2
 # threads wait for each other asleep, not spinning on a core the other worker needs. glibc malloc
-# keeps the memory torch frees instead of handing it back and faulting it in again (10 % of a
-# training step's CPU time). Figures: docs/benchmarks.md, "The test suite".
+# keeps the memory torch frees instead of handing it back and faulting it in again (8 % less CPU
+# time on tests/test_trainer.py). Figures: docs/benchmarks.md, "The test suite".
 TEST_ENV := OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296
 PYTEST   := $(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile
 
