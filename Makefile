@@ -42,7 +42,8 @@ demo: $(STAMP)
 # threads wait for each other asleep, not spinning on a core the other worker needs. glibc malloc
 # keeps the memory torch frees instead of handing it back and faulting it in again (8 % less CPU
 # time on tests/test_trainer.py). Figures: docs/benchmarks.md, "The test suite".
-TEST_ENV := OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296
+TEST_ENV := OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE \
+            MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296
 PYTEST   := $(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile
 
 test: $(STAMP)

@@ -2,10 +2,11 @@
 trained tiny run (session-scoped: the tests that read a finished run share it)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -17,6 +18,19 @@ REPO = TESTS.parent
 TORCH_THREADS = int(os.environ.get("OMP_NUM_THREADS") or 2)
 """torch's threads in a test that trains: CI's 2 cores, or 1 under ``make test`` (OMP_NUM_THREADS=1:
 two pytest workers share the 2 cores, and threads of one fighting over a core cost more than they give)."""
+
+
+@contextlib.contextmanager
+def threads_as(n: int) -> Iterator[None]:
+    """torch on ``n`` threads inside the block, and on as many as before after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -94,17 +108,11 @@ def tiny_config(synth_root: Path) -> Callable[..., Config]:
 def tiny_run(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One finished tiny run (2 epochs, default hooks) for the tests that read a run: config.yaml,
     metrics, checkpoints, val_gt.json and val_predictions.json. Read-only: copy it to change it."""
-    import torch
-
     from cellkit.engine.defaults import train
 
     run = tmp_path_factory.mktemp("tiny-run") / "run"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(TORCH_THREADS)
-    try:
+    with threads_as(TORCH_THREADS):
         train(load_config(None, {**TINY, "data.root": str(synth_root), "train.epochs": 2}), run, progress=False)
-    finally:
-        torch.set_num_threads(threads)
     return run
 
 
@@ -118,9 +126,5 @@ def tiny_run_copy(tiny_run: Path, tmp_path: Path) -> Path:
 def torch_threads():
     """torch on :data:`TORCH_THREADS` threads for a module of model tests, whatever the machine has;
     a module opts in with ``pytestmark = pytest.mark.usefixtures("torch_threads")``."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(TORCH_THREADS)
-    yield
-    torch.set_num_threads(before)
+    with threads_as(TORCH_THREADS):
+        yield

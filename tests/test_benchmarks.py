@@ -101,8 +101,9 @@ def test_data_memory_smoke() -> None:
 
 @pytest.mark.slow
 def test_segment_speed_smoke() -> None:
-    out = run_benchmark("segment_speed.py", "--sizes", "200,400", "--threads", str(TORCH_THREADS), "--set", "predict.tile_size=256",
-                        "--set", "predict.tile_above=300", "--set", "model.box_detections_per_img=20",
+    out = run_benchmark("segment_speed.py", "--sizes", "200,400", "--threads", str(TORCH_THREADS),
+                        "--set", "predict.tile_size=256", "--set", "predict.tile_above=300",
+                        "--set", "model.box_detections_per_img=20",
                         "--set", "model.rpn_post_nms_top_n_test=50", "--set", "model.rpn_pre_nms_top_n_test=100")
     result = last_json(out)
     small, large = result["rows"]
@@ -115,7 +116,8 @@ def test_segment_speed_smoke() -> None:
 def test_predict_speed_smoke() -> None:
     """The whole path against the bare forward on a tiny image with a random-weight model: tiles,
     seconds, FLOPs per megapixel, peak memory, and the matmul figure, as the table shows them."""
-    out = run_benchmark("predict_speed.py", "--sizes", "300", "--repeats", "1", "--score", "0.0", "--threads", str(TORCH_THREADS),
+    out = run_benchmark("predict_speed.py", "--sizes", "300", "--repeats", "1", "--score", "0.0",
+                        "--threads", str(TORCH_THREADS),
                         "--set", "model.max_size=128", "--set", "model.max_cell_diameter=40",
                         "--set", "model.box_detections_per_img=20", "--set", "model.rpn_post_nms_top_n_test=50",
                         "--set", "model.rpn_pre_nms_top_n_test=100")

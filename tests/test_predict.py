@@ -342,7 +342,8 @@ def test_tune_thresholds_finds_the_nms_that_removes_duplicates(tmp_path):
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, CELLKIT_PROGRESS="0", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), PYTHONPATH=str(REPO))
+    env = dict(os.environ, CELLKIT_PROGRESS="0", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
+               PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "cellkit", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 

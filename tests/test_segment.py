@@ -25,7 +25,7 @@ import shapely
 import tifffile
 import torch
 import tqdm.auto
-from conftest import TINY
+from conftest import TINY, threads_as
 from matplotlib.path import Path as MplPath
 
 from cellkit.cli import main
@@ -371,20 +371,19 @@ def trained_run(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     # takes a quarter less CPU time than on disk
     shm = Path("/dev/shm")
     in_memory = shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 2**30
-    folder = Path(tempfile.mkdtemp(prefix="cellkit-seam-", dir=shm)) if in_memory else tmp_path_factory.mktemp("trained")
+    folder = (Path(tempfile.mkdtemp(prefix="cellkit-seam-", dir=shm)) if in_memory
+              else tmp_path_factory.mktemp("trained"))
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    # 2 threads whatever the suite runs on: the model differs in its last digits with the thread
-    # count, and the one trained on 1 thread matches only 70 % of the cells at IoU 0.95
-    torch.set_num_threads(2)
     try:
-        train(load_config(None, {**TINY, "data.root": str(synth_root), "train.epochs": 80, "train.iters_per_epoch": 10,
-                                 "train.lr": 2e-3, "data.augment.crop_size": 128, "train.eval_every": 80}),
-              folder / "run", progress=False)
-        torch.set_num_threads(threads)
+        # 2 threads whatever the suite runs on: the model differs in its last digits with the
+        # thread count, and the one trained on 1 thread matches only 70 % of the cells at IoU 0.95
+        with threads_as(2):
+            train(load_config(None, {**TINY, "data.root": str(synth_root), "train.epochs": 80,
+                                     "train.iters_per_epoch": 10, "train.lr": 2e-3, "data.augment.crop_size": 128,
+                                     "train.eval_every": 80}),
+                  folder / "run", progress=False)
         yield folder / "run"
     finally:
-        torch.set_num_threads(threads)
         shutil.rmtree(folder, ignore_errors=True)
 
 
