@@ -41,10 +41,11 @@ demo: $(STAMP)
 # over them (the suite took 25 % longer than on one worker). The few processes that still run 2
 # threads wait for each other asleep, not spinning on a core the other worker needs. glibc malloc
 # keeps the memory torch frees instead of handing it back and faulting it in again (8 % less CPU
-# time on tests/test_trainer.py). Figures: docs/benchmarks.md, "The test suite".
+# time on tests/test_trainer.py). Files are handed out longest first (tests/conftest.py,
+# LONGEST_FIRST), not by their number of tests. Figures: docs/benchmarks.md, "The test suite".
 TEST_ENV := OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE \
             MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296
-PYTEST   := $(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile
+PYTEST   := $(TEST_ENV) $(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 test: $(STAMP)
 	$(PYTEST)

@@ -41,6 +41,20 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+LONGEST_FIRST = ("test_segment.py", "test_trainer.py", "test_benchmarks.py", "test_ablation.py", "test_reliability.py",
+                 "test_notebooks.py", "test_predict.py", "test_models.py", "test_browser.py")
+"""The test files that take longest under ``make test``, longest first (docs/benchmarks.md, "The
+test suite"): they run before all others."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # pytest-xdist (--dist loadfile --no-loadscope-reorder) hands whole files to whichever worker
+    # is free, in this order: the long files first, so that the short ones fill in at the end
+    # instead of one worker running a long file alone while the other has nothing left
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def fixture_root() -> Path:
     """The real hw3 sample (one image, classes 1 and 2), read-only."""

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TORCH_THREADS
+from conftest import LONGEST_FIRST, TORCH_THREADS
 
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = REPO / "benchmarks"
@@ -35,6 +35,11 @@ def test_every_benchmark_has_a_smoke_run() -> None:
     tested = {"data_memory.py", "demo_flops.py", "eval_speed.py", "mask_roundtrip.py", "paste_memory.py",
               "train_throughput.py", "segment_speed.py", "predict_speed.py", "slower_cpu.py"}
     assert {p.name for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_")} <= tested  # _machine.py: shared helpers
+
+
+def test_the_longest_files_first_are_files_of_the_suite() -> None:
+    """conftest's LONGEST_FIRST goes by file name: a renamed file would lose its place silently."""
+    assert [name for name in LONGEST_FIRST if not (REPO / "tests" / name).is_file()] == []
 
 
 @pytest.mark.slow

@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader
 import cellkit
 from cellkit.data import collate
 from cellkit.engine.defaults import DefaultTrainer
+from cellkit.engine.hooks import CurvePlotHook
 from cellkit.engine.schedule import lr_trajectory
-from cellkit.engine.train_loop import Trainer, amp_dtype
+from cellkit.engine.train_loop import Hook, Trainer, amp_dtype
 from cellkit.errors import TrainingError
 from cellkit.models.checkpoint import load_checkpoint, save_checkpoint
 
@@ -120,6 +121,36 @@ def test_run_directory_and_lr_read_back(tmp_path: Path) -> None:
     assert sp.gt == str(run / "val_gt.json") and [d.image_id for d in sp.detections] == [im["id"] for im in gt["images"]]
     again = sp.evaluate(iou_types=("segm",), cell_metrics=False).results["segm"]
     assert again.ap50 == pytest.approx(best["val_ap50"], abs=1e-9)
+
+
+class CurveSnapshots(Hook):
+    """The bytes of plots/curves.png after every epoch's CurvePlotHook (80) and after its after_train."""
+
+    priority = 81
+
+    def before_train(self) -> None:
+        self.seen: list[bytes] = []
+
+    def after_epoch(self, metrics: dict[str, Any]) -> None:
+        self.seen.append((self.trainer.run_dir / "plots/curves.png").read_bytes())
+
+    def after_train(self, summary: dict[str, Any]) -> None:
+        self.final = (self.trainer.run_dir / "plots/curves.png").read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", [0.0, float("inf")])
+def test_the_curve_plot_keeps_to_its_share_of_the_time(tmp_path: Path, budget: float) -> None:
+    # budget 0: drawing may take no time, so only the first epoch and the end are drawn; an
+    # unlimited budget draws every epoch and leaves nothing to draw at the end
+    _, cfg = tiny_config(tmp_path, **{"train.epochs": 3, "train.iters_per_epoch": 1})
+    snap = CurveSnapshots()
+    Trainer(cfg, tmp_path / "run", hooks=[CurvePlotHook(budget=budget), snap], progress=False).fit()
+    one, two, three = snap.seen
+    if budget == 0:
+        assert one == two == three and snap.final != one
+    else:
+        assert len({one, two, three}) == 3 and snap.final == three
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ Only this module knows the default hooks (as Detectron2's ``engine/defaults.py``
   72 HoldoutHook         after training, the hold-out split (``data.holdout_fraction`` > 0) scored
                          once with best.pth's weights (:mod:`cellkit.engine.holdout`)
   75 MetricsWriter       metrics.jsonl every epoch, metrics.json at the end
-  80 CurvePlotHook       plots/curves.png every epoch
+  80 CurvePlotHook       plots/curves.png after an epoch (at most a tenth of the time) and at the end
   85 EpochLogger         the one-line epoch summary (and the early-stop reason)
   90 LiveCurves          live loss/AP50 curves in a notebook (only inside Jupyter; :mod:`cellkit.engine.live`)
 ==== =================== ==================================================================

@@ -274,15 +274,43 @@ class MetricsWriter(Hook):
 
 
 class CurvePlotHook(Hook):
-    """``plots/curves.png``: losses, val AP50/AP and the learning rate, redrawn every epoch."""
+    """``plots/curves.png``: losses, val AP50/AP and the learning rate, redrawn after an epoch and
+    always after the last one.
+
+    Drawing takes about half a second (matplotlib's layout of the log-scale ticks), longer than a
+    whole epoch of a small run: an epoch's redraw is skipped while the last drawing took more than
+    ``budget`` of the time since it, so the plot never costs more than that share of the training.
+    With epochs of a minute or more every epoch is drawn.
+    """
 
     priority = 80
     main_process_only = True
 
+    def __init__(self, budget: float = 0.1) -> None:
+        self.budget = budget
+        self._cost = 0.0  # seconds the last drawing took
+        self._since = 0.0  # perf_counter() when it ended
+        self._drawn = -1  # len(history) it showed
+
+    def before_train(self) -> None:
+        self._cost, self._since, self._drawn = 0.0, time.perf_counter(), -1
+
     def after_epoch(self, metrics: dict[str, Any]) -> None:
+        if self._cost <= self.budget * (time.perf_counter() - self._since):
+            self._draw()
+
+    def after_train(self, summary: dict[str, Any]) -> None:
+        if self._drawn != len(self.trainer.history):
+            self._draw()
+
+    def _draw(self) -> None:
         t = self.trainer
-        if t.run_dir is not None:
-            save_history_plot(t.history, RunDir(t.run_dir).curves, t.cfg.name)
+        if t.run_dir is None:
+            return
+        start = time.perf_counter()
+        save_history_plot(t.history, RunDir(t.run_dir).curves, t.cfg.name)
+        self._since = time.perf_counter()
+        self._cost, self._drawn = self._since - start, len(t.history)
 
 
 class EpochLogger(Hook):
