@@ -293,6 +293,11 @@ def alive(pids: list[int]) -> list[int]:
     return out
 
 
+def holds_torch(pid: int) -> bool:
+    """Whether process ``pid`` has loaded torch (its shared library is mapped)."""
+    return any("libtorch" in Path(m.path).name for m in psutil.Process(pid).memory_maps())
+
+
 @pytest.fixture(scope="module")
 def killed_grid(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The tiny grid (2 runs of 2 epochs) on a LocalCluster of 2 worker processes on 127.0.0.1,
@@ -326,6 +331,8 @@ def killed_grid(tmp_path_factory: pytest.TempPathFactory) -> dict:
         assert psutil.Process(kernel).ppid() == victim["child_pid"]
         assert psutil.Process(victim["child_pid"]).ppid() == victim["pid"]
         assert psutil.Process(kernel).environ()["CELLKIT_GRID_RUN"] == str(out / ".locks" / "resnet18.lock")
+        facts["holds_torch"] = {role: holds_torch(pid) for role, pid in
+                                (("worker", victim["pid"]), ("papermill", victim["child_pid"]), ("kernel", kernel))}
         os.kill(victim["pid"], signal.SIGKILL)
         t_kill = time.time()
         wait_for(lambda: not alive([victim["child_pid"], kernel]), 30, runner, "the killed worker's processes to end")
@@ -369,6 +376,8 @@ def test_a_killed_worker_is_retried_and_resumes(killed_grid: dict) -> None:
     log = (out / "resnet18" / "log.txt").read_text()
     assert "attempt 2: resuming resnet18" in log and "after epoch 1" in log  # the Trainer resumed from last.pth
     assert "resnet18: resuming after epoch 1 (attempt 2)" in killed_grid["log"]  # the runner said so
+    # only the kernel trains: the Dask worker and the papermill worker never load torch
+    assert killed_grid["holds_torch"] == {"worker": False, "papermill": False, "kernel": True}
 
 
 @pytest.mark.slow

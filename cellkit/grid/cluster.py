@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import dask
-import torch
 from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
 
 from ..errors import CellkitError, ConfigError
@@ -243,6 +242,11 @@ def cpu_count() -> int:
 
 def visible_gpus() -> list[str]:
     """Ids of the CUDA devices this process may use (as ``CUDA_VISIBLE_DEVICES`` entries)."""
+    # torch is imported here only: the grid's own processes (the runner's Dask workers, each run's
+    # papermill worker) hold no torch; the kernel each run starts does the training. Importing
+    # it cost every such process 1.7 s of CPU time and 750 MB of resident memory (docs/architecture.md)
+    import torch
+
     try:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     except Exception:  # pragma: no cover - a broken CUDA install counts as none
