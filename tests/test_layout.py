@@ -153,7 +153,8 @@ def test_no_library_module_imports_the_cli() -> None:
     assert not {m: t for m, t in offenders.items() if t}
 
 
-@pytest.mark.parametrize("face", ["cellkit.evaluation", "cellkit.structures", "cellkit.cli", "cellkit.runs", "cellkit.grid.worker"])
+@pytest.mark.parametrize("face", ["cellkit.evaluation", "cellkit.structures", "cellkit.cli", "cellkit.runs",
+                                  "cellkit.grid.worker"])
 def test_the_torch_free_faces_import_no_torch(face: str) -> None:
     r = subprocess.run([sys.executable, "-c", f"import sys, {face}; print('torch' in sys.modules)"],
                        capture_output=True, text=True, check=True)
