@@ -14,8 +14,9 @@ from importlinter.cli import lint_imports
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "cellkit"
-FACES = ("cellkit.cli", "cellkit")
-"""Modules whose functions may import cellkit modules: the command line and the package face stay torch-free."""
+FACES = ("cellkit.cli", "cellkit", "cellkit.data")
+"""Modules whose functions may import cellkit modules: the command line, the package face and the
+data face stay torch-free."""
 
 
 def module_name(path: Path, package: Path = PACKAGE) -> str:
@@ -139,7 +140,7 @@ def test_imports_inside_functions_only_in_the_torch_free_faces() -> None:
         for target, node, nested in imports_of(path, name, set(paths)):
             if not nested:
                 continue
-            face = name == "cellkit" or name.startswith("cellkit.cli.")
+            face = name in ("cellkit", "cellkit.data") or name.startswith("cellkit.cli.")
             commented = "#" in lines[node.lineno - 1]
             if not (face and commented):
                 offenders.append(f"{path.relative_to(REPO)}:{node.lineno} imports {target}")
@@ -154,7 +155,7 @@ def test_no_library_module_imports_the_cli() -> None:
 
 
 @pytest.mark.parametrize("face", ["cellkit.evaluation", "cellkit.structures", "cellkit.cli", "cellkit.runs",
-                                  "cellkit.grid.worker"])
+                                  "cellkit.grid.worker", "cellkit.data.coco", "cellkit.data.synth"])
 def test_the_torch_free_faces_import_no_torch(face: str) -> None:
     r = subprocess.run([sys.executable, "-c", f"import sys, {face}; print('torch' in sys.modules)"],
                        capture_output=True, text=True, check=True)

@@ -11,10 +11,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
 
 import imagecodecs
 import numpy as np
@@ -362,29 +360,21 @@ def test_kill_9_mid_write_leaves_whole_folders_only(tiny_run: Path, tmp_path: Pa
 
 
 @pytest.fixture(scope="module")
-def trained_run(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def trained_run(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny ResNet-18 trained for 240 steps on the synthetic cells (80 epochs of the 3 batches
     of its 6 training images; validation AP50 about 0.6): confident enough on cells that tiled and
     untiled predictions can be compared cell by cell. Fewer steps, or the same steps in longer
     epochs of more images, leave too few confident cells (docs/benchmarks.md, "The test suite")."""
-    # 80 epochs write last.pth (150 MB) 80 times: in memory (/dev/shm) where there is one, which
-    # takes a quarter less CPU time than on disk
-    shm = Path("/dev/shm")
-    in_memory = shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 2**30
-    folder = (Path(tempfile.mkdtemp(prefix="cellkit-seam-", dir=shm)) if in_memory
-              else tmp_path_factory.mktemp("trained"))
+    run = tmp_path_factory.mktemp("trained") / "run"
     torch.manual_seed(0)
-    try:
-        # 2 threads whatever the suite runs on: the model differs in its last digits with the
-        # thread count, and the one trained on 1 thread matches only 70 % of the cells at IoU 0.95
-        with threads_as(2):
-            train(load_config(None, {**TINY, "data.root": str(synth_root), "train.epochs": 80,
-                                     "train.iters_per_epoch": 10, "train.lr": 2e-3, "data.augment.crop_size": 128,
-                                     "train.eval_every": 80}),
-                  folder / "run", progress=False)
-        yield folder / "run"
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    # 2 threads whatever the suite runs on: the model differs in its last digits with the
+    # thread count, and the one trained on 1 thread matches only 70 % of the cells at IoU 0.95
+    with threads_as(2):
+        train(load_config(None, {**TINY, "data.root": str(synth_root), "train.epochs": 80,
+                                 "train.iters_per_epoch": 10, "train.lr": 2e-3, "data.augment.crop_size": 128,
+                                 "train.eval_every": 80, "train.checkpoint_every": 80}),
+              run, progress=False)
+    return run
 
 
 SEAM_H, SEAM_W, TILE, OVERLAP = 800, 4000, 480, 160  # tile starts every 320 px: a multiple of the stride 32

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 import cellkit
 from cellkit.data import collate
 from cellkit.engine.defaults import DefaultTrainer
-from cellkit.engine.hooks import CurvePlotHook
+from cellkit.engine.hooks import CheckpointHook, CurvePlotHook
 from cellkit.engine.schedule import lr_trajectory
 from cellkit.engine.train_loop import Hook, Trainer, amp_dtype
 from cellkit.errors import TrainingError
@@ -151,6 +151,41 @@ def test_the_curve_plot_keeps_to_its_share_of_the_time(tmp_path: Path, budget: f
         assert one == two == three and snap.final != one
     else:
         assert len({one, two, three}) == 3 and snap.final == three
+
+
+class LastSnapshots(Hook):
+    """The epoch checkpoints/last.pth holds after every epoch's CheckpointHook (70), and after training;
+    stops the run after ``stop_at`` epochs, after the CheckpointHook has run (priority 90)."""
+
+    priority = 90
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.stop_at, self.seen, self.final = stop_at, [], None
+
+    def held(self) -> int | None:
+        last = self.trainer.run_dir / "checkpoints/last.pth"
+        return load_checkpoint(last)["epoch"] if last.exists() else None
+
+    def after_epoch(self, metrics: dict[str, Any]) -> None:
+        self.seen.append(self.held())
+        if metrics["epoch"] == self.stop_at:
+            self.trainer.request_stop("stopped by the test")
+
+    def after_train(self, summary: dict[str, Any]) -> None:
+        self.final = self.held()
+
+
+@pytest.mark.slow
+def test_last_checkpoint_every_n_epochs_at_the_end_and_when_stopped(tmp_path: Path) -> None:
+    # every 2 epochs and after the last one (3); a hook that stops the run after the checkpoint
+    # hook has run (epoch 3 of 5) still leaves last.pth at the epoch the run ended, to resume from
+    _, cfg = tiny_config(tmp_path, **{"train.epochs": 3, "train.iters_per_epoch": 1, "train.checkpoint_every": 2})
+    snap = LastSnapshots()
+    Trainer(cfg, tmp_path / "a", hooks=[CheckpointHook(), snap], progress=False).fit()
+    assert (snap.seen, snap.final) == ([None, 2, 3], 3)
+    snap = LastSnapshots(stop_at=3)
+    Trainer(cfg.replace({"train.epochs": 5}), tmp_path / "b", hooks=[CheckpointHook(), snap], progress=False).fit()
+    assert (snap.seen, snap.final) == ([None, 2, 2], 3)
 
 
 @pytest.mark.slow

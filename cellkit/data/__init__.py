@@ -1,12 +1,16 @@
-"""Reading the dataset, the synthetic dataset, COCO conversion and the torch Datasets."""
+"""Reading the dataset, the synthetic dataset, COCO conversion and the torch Datasets.
+
+This face loads torch only when a torch part is first asked for (:class:`CellDataset`,
+:class:`TestImageDataset`, :func:`collate`, :func:`image_to_tensor`, copy-paste and the training
+transforms): ``cellkit convert`` and ``cellkit synth`` read and write the dataset without it.
+"""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..config import Config, DataConfig
 from .coco import build_coco, convert
-from .copy_paste import CopyPaste, InstanceBank, build_copy_paste
-from .dataset import CellDataset, TestImageDataset, collate, image_to_tensor
 from .instances import load_sample
 from .io import read_image, read_label_map
 from .layout import (
@@ -19,7 +23,34 @@ from .layout import (
     split_samples,
 )
 from .synth import ensure_synthetic, write_synthetic
-from .transforms import build_train_transforms
+
+if TYPE_CHECKING:  # torch-free face: for type checkers only, the torch parts load in __getattr__
+    from .copy_paste import CopyPaste, InstanceBank, build_copy_paste  # torch-free face: as above
+    from .dataset import CellDataset, TestImageDataset, collate, image_to_tensor  # torch-free face: as above
+    from .transforms import build_train_transforms  # torch-free face: as above
+
+_TORCH_PARTS = {
+    "dataset": ("CellDataset", "TestImageDataset", "collate", "image_to_tensor"),
+    "copy_paste": ("CopyPaste", "InstanceBank", "build_copy_paste"),
+    "transforms": ("build_train_transforms",),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """The torch parts of the face, loaded on first use (PEP 562)."""
+    if name in _TORCH_PARTS["dataset"]:
+        from . import dataset  # torch-free face: torch loads with the first torch part asked for
+
+        return getattr(dataset, name)
+    if name in _TORCH_PARTS["copy_paste"]:
+        from . import copy_paste  # torch-free face: as above
+
+        return getattr(copy_paste, name)
+    if name in _TORCH_PARTS["transforms"]:
+        from . import transforms  # torch-free face: as above
+
+        return getattr(transforms, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def resolve_root(cfg: DataConfig, progress: bool = True) -> Path:

@@ -13,7 +13,8 @@ Only this module knows the default hooks (as Detectron2's ``engine/defaults.py``
   50 (user hooks)        the default priority; ``train.hooks`` adds them by import path
   65 TensorBoardHook     TensorBoard event files in the run directory (``train.tensorboard``;
                          :mod:`cellkit.engine.tensorboard`)
-  70 CheckpointHook      last.pth every epoch; best.pth (+ val_predictions.json) on a new best
+  70 CheckpointHook      last.pth every ``train.checkpoint_every`` epochs and at the end; best.pth
+                         (+ val_predictions.json) on a new best
   72 HoldoutHook         after training, the hold-out split (``data.holdout_fraction`` > 0) scored
                          once with best.pth's weights (:mod:`cellkit.engine.holdout`)
   75 MetricsWriter       metrics.jsonl every epoch, metrics.json at the end

@@ -203,7 +203,8 @@ def improved(value: float | None, best: float | None, mode: str = "max") -> bool
 
 
 class CheckpointHook(Hook):
-    """``checkpoints/last.pth`` every epoch (everything needed to resume, hooks' state included);
+    """``checkpoints/last.pth`` every ``train.checkpoint_every`` epochs (or ``every``), after the
+    last epoch and when a hook stops the run (everything needed to resume, hooks' state included);
     ``checkpoints/best.pth`` (weights, config, history) and ``val_predictions.json`` whenever
     ``metric`` reaches a new best (``mode`` max or min).
 
@@ -213,12 +214,13 @@ class CheckpointHook(Hook):
     priority = 70
     main_process_only = True
 
-    def __init__(self, metric: str = "val_ap50", mode: str = "max") -> None:
+    def __init__(self, metric: str = "val_ap50", mode: str = "max", every: int | None = None) -> None:
         if mode not in ("max", "min"):
             raise ConfigError(f"checkpoint mode must be 'max' or 'min', got {mode!r}")
-        self.metric, self.mode = metric, mode
+        self.metric, self.mode, self.every = metric, mode, every
         self.best: float | None = None
         self.best_epoch: int | None = None
+        self.saved_epoch: int | None = None  # the epoch last.pth holds, from this process
 
     def improved(self, value: float | None) -> bool:
         return improved(value, self.best, self.mode)
@@ -238,9 +240,20 @@ class CheckpointHook(Hook):
             validation = t.storage.get(VALIDATION)
             if improved and validation is not None and validation.predictions is not None:
                 write_json(validation.predictions, run.predictions())
-        # last: a run killed before it resumes from the epoch before and does this one again,
-        # so best.pth and val_predictions.json are written again together
-        save_checkpoint(state, run.checkpoint("last"))
+        # last: a run killed before it resumes from the last one written and does the epochs since
+        # again, so best.pth and val_predictions.json are written again together
+        every = t.cfg.train.checkpoint_every if self.every is None else self.every
+        epoch = int(metrics["epoch"])
+        if epoch % every == 0 or epoch >= t.cfg.train.epochs or t.stop_reason is not None:
+            save_checkpoint(state, run.checkpoint("last"))
+            self.saved_epoch = epoch
+
+    def after_train(self, summary: dict[str, Any]) -> None:
+        # a hook after this one may have stopped the run between two checkpoints
+        t = self.trainer
+        if t.run_dir is not None and self.saved_epoch is not None and self.saved_epoch != t.epoch:
+            save_checkpoint(t.state_dict(), RunDir(t.run_dir).checkpoint("last"))
+            self.saved_epoch = t.epoch
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_epoch": self.best_epoch}
