@@ -177,15 +177,22 @@ class LastSnapshots(Hook):
 
 @pytest.mark.slow
 def test_last_checkpoint_every_n_epochs_at_the_end_and_when_stopped(tmp_path: Path) -> None:
-    # every 2 epochs and after the last one (3); a hook that stops the run after the checkpoint
-    # hook has run (epoch 3 of 5) still leaves last.pth at the epoch the run ended, to resume from
+    # every 2 epochs and after the last one (3)
     _, cfg = tiny_config(tmp_path, **{"train.epochs": 3, "train.iters_per_epoch": 1, "train.checkpoint_every": 2})
     snap = LastSnapshots()
     Trainer(cfg, tmp_path / "a", hooks=[CheckpointHook(), snap], progress=False).fit()
     assert (snap.seen, snap.final) == ([None, 2, 3], 3)
+    # a hook that stops the run after the checkpoint hook has run still leaves last.pth at the
+    # epoch the run ended, to resume from: a run of 2 epochs (every 4), resumed for 6 and stopped
+    # after epoch 3, before any epoch of the cadence
+    cfg = cfg.replace({"train.epochs": 2, "train.checkpoint_every": 4})
+    snap = LastSnapshots()
+    Trainer(cfg, tmp_path / "b", hooks=[CheckpointHook(), snap], progress=False).fit()
+    assert (snap.seen, snap.final) == ([None, 2], 2)
     snap = LastSnapshots(stop_at=3)
-    Trainer(cfg.replace({"train.epochs": 5}), tmp_path / "b", hooks=[CheckpointHook(), snap], progress=False).fit()
-    assert (snap.seen, snap.final) == ([None, 2, 2], 3)
+    Trainer(cfg.replace({"train.epochs": 6}), tmp_path / "b", hooks=[CheckpointHook(), snap],
+            progress=False).fit(resume=True)
+    assert (snap.seen, snap.final) == ([2], 3)
 
 
 @pytest.mark.slow

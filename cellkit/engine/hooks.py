@@ -220,7 +220,7 @@ class CheckpointHook(Hook):
         self.metric, self.mode, self.every = metric, mode, every
         self.best: float | None = None
         self.best_epoch: int | None = None
-        self.saved_epoch: int | None = None  # the epoch last.pth holds, from this process
+        self.saved_epoch = 0  # the epoch last.pth holds (set in before_train)
 
     def improved(self, value: float | None) -> bool:
         return improved(value, self.best, self.mode)
@@ -248,10 +248,13 @@ class CheckpointHook(Hook):
             save_checkpoint(state, run.checkpoint("last"))
             self.saved_epoch = epoch
 
+    def before_train(self) -> None:
+        self.saved_epoch = self.trainer.epoch  # 0, or the epoch a resumed run's last.pth holds
+
     def after_train(self, summary: dict[str, Any]) -> None:
         # a hook after this one may have stopped the run between two checkpoints
         t = self.trainer
-        if t.run_dir is not None and self.saved_epoch is not None and self.saved_epoch != t.epoch:
+        if t.run_dir is not None and self.saved_epoch != t.epoch:
             save_checkpoint(t.state_dict(), RunDir(t.run_dir).checkpoint("last"))
             self.saved_epoch = t.epoch
 
