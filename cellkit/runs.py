@@ -384,9 +384,9 @@ def _guard(run: Path, resume: bool, overwrite: bool) -> None:
 
 
 RESUMABLE_KEYS = ("name", "data.root", "data.num_workers", "data.cache", "train.epochs", "train.device",
-                  "train.eval_every", "train.checkpoint_every", "train.early_stop_decays", "train.early_stop_patience", "train.max_nonfinite",
-                  "train.tensorboard", "train.tensorboard_images", "eval.backend", "eval.bootstrap",
-                  "eval.bootstrap_seed")
+                  "train.eval_every", "train.checkpoint_every", "train.early_stop_decays", "train.early_stop_patience",
+                  "train.max_nonfinite", "train.tensorboard", "train.tensorboard_images", "eval.backend",
+                  "eval.bootstrap", "eval.bootstrap_seed")
 """The config keys a resumed run may change (more epochs, the data moved, another device); any
 other change (the optimiser, the learning rate, the model, the split, the augmentation) would
 make the checkpoint's state or the epochs before it mean something else."""

@@ -29,28 +29,18 @@ if TYPE_CHECKING:  # torch-free face: for type checkers only, the torch parts lo
     from .dataset import CellDataset, TestImageDataset, collate, image_to_tensor  # torch-free face: as above
     from .transforms import build_train_transforms  # torch-free face: as above
 
-_TORCH_PARTS = {
-    "dataset": ("CellDataset", "TestImageDataset", "collate", "image_to_tensor"),
-    "copy_paste": ("CopyPaste", "InstanceBank", "build_copy_paste"),
-    "transforms": ("build_train_transforms",),
-}
-
 
 def __getattr__(name: str) -> Any:
     """The torch parts of the face, loaded on first use (PEP 562)."""
-    if name in _TORCH_PARTS["dataset"]:
-        from . import dataset  # torch-free face: torch loads with the first torch part asked for
-
-        return getattr(dataset, name)
-    if name in _TORCH_PARTS["copy_paste"]:
-        from . import copy_paste  # torch-free face: as above
-
-        return getattr(copy_paste, name)
-    if name in _TORCH_PARTS["transforms"]:
-        from . import transforms  # torch-free face: as above
-
-        return getattr(transforms, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name in ("CellDataset", "TestImageDataset", "collate", "image_to_tensor"):
+        from . import dataset as module  # torch-free face: torch loads with the first torch part asked for
+    elif name in ("CopyPaste", "InstanceBank", "build_copy_paste"):
+        from . import copy_paste as module  # torch-free face: as above
+    elif name == "build_train_transforms":
+        from . import transforms as module  # torch-free face: as above
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(module, name)
 
 
 def resolve_root(cfg: DataConfig, progress: bool = True) -> Path:

@@ -217,6 +217,8 @@ class CheckpointHook(Hook):
     def __init__(self, metric: str = "val_ap50", mode: str = "max", every: int | None = None) -> None:
         if mode not in ("max", "min"):
             raise ConfigError(f"checkpoint mode must be 'max' or 'min', got {mode!r}")
+        if every is not None and every < 1:
+            raise ConfigError(f"checkpoint every must be at least 1 epoch, got {every}")
         self.metric, self.mode, self.every = metric, mode, every
         self.best: float | None = None
         self.best_epoch: int | None = None
