@@ -196,6 +196,28 @@ def test_last_checkpoint_every_n_epochs_at_the_end_and_when_stopped(tmp_path: Pa
 
 
 @pytest.mark.slow
+def test_channels_last_training_runs_its_convolutions_in_channels_last(tmp_path: Path) -> None:
+    # train.channels_last crashed on the first step ("required rank 4 tensor to use channels_last
+    # format": it converted each (3, H, W) image); now the weights carry the layout, the first
+    # convolution answers in it, and the step's losses are the contiguous run's
+    _, cfg = tiny_config(tmp_path, **{"train.epochs": 1, "train.iters_per_epoch": 1, "train.eval_every": 0})
+    losses, layouts = {}, []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        trainer = Trainer(cfg.replace({"train.channels_last": channels_last}), None, progress=False)
+        conv = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+        seen = conv.register_forward_hook(
+            lambda m, i, out: layouts.append(out.is_contiguous(memory_format=torch.channels_last)))
+        summary = trainer.fit()
+        seen.remove()
+        losses[channels_last] = {k: v for k, v in trainer.history[0].items() if k.startswith("loss")}
+        assert summary["epochs_run"] == 1
+    assert layouts == [False, True]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+
+
+@pytest.mark.slow
 def test_user_datasets_from_a_notebook(tmp_path: Path) -> None:
     # any torch Dataset of (image, target) pairs trains and validates; the validation ground truth
     # comes from its targets and equals the one built from the label maps

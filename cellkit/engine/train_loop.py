@@ -413,9 +413,10 @@ class Trainer:
         return metrics
 
     def _forward(self, images: list[torch.Tensor], targets: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        # train.channels_last needs nothing here: the images are (3, H, W), which have no
+        # channels_last layout, and the model batches them into a new tensor anyway; the weights'
+        # layout (set in __init__) makes the convolutions run and answer in channels_last
         images = [im.to(self.device, non_blocking=True) for im in images]
-        if self.cfg.train.channels_last:
-            images = [im.contiguous(memory_format=torch.channels_last) for im in images]
         targets = [{k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
                    for t in targets]
         with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype or torch.float32,
