@@ -332,8 +332,9 @@ class TrainConfig:
     eval_every: AtLeast0 = 1
     """Validate every this many epochs and after the last one (0: never validate)."""
     checkpoint_every: AtLeast1 = 1
-    """Write ``checkpoints/last.pth`` (what ``--resume`` continues from) every this many epochs and
-    after the last one; a run killed in between loses at most this many epochs."""
+    """Write ``checkpoints/last.pth`` (what ``--resume`` continues from) every this many epochs,
+    after the last one and when the run stops early; a run killed in between loses at most this
+    many epochs."""
     hooks: tuple[str, ...] = ()
     """Extra trainer hooks as import paths ``module:Class`` (appended to the defaults; see ``cellkit.engine.hooks``)."""
     ema_decay: Annotated[float, Range(0.0, 1.0, hi_open=True)] | None = None
