@@ -19,18 +19,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import roifile
+import scipy.ndimage as ndi
 import shapely
 import tifffile
-import torch
 import tqdm.auto
-from conftest import TINY, threads_as
+from conftest import TINY
 from matplotlib.path import Path as MplPath
 
 from cellkit.cli import main
 from cellkit.config import load_config
 from cellkit.data import CellDataset, load_sample, read_image, scan_train
 from cellkit.data.intensity import Intensity
-from cellkit.data.synth import synth_image
+from cellkit.data.synth import synth_image, write_synthetic
 from cellkit.engine.defaults import train
 from cellkit.errors import ConfigError, DataError
 from cellkit.inference import segment as segment_mod
@@ -359,34 +359,41 @@ def test_kill_9_mid_write_leaves_whole_folders_only(tiny_run: Path, tmp_path: Pa
 # tiles
 
 
+SEAM_EPOCHS = 50
+
+
 @pytest.fixture(scope="module")
-def trained_run(synth_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny ResNet-18 trained for 240 steps on the synthetic cells (80 epochs of the 3 batches
-    of its 6 training images; validation AP50 about 0.6): confident enough on cells that tiled and
-    untiled predictions can be compared cell by cell. Fewer steps, or the same steps in longer
-    epochs of more images, leave too few confident cells (docs/benchmarks.md, "The test suite")."""
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ResNet-18 trained for 150 steps (50 epochs of the 3 batches of 6 training images of
+    one class: no score is split between classes): validation AP50 0.4-0.7 depending on the draw
+    (the thread count, the CPU), enough cells on every seam. The seam test compares it with itself
+    (tiled against untiled) and with the ground truth, so it asks nothing of that draw."""
+    data = write_synthetic(tmp_path_factory.mktemp("synth-one-class"), n_train=8, n_test=3, seed=3, max_size=192,
+                           progress=False, n_classes=1)
     run = tmp_path_factory.mktemp("trained") / "run"
-    torch.manual_seed(0)
-    # 2 threads whatever the suite runs on: the model differs in its last digits with the
-    # thread count, and the one trained on 1 thread matches only 70 % of the cells at IoU 0.95
-    with threads_as(2):
-        train(load_config(None, {**TINY, "data.root": str(synth_root), "train.epochs": 80,
-                                 "train.iters_per_epoch": 10, "train.lr": 2e-3, "data.augment.crop_size": 128,
-                                 "train.eval_every": 80, "train.checkpoint_every": 80}),
-              run, progress=False)
+    train(load_config(None, {**TINY, "data.root": str(data), "train.epochs": SEAM_EPOCHS, "train.iters_per_epoch": 10,
+                             "train.lr": 2e-3, "data.augment.crop_size": 128, "train.eval_every": SEAM_EPOCHS,
+                             "train.checkpoint_every": SEAM_EPOCHS}), run, progress=False)
     return run
 
 
-SEAM_H, SEAM_W, TILE, OVERLAP = 800, 4000, 480, 160  # tile starts every 320 px: a multiple of the stride 32
+SEAM_H, SEAM_W, TILE, OVERLAP = 800, 2080, 480, 160  # tile starts every 320 px: a multiple of the stride 32
 
 
 @pytest.mark.slow
 def test_tiles_give_the_untiled_cells_on_every_seam(trained_run: Path) -> None:
-    """A 4000 px image in 24 tiles (11 vertical seams, 1 horizontal): the confident cells (score
-    >= 0.5) of the untiled prediction come out of the tiled one with mask IoU >= 0.95 (at least
-    90 %, those crossing a seam too; the rest differ by the context a tile border takes away,
-    0.3-0.95), and every seam cell is found whole."""
-    image = synth_image(np.random.default_rng(5), SEAM_H, SEAM_W, density=1 / 500)[0][..., :3]
+    """A 2080 px image in 12 tiles (5 vertical seams, 1 horizontal), predicted tiled and untiled:
+
+    - the tiles lie on the network's grid: most confident cells (score >= 0.5) of the untiled
+      prediction come out of the tiles the same (median mask IoU >= 0.95; at least half with IoU
+      >= 0.95, 73-91 % over seven draws of the model, and 40 % of those on a seam, 56-100 %;
+      tiles off the grid: median 0.88, 13 % and 7 %);
+    - against the ground truth (mask IoU >= 0.5) the tiles find as many cells as the whole image,
+      on the seams too, and lose at most 3 % of the cells it finds (0.2-2.3 % over the draws:
+      the context a tile border takes away). A seam cell found only cut in two would be lost.
+    """
+    image, owner, _ = synth_image(np.random.default_rng(5), SEAM_H, SEAM_W, density=1 / 500, n_classes=1)
+    image = image[..., :3]
     ckpt = trained_run / "checkpoints" / "best.pth"
     # budgets that do not cap either run: 4000 proposals on the whole image, 1000 per 480 px tile
     whole_budget = ["model.box_detections_per_img=2000", "model.rpn_pre_nms_top_n_test=4000",
@@ -399,23 +406,28 @@ def test_tiles_give_the_untiled_cells_on_every_seam(trained_run: Path) -> None:
                                              f"predict.tile_overlap={OVERLAP}", "predict.tile_above=500"])
     a, n_a = predict_cells(m1, image, whole, progress=False)
     b, n_b = predict_cells(m2, image, tiled, progress=False)
-    assert (n_a, n_b) == (1, 24)
+    assert (n_a, n_b) == (1, 12) and len(a) < 2000
     tiles = tile_grid(SEAM_H, SEAM_W, TILE, OVERLAP)
     seams_x = sorted({t.core[3] for t in tiles})[:-1]
     seams_y = sorted({t.core[2] for t in tiles})[:-1]
-    assert (len(seams_x), len(seams_y)) == (11, 1)
+    assert (len(seams_x), len(seams_y)) == (5, 1)
 
-    def seams(c: MaskRegion) -> list[float]:
-        x0, y0, x1, y1 = c.box
+    def seams(box: tuple[float, float, float, float]) -> list[float]:
+        x0, y0, x1, y1 = box
         return [s for s in seams_x if x0 < s < x1] + [-s for s in seams_y if y0 < s < y1]
 
-    confident = [c for c in a if c.score >= 0.5]
     rle = lambda cs: [encode_region(c.mask, c.top, c.left, SEAM_H, SEAM_W) for c in cs]  # noqa: E731
-    iou = mask_iou(rle(confident), rle(b))
-    best = iou.max(1)
-    crossing = [i for i, c in enumerate(confident) if seams(c)]
-    covered = {s for i in crossing for s in seams(confident[i])}
-    assert len(covered) == 12 and len(crossing) >= 30  # cells on every seam
-    assert (best >= 0.95).mean() >= 0.9
-    assert (best[crossing] >= 0.95).mean() >= 0.9
-    assert (best[crossing] > 0.5).all()  # no seam cell is only found cut in two (a half has IoU <= 0.5)
+    confident = [c for c in a if c.score >= 0.5]
+    best = mask_iou(rle(confident), rle(b)).max(1)
+    crossing = [i for i, c in enumerate(confident) if seams(c.box)]
+    assert len({s for i in crossing for s in seams(confident[i].box)}) == 6 and len(crossing) >= 20  # cells on every seam
+    assert np.median(best) >= 0.95 and (best >= 0.95).mean() >= 0.5 and (best[crossing] >= 0.95).mean() >= 0.4
+
+    cells = [MaskRegion(owner[sl] == i + 1, sl[0].start, sl[1].start, 1) for i, sl in enumerate(ndi.find_objects(owner)) if sl]
+    truth = rle(cells)
+    on_seam = np.array([bool(seams(c.box)) for c in cells])
+    found = {name: mask_iou(truth, rle(cs)).max(1) >= 0.5 for name, cs in (("whole", a), ("tiled", b))}
+    assert on_seam.sum() >= 50 and found["whole"][on_seam].sum() >= 20
+    assert found["tiled"].mean() >= found["whole"].mean()
+    assert found["tiled"][on_seam].mean() >= found["whole"][on_seam].mean()
+    assert (found["whole"] & ~found["tiled"]).sum() <= 0.03 * found["whole"].sum()

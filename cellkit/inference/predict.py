@@ -359,7 +359,7 @@ def detect(models: Models, images: Sequence[Tensor], cfg: PredictConfig,
 
     Images are run ``cfg.batch_size`` at a time. Large images (longer side above
     ``cfg.tile_above``) are cut into the tiles of :func:`image_tiles` (views of the image, no
-    copy), run ``cfg.tile_batch`` at a time; their detections carry ``tile``/``edge`` for
+    copy), run ``cfg.tile_batch`` at a time; their detections carry ``tile``/``fringe`` for
     :func:`finalize`'s cross-tile duplicate removal.
 
     Args:

@@ -2,14 +2,17 @@
 
 An image whose longer side exceeds ``tile_above`` is cut into ``tile_size`` tiles that overlap by
 at least ``tile_overlap`` pixels. The tiles' *cores* partition the image: along each axis the
-boundary between two neighbouring cores is the middle of their overlap. A detection is kept only
-from the tile whose core holds its box centre. A cell no larger than the overlap therefore
-survives exactly once, from a tile that holds it whole (its centre is at most half the overlap
-from the core boundary, so it ends inside the tile), while the cut-off part of it that a
-neighbouring tile sees has its box centre on that tile's far side of the boundary. What remains
-(boxes that model noise pushes over the boundary, cells somewhat larger than the overlap) is
-caught by a cross-tile duplicate removal on the masks (intersection over the smaller mask), which
-prefers detections that do not touch an inner tile border. The overlap should exceed the largest
+boundary between two neighbouring cores is the middle of their overlap. A tile keeps the
+detections whose box centre lies in its core, or within a few pixels of it (``slack``). A cell no
+larger than the overlap therefore survives, from a tile that holds it whole (its centre is at most
+half the overlap from the core boundary, so it ends inside the tile), while the cut-off part of it
+that a neighbouring tile sees has its box centre on that tile's far side of the boundary. The
+slack is there for a cell on the boundary: each tile sees it with its own context, so the two
+boxes differ by a pixel or two, and each centre can fall on the other tile's side; kept by
+neither core, the cell would be lost. What is kept twice (such cells, boxes that model noise
+pushes over the boundary, cells somewhat larger than the overlap) is caught by a cross-tile
+duplicate removal on the masks (intersection over the smaller mask), which prefers a tile's first
+choices: detections whose centre is in its core and that do not touch an inner tile border. The overlap should exceed the largest
 cell (``predict.tile_overlap: auto`` takes the largest cell the model was trained on,
 ``model.max_cell_diameter``): a cell much larger than the overlap is seen only in parts.
 
@@ -132,26 +135,34 @@ def needs_tiling(height: int, width: int, tile_size: int | None, tile_above: int
     return tile_size is not None and max(height, width) > tile_above
 
 
-def place_tile(det: Detections, tile: Tile, index: int, margin: float = 2.0) -> Detections:
+def place_tile(det: Detections, tile: Tile, index: int, margin: float = 2.0, slack: float = 8.0) -> Detections:
     """Map one tile's detections into image coordinates and keep those whose box centre lies in
-    the tile's core (non-finite ones pass, to be counted later); marks each with its tile ``index`` and whether it touches an inner border.
+    the tile's core or within ``slack`` px of it (non-finite ones pass, to be counted later);
+    marks each with its tile ``index`` and ``fringe``: its box touches an inner border, or its
+    centre lies outside the core proper (second choices for :func:`dedupe_tiles`).
 
     Args:
         det: detections in tile pixels (boxes ``(N, 4)`` xyxy).
         margin: a box edge within this many pixels of an inner tile border "touches" it.
+        slack: px beyond the core (on its inner sides) where a box centre still counts: a cell on
+            a core boundary, boxed a pixel or two apart by the two tiles, is then kept by both
+            (and deduplicated) rather than by neither.
     """
     b = det.boxes
     top, left, bottom, right = tile.inner
-    edge = torch.zeros(len(det), dtype=torch.bool)
-    edge |= torch.as_tensor(top) & (b[:, 1] <= margin)
-    edge |= torch.as_tensor(left) & (b[:, 0] <= margin)
-    edge |= torch.as_tensor(bottom) & (b[:, 3] >= tile.height - margin)
-    edge |= torch.as_tensor(right) & (b[:, 2] >= tile.width - margin)
+    fringe = torch.zeros(len(det), dtype=torch.bool)
+    fringe |= torch.as_tensor(top) & (b[:, 1] <= margin)
+    fringe |= torch.as_tensor(left) & (b[:, 0] <= margin)
+    fringe |= torch.as_tensor(bottom) & (b[:, 3] >= tile.height - margin)
+    fringe |= torch.as_tensor(right) & (b[:, 2] >= tile.width - margin)
     boxes = b + torch.tensor([tile.x0, tile.y0, tile.x0, tile.y0], dtype=b.dtype)
     cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
     cy0, cx0, cy1, cx1 = tile.core
-    keep = (cx >= cx0) & (cx < cx1) & (cy >= cy0) & (cy < cy1)
-    placed = det.replace(boxes=boxes, tile=torch.full((len(det),), index, dtype=torch.int64), edge=edge)
+    in_core = (cx >= cx0) & (cx < cx1) & (cy >= cy0) & (cy < cy1)
+    sy0, sx0, sy1, sx1 = (slack * s for s in tile.inner)  # the image's own borders get none
+    keep = (cx >= cx0 - sx0) & (cx < cx1 + sx1) & (cy >= cy0 - sy0) & (cy < cy1 + sy1)
+    placed = det.replace(boxes=boxes, tile=torch.full((len(det),), index, dtype=torch.int64),
+                         fringe=fringe | ~in_core)
     keep |= ~placed.finite()  # passed on, to be dropped and counted with the others
     return placed[keep]
 
@@ -161,11 +172,11 @@ def dedupe_tiles(det: Detections, rles: Sequence[RLE], overlap_thresh: float = 0
 
     Between detections of *different* tiles (class-agnostic: a cell cut by a border may be
     classified differently in each tile), the one ranked lower is dropped when the two masks
-    overlap by more than ``overlap_thresh`` of the smaller one. Rank: detections that do not touch
-    an inner tile border first, then by score.
+    overlap by more than ``overlap_thresh`` of the smaller one. Rank: a tile's first choices (not
+    ``fringe``: centre in its core, not touching an inner tile border) first, then by score.
 
     Args:
-        det: placed detections with ``tile`` and ``edge`` set, N of them.
+        det: placed detections with ``tile`` and ``fringe`` set, N of them.
         rles: their N masks in image coordinates.
 
     Returns:
@@ -173,7 +184,7 @@ def dedupe_tiles(det: Detections, rles: Sequence[RLE], overlap_thresh: float = 0
     """
     if det.tile is None or len(det) == 0 or int(det.tile.unique().numel()) < 2:
         return torch.arange(len(det))
-    priority = det.edge.long() if det.edge is not None else None
+    priority = det.fringe.long() if det.fringe is not None else None
     keep = mask_nms(rles, det.scores, overlap_thresh, labels=None, groups=det.tile, overlap="iomin",
                     priority=priority)
     return keep.sort().values

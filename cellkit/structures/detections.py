@@ -23,7 +23,8 @@ class Detections:
         scores: ``(N,)`` float32.
         masks: ``(N, 1, M, M)`` float32 mask probabilities relative to each box (M = 28 or 56).
         tile: ``(N,)`` int64 tile each detection came from (sliding-window inference), or None.
-        edge: ``(N,)`` bool, True where the box touches an inner tile border, or None.
+        fringe: ``(N,)`` bool, True for a tile's second choices (sliding-window inference): the box
+            touches an inner tile border, or its centre lies just outside the tile's core; or None.
         image_id: COCO id of the image (0 when unknown).
         image_size: ``(height, width)`` of the image the boxes refer to ((0, 0) when unknown).
         geometry: how the masks map onto their boxes, the mask geometry of the model that made
@@ -40,7 +41,7 @@ class Detections:
     scores: Tensor
     masks: Tensor
     tile: Tensor | None = None
-    edge: Tensor | None = None
+    fringe: Tensor | None = None
     image_id: int = 0
     image_size: tuple[int, int] = (0, 0)
     geometry: str = "exact"
@@ -69,7 +70,7 @@ class Detections:
 
     def _tensors(self) -> dict[str, Tensor | None]:
         return {"boxes": self.boxes, "labels": self.labels, "scores": self.scores, "masks": self.masks,
-                "tile": self.tile, "edge": self.edge}
+                "tile": self.tile, "fringe": self.fringe}
 
     @classmethod
     def empty(cls, mask_size: int = 28, image_id: int = 0, image_size: tuple[int, int] = (0, 0),
@@ -102,9 +103,9 @@ class Detections:
         size = max(p.mask_size for p in parts)
         masks = [p.masks if p.mask_size == size else resize_masks(p.masks, size) for p in parts]
         tile = None if any(p.tile is None for p in parts) else torch.cat([p.tile for p in parts])  # type: ignore[misc]
-        edge = None if any(p.edge is None for p in parts) else torch.cat([p.edge for p in parts])  # type: ignore[misc]
+        fringe = None if any(p.fringe is None for p in parts) else torch.cat([p.fringe for p in parts])  # type: ignore[misc]
         return cls(torch.cat([p.boxes for p in parts]), torch.cat([p.labels for p in parts]),
-                   torch.cat([p.scores for p in parts]), torch.cat(masks), tile, edge, first.image_id, first.image_size,
+                   torch.cat([p.scores for p in parts]), torch.cat(masks), tile, fringe, first.image_id, first.image_size,
                    first.geometry)
 
     def finite(self) -> Tensor:
