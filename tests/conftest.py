@@ -41,8 +41,8 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("MPLBACKEND", "Agg")
 
 
-LONGEST_FIRST = ("test_segment.py", "test_trainer.py", "test_benchmarks.py", "test_ablation.py", "test_reliability.py",
-                 "test_notebooks.py", "test_predict.py", "test_models.py", "test_browser.py")
+LONGEST_FIRST = ("test_trainer.py", "test_benchmarks.py", "test_ablation.py", "test_notebooks.py", "test_segment.py",
+                 "test_reliability.py", "test_predict.py", "test_models.py", "test_browser.py")
 """The test files that take longest under ``make test``, longest first (docs/benchmarks.md, "The
 test suite"): they run before all others."""
 

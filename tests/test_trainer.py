@@ -34,7 +34,8 @@ TINY: dict[str, Any] = {
              "augment": {"crop_size": 96}},
     "model": {"backbone": "resnet18", "num_classes": 4, "resize_mode": "fixed_scale", "rpn_pre_nms_top_n_train": 300,
               "rpn_post_nms_top_n_train": 150, "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 150,
-              "box_batch_size_per_image": 64, "box_detections_per_img": 100},
+              "box_batch_size_per_image": 64, "box_detections_per_img": 100,
+              "fpn_channels": 64, "box_head_dim": 256, "mask_head_channels": 64},  # conftest's narrow heads
     "train": {"epochs": 2, "batch_size": 2, "iters_per_epoch": 2, "lr": 5e-4},
 }
 
