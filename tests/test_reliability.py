@@ -50,13 +50,14 @@ from cellkit.runs import RunDirLock, claim_run_dir
 from cellkit.structures.rle import rle_decodes, rle_run_lengths
 
 REPO = Path(__file__).resolve().parents[1]
+NARROW_HEADS = {"model.fpn_channels": 64, "model.box_head_dim": 256, "model.mask_head_channels": 64}  # conftest's
 SMALL_MODEL = {"model.backbone": "resnet18", "model.num_classes": 4, "model.min_size": 128, "model.max_size": 160,
-               "model.box_detections_per_img": 20, "model.rpn_post_nms_top_n_test": 100}
+               "model.box_detections_per_img": 20, "model.rpn_post_nms_top_n_test": 100, **NARROW_HEADS}
 TINY_TRAIN = ["--set", "model.backbone=resnet18", "--set", "model.resize_mode=fixed_scale",
               "--set", "model.rpn_pre_nms_top_n_train=200", "--set", "model.rpn_post_nms_top_n_train=100",
               "--set", "model.box_batch_size_per_image=32", "--set", "model.box_detections_per_img=50",
               "--set", "train.epochs=1", "--set", "train.iters_per_epoch=1", "--set", "data.augment.crop_size=96",
-              "--no-progress"]
+              *(a for k, v in NARROW_HEADS.items() for a in ("--set", f"{k}={v}")), "--no-progress"]
 
 
 def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
