@@ -94,6 +94,8 @@ def main() -> int:
     ap.add_argument("cmd", nargs=argparse.REMAINDER, help="-- the command to run")
     args = ap.parse_args()
     cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if args.readings < 1:
+        ap.error(f"--readings must be at least 1, not {args.readings}")
     if not cmd:
         ap.error("give the command after --")
     folder, kind = make_cgroup(args.cgroup)
@@ -103,7 +105,7 @@ def main() -> int:
         folder.rmdir()
         raise
     try:
-        return run_slowed(folder, kind, home, args.gflops, args.matmul_size, cmd, max(1, args.readings))
+        return run_slowed(folder, kind, home, args.gflops, args.matmul_size, cmd, args.readings)
     finally:
         try:  # back where this process started, and the cgroup goes (unless the command left a process in it)
             (home / "cgroup.procs").write_text(str(os.getpid()))

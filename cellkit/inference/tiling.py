@@ -12,9 +12,10 @@ boxes differ by a pixel or two, and each centre can fall on the other tile's sid
 neither core, the cell would be lost. What is kept twice (such cells, boxes that model noise
 pushes over the boundary, cells somewhat larger than the overlap) is caught by a cross-tile
 duplicate removal on the masks (intersection over the smaller mask), which prefers a tile's first
-choices: detections whose centre is in its core and that do not touch an inner tile border. The overlap should exceed the largest
-cell (``predict.tile_overlap: auto`` takes the largest cell the model was trained on,
-``model.max_cell_diameter``): a cell much larger than the overlap is seen only in parts.
+choices: detections whose centre is in its core and that do not touch an inner tile border. The
+overlap should exceed the largest cell (``predict.tile_overlap: auto`` takes the largest cell the
+model was trained on, ``model.max_cell_diameter``): a cell much larger than the overlap is seen
+only in parts.
 
 How many tiles: tiles of at most ``tile_size`` px whose neighbours overlap by the overlap. For a
 model whose input scale does not depend on the tile (``fixed_scale``), the tiles start at

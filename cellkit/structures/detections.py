@@ -103,10 +103,11 @@ class Detections:
         size = max(p.mask_size for p in parts)
         masks = [p.masks if p.mask_size == size else resize_masks(p.masks, size) for p in parts]
         tile = None if any(p.tile is None for p in parts) else torch.cat([p.tile for p in parts])  # type: ignore[misc]
-        fringe = None if any(p.fringe is None for p in parts) else torch.cat([p.fringe for p in parts])  # type: ignore[misc]
+        fringe = (None if any(p.fringe is None for p in parts)
+                  else torch.cat([p.fringe for p in parts]))  # type: ignore[misc]
         return cls(torch.cat([p.boxes for p in parts]), torch.cat([p.labels for p in parts]),
-                   torch.cat([p.scores for p in parts]), torch.cat(masks), tile, fringe, first.image_id, first.image_size,
-                   first.geometry)
+                   torch.cat([p.scores for p in parts]), torch.cat(masks), tile, fringe, first.image_id,
+                   first.image_size, first.geometry)
 
     def finite(self) -> Tensor:
         """``(N,)`` bool: detections whose 4 box coordinates and score are all finite."""
