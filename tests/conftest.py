@@ -93,6 +93,10 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_synthetic(tmp_path_factory.mktemp("synth"), n_train=8, n_test=3, seed=3, max_size=192, progress=False)
 
 
+NARROW_HEADS: dict[str, Any] = {"model.fpn_channels": 64, "model.box_head_dim": 256, "model.mask_head_channels": 64}
+"""Narrow FPN, box and mask heads: most of a tiny model's step and checkpoint are torchvision's
+default heads (256 channels, 1024 wide), which tests of the loop, the grid or the files never need."""
+
 TINY: dict[str, Any] = {
     # ResNet-18 from scratch with narrow heads and small RPN/RoI budgets on 96 px crops: a training
     # step of a few GFLOP (the mask head's cost grows with the RoIs it sees)
@@ -100,7 +104,7 @@ TINY: dict[str, Any] = {
     "model.rpn_pre_nms_top_n_train": 200, "model.rpn_post_nms_top_n_train": 100,
     "model.rpn_pre_nms_top_n_test": 100, "model.rpn_post_nms_top_n_test": 50,
     "model.box_batch_size_per_image": 32, "model.rpn_batch_size_per_image": 64, "model.box_detections_per_img": 100,
-    "model.fpn_channels": 64, "model.box_head_dim": 256, "model.mask_head_channels": 64,
+    **NARROW_HEADS,
     "data.val_fraction": 0.25, "data.augment.crop_size": 96,
     "train.epochs": 1, "train.batch_size": 2, "train.iters_per_epoch": 2, "train.lr": 5e-4,
     "train.tensorboard": False, "train.tensorboard_images": 0,

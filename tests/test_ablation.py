@@ -15,6 +15,7 @@ import nbformat
 import psutil
 import pytest
 import yaml
+from conftest import NARROW_HEADS
 from tb_helpers import assert_tensorboard_equals_history
 
 from cellkit.cli import main
@@ -43,7 +44,7 @@ TINY = {
     "train.epochs": 1, "train.iters_per_epoch": 1, "train.batch_size": 1, "data.synth_train": 6,
     "data.synth_test": 1, "data.synth_max_size": 128, "data.augment.crop_size": 96,
     "model.rpn_pre_nms_top_n_test": 200, "model.rpn_post_nms_top_n_test": 100, "model.box_detections_per_img": 100,
-    "model.fpn_channels": 64, "model.box_head_dim": 256, "model.mask_head_channels": 64,  # conftest's narrow heads
+    **NARROW_HEADS,
 }
 
 STANDIN_PARAMETERS = '''config = "demo"

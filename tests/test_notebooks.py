@@ -14,6 +14,7 @@ import papermill as pm
 import pytest
 import roifile
 import tifffile
+from conftest import NARROW_HEADS
 
 from cellkit.data import load_sample, resolve_root, scan_train
 from cellkit.data.synth import synth_image
@@ -26,9 +27,6 @@ NAMES = ["01_data_inspection", "02_training", "03_ablation", "04_error_analysis"
 TINY = {"data.synth_train": 6, "data.synth_test": 1, "data.synth_max_size": 128, "data.augment.crop_size": 96,
         "train.epochs": 1, "train.iters_per_epoch": 1, "train.batch_size": 2, "model.rpn_pre_nms_top_n_test": 200,
         "model.rpn_post_nms_top_n_test": 100, "model.box_detections_per_img": 100}
-# conftest's narrow heads, for the grid's runs (the error analysis needs the demo's heads: after one
-# step they find a few cells, which its oracles need; the narrow ones find none)
-NARROW_HEADS = {"model.fpn_channels": 64, "model.box_head_dim": 256, "model.mask_head_channels": 64}
 
 
 def execute(name: str, out: Path, **parameters: Any) -> nbformat.NotebookNode:
@@ -107,6 +105,8 @@ def test_error_analysis(trained_run: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_ablation_grid(tmp_path: Path) -> None:
+    # narrow heads for the grid's runs; not for trained_run: the error analysis's oracles need the few
+    # cells the demo's heads find after one step, and the narrow ones find none
     grid = {"name": "nb", "config": "demo", "overrides": {**TINY, **NARROW_HEADS},
             "grid": {"train.scheduler": ["constant", "cosine"]}}
     nb = execute("03_ablation", tmp_path, grid=grid, out_dir=str(tmp_path / "grid"), cluster="local:2", interactive=False,

@@ -39,6 +39,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from conftest import NARROW_HEADS
 from pycocotools import mask as mask_utils
 
 import cellkit
@@ -50,7 +51,6 @@ from cellkit.runs import RunDirLock, claim_run_dir
 from cellkit.structures.rle import rle_decodes, rle_run_lengths
 
 REPO = Path(__file__).resolve().parents[1]
-NARROW_HEADS = {"model.fpn_channels": 64, "model.box_head_dim": 256, "model.mask_head_channels": 64}  # conftest's
 SMALL_MODEL = {"model.backbone": "resnet18", "model.num_classes": 4, "model.min_size": 128, "model.max_size": 160,
                "model.box_detections_per_img": 20, "model.rpn_post_nms_top_n_test": 100, **NARROW_HEADS}
 TINY_TRAIN = ["--set", "model.backbone=resnet18", "--set", "model.resize_mode=fixed_scale",

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import NARROW_HEADS
 from tb_helpers import assert_tensorboard_equals_history, event_images, event_text
 from torch.utils.data import DataLoader
 
@@ -35,7 +36,7 @@ TINY: dict[str, Any] = {
     "model": {"backbone": "resnet18", "num_classes": 4, "resize_mode": "fixed_scale", "rpn_pre_nms_top_n_train": 300,
               "rpn_post_nms_top_n_train": 150, "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 150,
               "box_batch_size_per_image": 64, "box_detections_per_img": 100,
-              "fpn_channels": 64, "box_head_dim": 256, "mask_head_channels": 64},  # conftest's narrow heads
+              **{k.removeprefix("model."): v for k, v in NARROW_HEADS.items()}},
     "train": {"epochs": 2, "batch_size": 2, "iters_per_epoch": 2, "lr": 5e-4},
 }
 
