@@ -1,10 +1,12 @@
 """Trainer throughput against a bare training loop over the same model and batches, and a GPU sweep.
 
 Default (CPU): the bare loop is ``model(images, targets) -> sum(losses).backward() ->
-optimizer.step()``; the Trainer adds loss bookkeeping, the non-finite check, the progress bar and
-the schedule. Both see the same precomputed batches (synthetic crops) in the same order,
-interleaved, best of ``--repeats``. Target on CPU: the Trainer keeps >= 95 % of the bare loop's
-images/s.
+optimizer.step()``, with the Trainer's optimiser (:func:`cellkit.engine.schedule.build_optimizer`:
+the fused step on CPU and CUDA); the Trainer adds loss bookkeeping, the non-finite check, the
+progress bar and the schedule. Both see the same precomputed batches (synthetic crops) in the same
+order, interleaved, best of ``--repeats``. Target on CPU: the Trainer keeps >= 95 % of the bare
+loop's images/s. The AdamW step alone over the model's trainable parameters is timed apart, torch's
+per-tensor loop against the fused step (``optimizer_step_ms``, best of ``--repeats`` x 5 steps).
 
     python benchmarks/train_throughput.py [--backbone resnet18] [--iters 12] [--batch 4] [--size 256]
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import json
 import sys
@@ -27,7 +30,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import cellkit
+from cellkit.config import TrainConfig
 from cellkit.data import collate
+from cellkit.engine.schedule import build_optimizer
 from cellkit.engine.train_loop import Trainer, peak_memory_mb
 
 
@@ -44,8 +49,8 @@ class Frozen(Dataset):
         return self.items[i]
 
 
-def bare_loop(model: torch.nn.Module, loader: DataLoader, lr: float) -> float:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+def bare_loop(model: torch.nn.Module, loader: DataLoader, train_cfg: TrainConfig) -> float:
+    opt = build_optimizer([p for p in model.parameters() if p.requires_grad], train_cfg)
     model.train()
     n = 0
     t0 = time.perf_counter()
@@ -57,6 +62,29 @@ def bare_loop(model: torch.nn.Module, loader: DataLoader, lr: float) -> float:
         opt.step()
         n += len(images)
     return n / (time.perf_counter() - t0)
+
+
+def optimizer_step_ms(model: torch.nn.Module, train_cfg: TrainConfig, repeats: int) -> dict[str, float]:
+    """Milliseconds of one AdamW step over ``model``'s trainable parameters with random gradients,
+    best of ``repeats`` x 5 steps: torch's per-tensor loop against the fused step. The parameters
+    move; the caller restores them."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    out = {}
+    for name, fused in (("per_tensor", None), ("fused", True)):
+        opt = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, fused=fused)
+        opt.step()  # warm-up: the first step allocates the moments
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(5):
+                opt.step()
+            best = min(best, (time.perf_counter() - t0) / 5)
+        out[name] = 1e3 * best
+    for p in params:
+        p.grad = None
+    return out
 
 
 def make_trainer(args: argparse.Namespace, size: int, batch: int, **extra: object) -> tuple[Trainer, DataLoader]:
@@ -79,12 +107,14 @@ def make_trainer(args: argparse.Namespace, size: int, batch: int, **extra: objec
 def compare_with_bare_loop(args: argparse.Namespace) -> dict:
     trainer, loader = make_trainer(args, args.size, args.batch)
     state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    step_ms = optimizer_step_ms(trainer.model, trainer.cfg.train, args.repeats)
+    trainer.model.load_state_dict(state)
     warm = DataLoader(Frozen(list(loader.dataset)[: 2 * args.batch]), batch_size=args.batch, collate_fn=collate)
-    bare_loop(trainer.model, warm, 1e-4)
+    bare_loop(trainer.model, warm, dataclasses.replace(trainer.cfg.train, lr=1e-4))
     results: dict[str, list[float]] = {"bare": [], "trainer": []}
     for _ in range(args.repeats):  # interleaved, so drifts in machine load hit both alike
         trainer.model.load_state_dict(state)
-        results["bare"].append(bare_loop(trainer.model, loader, trainer.cfg.train.lr))
+        results["bare"].append(bare_loop(trainer.model, loader, trainer.cfg.train))
         trainer.model.load_state_dict(state)
         results["trainer"].append(trainer.train_one_epoch(0)["images_per_s"])
     best = {k: max(v) for k, v in results.items()}
@@ -94,6 +124,7 @@ def compare_with_bare_loop(args: argparse.Namespace) -> dict:
         "threads": torch.get_num_threads(), "device": str(trainer.device),
         "bare_images_per_s": best["bare"], "trainer_images_per_s": best["trainer"],
         "ratio": best["trainer"] / best["bare"], "runs": results, f"peak_mem_mb_{kind}": mem,
+        "optimizer_step_ms": step_ms,
     }
 
 

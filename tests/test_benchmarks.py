@@ -96,6 +96,7 @@ def test_train_throughput_smoke() -> None:
                         "--images", "4")
     r = json.loads(out)
     assert r["bare_images_per_s"] > 0 and r["trainer_images_per_s"] > 0 and r["ratio"] > 0
+    assert set(r["optimizer_step_ms"]) == {"per_tensor", "fused"} and min(r["optimizer_step_ms"].values()) > 0
 
 
 @pytest.mark.slow

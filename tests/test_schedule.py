@@ -1,11 +1,13 @@
 """Every schedule of the original reports, read epoch by epoch."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from cellkit.config import TrainConfig
-from cellkit.engine.schedule import EarlyStopper, Schedule, build_optimizer, lr_trajectory
+from cellkit.engine.schedule import EarlyStopper, Schedule, build_optimizer, load_optimizer_state, lr_trajectory
 
 
 def approx(xs: list[float]) -> object:
@@ -114,3 +116,40 @@ def test_state_dict_round_trip_continues_the_same_trajectory() -> None:
     a, state, _ = run(0, 5, None)
     b, _, _ = run(5, 12, state)
     assert a + b == approx(full)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_the_fused_step_on_cpu_survives_a_resume_from_a_per_tensor_checkpoint(optimizer: str) -> None:
+    """Parameters on the CPU get the fused step; torch's load_state_dict takes ``fused`` from the
+    saved groups, so a checkpoint of the per-tensor step (cellkit before the fused one) turned it
+    off on resume. The resumed step continues the per-tensor one to float32 rounding."""
+    cfg = TrainConfig(lr=1e-2, optimizer=optimizer, weight_decay=1e-4)
+    torch.manual_seed(0)
+    start = [torch.randn(50, 3), torch.randn(7)]
+    old_params = [torch.nn.Parameter(t.clone()) for t in start]
+    old = torch.optim.AdamW(old_params, lr=cfg.lr, weight_decay=cfg.weight_decay) if optimizer == "adamw" else \
+        torch.optim.SGD(old_params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    grads = [[torch.randn_like(t) for t in start] for _ in range(4)]
+    for g in grads[:2]:
+        for p, gp in zip(old_params, g):
+            p.grad = gp.clone()
+        old.step()
+    new_params = [torch.nn.Parameter(p.detach().clone()) for p in old_params]
+    new = build_optimizer(new_params, cfg)
+    assert new.param_groups[0]["fused"] is True
+    load_optimizer_state(new, copy.deepcopy(old.state_dict()))  # as from a checkpoint: no tensor shared
+    assert new.param_groups[0]["fused"] is True and new.param_groups[0]["lr"] == cfg.lr
+    for g in grads[2:]:
+        for params in (old_params, new_params):
+            for p, gp in zip(params, g):
+                p.grad = gp.clone()
+        old.step()
+        new.step()
+    for a, b in zip(old_params, new_params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(a.detach(), start[0] if a.shape == start[0].shape else start[1])
+
+
+def test_parameters_off_the_fused_devices_keep_the_per_tensor_step() -> None:
+    params = [torch.nn.Parameter(torch.zeros(3, device="meta"))]
+    assert build_optimizer(params, TrainConfig()).param_groups[0]["fused"] is None

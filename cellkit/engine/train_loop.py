@@ -55,7 +55,7 @@ from ..outputs import write_atomic, write_json
 from ..progress import bar
 from ..runs import RunDir, check_resume_config, claim_run_dir
 from . import distributed as dist_utils
-from .schedule import build_optimizer
+from .schedule import build_optimizer, load_optimizer_state
 
 
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
@@ -514,7 +514,7 @@ class Trainer:
                 h.load_state_dict(states[key])
         load_model_weights(self.model, ckpt["model"], path, stored_config(ckpt, path), self.cfg)
         try:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            load_optimizer_state(self.optimizer, ckpt["optimizer"])
         except (ValueError, KeyError) as e:  # other trainable parameters than the run had
             raise DataError(path, f"the optimizer state does not fit this config's trainable parameters ({e})") from None
         if ckpt.get("scaler"):
