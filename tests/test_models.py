@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import NARROW_HEADS
 from torch import nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
@@ -108,7 +109,7 @@ def test_backbone_trains_predicts_and_round_trips(name: str) -> None:
     if name in BUILD_ONLY:
         return check_strides_and_size(name, BUILD_ONLY[name])
     size = REDUCED.get(name, SIZE)
-    cfg = small_cfg(name)
+    cfg = small_cfg(name, **NARROW_HEADS)  # the backbone under test; the heads' widths are another test's
     torch.manual_seed(0)
     model = build_model(cfg)
     assert isinstance(model, MaskRCNN)
