@@ -30,7 +30,7 @@ from cellkit.grid import (
     run_grid,
     scheduler_label,
 )
-from cellkit.grid.cluster import THREAD_VARS, ClusterSpec, open_cluster, parse_cluster
+from cellkit.grid.cluster import THREAD_VARS, ClusterSpec, gpu_driver_loaded, open_cluster, parse_cluster
 from cellkit.grid.spec import baseline_of
 from cellkit.grid.task import RunBusy, RunLock
 from cellkit.resources import GRIDS
@@ -334,7 +334,8 @@ def killed_grid(tmp_path_factory: pytest.TempPathFactory) -> dict:
         assert psutil.Process(victim["child_pid"]).ppid() == victim["pid"]
         assert psutil.Process(kernel).environ()["CELLKIT_GRID_RUN"] == str(out / ".locks" / "resnet18.lock")
         facts["holds_torch"] = {role: holds_torch(pid) for role, pid in
-                                (("worker", victim["pid"]), ("papermill", victim["child_pid"]), ("kernel", kernel))}
+                                (("worker", victim["pid"]), ("papermill", victim["child_pid"]), ("kernel", kernel),
+                                 ("runner", runner.pid))}
         os.kill(victim["pid"], signal.SIGKILL)
         t_kill = time.time()
         wait_for(lambda: not alive([victim["child_pid"], kernel]), 30, runner, "the killed worker's processes to end")
@@ -378,8 +379,10 @@ def test_a_killed_worker_is_retried_and_resumes(killed_grid: dict) -> None:
     log = (out / "resnet18" / "log.txt").read_text()
     assert "attempt 2: resuming resnet18" in log and "after epoch 1" in log  # the Trainer resumed from last.pth
     assert "resnet18: resuming after epoch 1 (attempt 2)" in killed_grid["log"]  # the runner said so
-    # only the kernel trains: the Dask worker and the papermill worker never load torch
-    assert killed_grid["holds_torch"] == {"worker": False, "papermill": False, "kernel": True}
+    # only the kernel trains: the Dask worker and the papermill worker never load torch, nor does
+    # the runner where no GPU driver is loaded (it asks torch to count the GPUs only where one is)
+    assert killed_grid["holds_torch"] == {"worker": False, "papermill": False, "kernel": True,
+                                          "runner": gpu_driver_loaded()}
 
 
 @pytest.mark.slow
@@ -581,6 +584,19 @@ def test_a_running_scheduler_with_gpu_workers(tmp_path: Path) -> None:
                 p.wait(20)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def test_the_gpu_count_asks_torch_only_where_a_driver_is_loaded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On Linux no driver means no GPU, answered without importing torch (the killed-grid test
+    reads the runner's process maps); a driver's folder means torch is asked."""
+    from cellkit.grid import cluster
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the driver's files are Linux's")
+    monkeypatch.setattr(cluster, "GPU_DRIVER_PATHS", (str(REPO / "no-such-driver"),))
+    assert not cluster.gpu_driver_loaded() and cluster.visible_gpus() == []
+    monkeypatch.setattr(cluster, "GPU_DRIVER_PATHS", (str(REPO / "no-such-driver"), str(REPO)))
+    assert cluster.gpu_driver_loaded()
 
 
 @pytest.mark.slow
