@@ -407,9 +407,14 @@ def test_cli_predict_writes_a_valid_submission(run_dir, synth_root, tmp_path):
 
 @pytest.mark.slow
 def test_cli_predict_missing_checkpoint(synth_root, tmp_path):
-    r = run_cli("predict", "--checkpoint", "nope/best.pth", "--data", str(synth_root), cwd=tmp_path)
+    """One line, told before torch loads (the 4 s of CPU time a mistyped path cost)."""
+    argv = ["predict", "--checkpoint", "nope/best.pth", "--data", str(synth_root)]
+    code = f"import sys; from cellkit.cli import main; c = main({argv!r}); print('torch' in sys.modules); sys.exit(c)"
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert r.returncode == 2
     assert "nope/best.pth" in r.stderr and "checkpoint not found" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stdout.strip() == "False"
 
 
 @pytest.mark.slow

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from ..config import parse_set_args
+from ..errors import DataError
 from .common import add_data, add_device, add_no_progress, add_set, floats, floats_or_none
 
 
@@ -50,6 +52,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    for path in args.checkpoint:  # a mistyped path is told at once, not after the 4 s that loading torch takes
+        if not Path(path).expanduser().is_file():
+            raise DataError(path, "checkpoint not found")
     from ..inference.submit import predict_submission  # torch-free face: torch loads when the command runs
 
     problems = predict_submission(args.checkpoint, args.data, args.out, args.overrides, args.tta, args.device,
