@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import NARROW_HEADS
 from predict_helpers import gt_detections, instance_ids, tiny_model
 from pycocotools import mask as mask_utils
 from torchvision.models.detection.roi_heads import paste_masks_in_image
@@ -380,7 +381,7 @@ def run_dir(tmp_path_factory, synth_root) -> Path:
 
     cfg = load_config(None, {"model.backbone": "resnet18", "model.num_classes": 4, "model.min_size": 128, "model.max_size": 160,
                              "model.box_detections_per_img": 20, "data.root": str(synth_root),
-                             "data.val_fraction": 0.25})
+                             "data.val_fraction": 0.25, **NARROW_HEADS})
     torch.manual_seed(0)
     model = cellkit.build_model(cfg)
     run = tmp_path_factory.mktemp("run")
