@@ -143,8 +143,9 @@ def main() -> None:
     if args.variant:
         print(json.dumps(run_variant(args.variant, args.n, args.size, args.threads)))
         return
-    runs = [("torchvision", args.n_full), ("lean", args.n_full), ("torchvision-chunked", args.n), ("lean", args.n),
-            ("lean-exact", args.n)]
+    # lean at both counts: beside the full paste's and at --n; once when the two counts are equal
+    runs = list(dict.fromkeys([("torchvision", args.n_full), ("lean", args.n_full), ("torchvision-chunked", args.n),
+                               ("lean", args.n), ("lean-exact", args.n)]))
     if not args.no_predict:
         runs.append(("predict", args.n))
     rows = [child(v, n, args.size, args.threads) for v, n in runs]
