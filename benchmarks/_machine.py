@@ -2,6 +2,7 @@
 machine, this process's memory (Linux ``/proc``), and a random-weight checkpoint of a recipe."""
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
@@ -27,6 +28,13 @@ def matmul_gflops(threads: int | None = None, n: int = 2048, repeats: int = 5) -
         a @ b
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
+
+
+def add_matmul_size(ap: argparse.ArgumentParser) -> None:
+    """``--matmul-size N``: the side of the matmul behind the machine's figure (default 2048, the
+    one docs/ quote; a smoke run takes a smaller one, whose figure reads differently)."""
+    ap.add_argument("--matmul-size", type=int, default=2048, metavar="N",
+                    help="side of the fp32 matmul that measures this machine (default 2048; smaller for a smoke run)")
 
 
 def _status_bytes(key: str) -> float:

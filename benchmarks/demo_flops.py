@@ -25,7 +25,7 @@ import time
 from collections import defaultdict
 
 import torch
-from _machine import matmul_gflops  # benchmarks/_machine.py, beside this script
+from _machine import add_matmul_size, matmul_gflops  # benchmarks/_machine.py, beside this script
 from torch.utils.flop_counter import FlopCounterMode
 
 GROUPS = {  # modules reported separately (each figure includes the module's children)
@@ -61,6 +61,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=6, help="training batches to count (default 6)")
     ap.add_argument("--no-time", action="store_true", help="count only, do not time the steps")
     ap.add_argument("--json", action="store_true", help="also print one JSON line with the figures")
+    add_matmul_size(ap)
     args = ap.parse_args()
     os.environ.setdefault("CELLKIT_PROGRESS", "0")
 
@@ -106,7 +107,7 @@ def main() -> None:
         for b in batches:
             step(*b)
         seconds = (time.perf_counter() - t) / len(batches)
-    gflops = matmul_gflops()
+    gflops = matmul_gflops(n=args.matmul_size)
 
     print(f"recipe {cfg.name}: {cfg.model.backbone}, batch {cfg.train.batch_size}, crop {cfg.data.augment.crop_size}, "
           f"{steps} training steps ({cfg.train.epochs} epochs x {steps // cfg.train.epochs}); "
@@ -117,7 +118,7 @@ def main() -> None:
     for label in [g for g in GROUPS.values() if g in groups]:
         print(f"    {label:<22} {groups[label] / len(flops) / 1e9:8.1f} GFLOP  {100 * groups[label] / sum(flops):5.1f} %")
     print(f"whole training: {per_step * steps / 1e12:.2f} TFLOP")
-    print(f"this machine: 2048 x 2048 fp32 matmul {gflops:.0f} GFLOP/s")
+    print(f"this machine: {args.matmul_size} x {args.matmul_size} fp32 matmul {gflops:.0f} GFLOP/s")
     result = {"recipe": cfg.name, "gflop_per_step": per_step / 1e9, "gflop_by_module": {k: v / len(flops) / 1e9 for k, v in groups.items()}, "tflop_training": per_step * steps / 1e12,
               "steps": steps, "matmul_gflops": gflops, "torch": torch.__version__}
     if seconds is not None:

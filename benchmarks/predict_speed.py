@@ -60,7 +60,13 @@ import onnxruntime as ort
 import scipy.ndimage as ndi
 import tifffile
 import torch
-from _machine import matmul_gflops, peak_mb, random_checkpoint, rss_mb  # benchmarks/_machine.py, beside this script
+from _machine import (  # benchmarks/_machine.py, beside this script
+    add_matmul_size,
+    matmul_gflops,
+    peak_mb,
+    random_checkpoint,
+    rss_mb,
+)
 from torch.utils.flop_counter import FlopCounterMode
 
 from cellkit.analysis.scale import resolve_cell_statistics
@@ -274,6 +280,7 @@ def main() -> None:
     ap.add_argument("--score", type=float, default=0.5, help="predict.score_thresh (default 0.5)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--threads", type=int, default=2)
+    add_matmul_size(ap)
     ap.add_argument("--device", default="cpu", help="where the model runs (default cpu; cuda on a GPU machine)")
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs of each path, best of (default 2)")
     ap.add_argument("--no-flops", action="store_true", help="skip the FLOP count (one pass per path less)")
@@ -284,7 +291,7 @@ def main() -> None:
         spec = json.loads(args.one)
         print(json.dumps(run_onnx(spec) if spec["what"] == "onnx" else run_one(spec)))
         return
-    gflops_before = matmul_gflops(args.threads)
+    gflops_before = matmul_gflops(args.threads, n=args.matmul_size)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         checkpoint = args.checkpoint or random_checkpoint(args.config, args.overrides, work / "random.pth")
@@ -296,10 +303,10 @@ def main() -> None:
             result = choices(args, base, work)
         else:
             result = speed(args, base, work)
-    gflops_after = matmul_gflops(args.threads)
+    gflops_after = matmul_gflops(args.threads, n=args.matmul_size)
     result.update(matmul_gflops=[gflops_before, gflops_after], threads=args.threads,
                   checkpoint=args.checkpoint or f"random weights of {args.config}", settings=sets)
-    print(f"\ncheckpoint: {result['checkpoint']}; {args.threads} threads; {' '.join(sets)}; 2048 x 2048 fp32 matmul "
+    print(f"\ncheckpoint: {result['checkpoint']}; {args.threads} threads; {' '.join(sets)}; {args.matmul_size} x {args.matmul_size} fp32 matmul "
           f"{gflops_before:.0f} GFLOP/s before, {gflops_after:.0f} after")
     print(json.dumps(result))
 

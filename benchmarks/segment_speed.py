@@ -32,7 +32,12 @@ from pathlib import Path
 import numpy as np
 import tifffile
 import torch
-from _machine import matmul_gflops, random_checkpoint, rss_mb  # benchmarks/_machine.py, beside this script
+from _machine import (  # benchmarks/_machine.py, beside this script
+    add_matmul_size,
+    matmul_gflops,
+    random_checkpoint,
+    rss_mb,
+)
 
 from cellkit.data.synth import synth_image
 from cellkit.inference.segment import segment_images
@@ -67,6 +72,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="1000,2000,4000", help="image sides in px (default 1000,2000,4000)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--threads", type=int, default=2)
+    add_matmul_size(ap)
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -84,9 +90,9 @@ def main() -> None:
             if out.returncode:
                 sys.exit(out.stderr[-3000:])
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    gflops = matmul_gflops(args.threads)
+    gflops = matmul_gflops(args.threads, n=args.matmul_size)
     print(f"checkpoint: {args.checkpoint or f'random weights of {args.config}'}; {args.threads} threads; "
-          f"2048 x 2048 fp32 matmul {gflops:.0f} GFLOP/s\n")
+          f"{args.matmul_size} x {args.matmul_size} fp32 matmul {gflops:.0f} GFLOP/s\n")
     print("| image | megapixels | tiles | cells | predict (s) | total with writers (s) | s / megapixel | peak memory (MB) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -70,7 +70,8 @@ def test_eval_speed_bootstrap_smoke() -> None:
 def test_demo_flops_smoke() -> None:
     small = ["train.batch_size=1", "data.augment.crop_size=128", "data.synth_train=4", "data.synth_test=1",
              "data.synth_max_size=160", "data.val_fraction=0.25"]
-    out = run_benchmark("demo_flops.py", "--batches", "1", "--no-time", "--json", *[f"--set={kv}" for kv in small])
+    out = run_benchmark("demo_flops.py", "--batches", "1", "--no-time", "--json", "--matmul-size", "512",
+                        *[f"--set={kv}" for kv in small])
     r = last_json(out)
     assert r["recipe"] == "demo" and r["steps"] == 240  # 12 epochs x 20 steps
     assert r["gflop_per_step"] > 1
@@ -78,7 +79,7 @@ def test_demo_flops_smoke() -> None:
     parts = r["gflop_by_module"]
     assert {"backbone body", "RPN head", "mask head convs"} <= set(parts)
     assert sum(parts.values()) <= r["gflop_per_step"] * 1.001  # parts of the whole, counted once
-    assert r["matmul_gflops"] > 0
+    assert r["matmul_gflops"] > 0 and "512 x 512 fp32 matmul" in out
 
 
 @pytest.mark.slow
@@ -108,7 +109,7 @@ def test_data_memory_smoke() -> None:
 
 @pytest.mark.slow
 def test_segment_speed_smoke() -> None:
-    out = run_benchmark("segment_speed.py", "--sizes", "200,400", "--threads", str(TORCH_THREADS),
+    out = run_benchmark("segment_speed.py", "--sizes", "200,400", "--threads", str(TORCH_THREADS), "--matmul-size", "512",
                         "--set", "predict.tile_size=256", "--set", "predict.tile_above=300",
                         "--set", "model.box_detections_per_img=20",
                         "--set", "model.rpn_post_nms_top_n_test=50", "--set", "model.rpn_pre_nms_top_n_test=100")
@@ -124,7 +125,7 @@ def test_predict_speed_smoke() -> None:
     """The whole path against the bare forward on a tiny image with a random-weight model: tiles,
     seconds, FLOPs per megapixel, peak memory, and the matmul figure, as the table shows them."""
     out = run_benchmark("predict_speed.py", "--sizes", "300", "--repeats", "1", "--score", "0.0",
-                        "--threads", str(TORCH_THREADS),
+                        "--threads", str(TORCH_THREADS), "--matmul-size", "512",
                         "--set", "model.max_size=128", "--set", "model.max_cell_diameter=40",
                         "--set", "model.box_detections_per_img=20", "--set", "model.rpn_post_nms_top_n_test=50",
                         "--set", "model.rpn_pre_nms_top_n_test=100")
