@@ -71,7 +71,8 @@ def test_resizing_model_and_torchscript(fixture_root: Path, tmp_path: Path) -> N
     """A min_size model resizes every image by its own factor, computed inside the graph; a
     TorchScript export gives the same detections as the module it traced."""
     cfg = load_config(None, {"model.backbone": "resnet18", "model.num_classes": 3, "model.min_size": 320,
-                             "model.max_size": 512, "model.fpn_channels": 32, "model.box_detections_per_img": 40,
+                             "model.max_size": 512, "model.fpn_channels": 32, "model.box_head_dim": 256,
+                             "model.mask_head_channels": 32, "model.box_detections_per_img": 40,
                              "model.rpn_post_nms_top_n_test": 100, "model.mask_geometry": "torchvision",
                              "predict.score_thresh": 0.0})
     torch.manual_seed(0)
