@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import NARROW_HEADS
 from predict_helpers import gt_detections, instance_ids, tiny_model
 from pycocotools import mask as mask_utils
 from torchvision.models.detection.roi_heads import paste_masks_in_image, project_masks_on_boxes
@@ -239,7 +240,7 @@ def _tiny_cfg(geometry: str, **extra: Any):
         "model.box_batch_size_per_image": 64, "model.rpn_batch_size_per_image": 64,
         "model.box_detections_per_img": 25,
         "model.trainable_layers": 0,  # frozen backbone: the heads train, the step stays cheap on CPU
-        **extra,
+        **NARROW_HEADS, **extra,
     })
 
 
