@@ -23,6 +23,7 @@ from cellkit.data import image_to_tensor, read_test_index
 from cellkit.data.coco import categories
 from cellkit.data.synth import synth_image
 from cellkit.errors import ConfigError
+from cellkit.evaluation.submission import check_submission
 from cellkit.inference.predict import (
     finalize,
     merge_views,
@@ -320,8 +321,6 @@ def test_fixed_scale_models_tile_what_max_size_would_shrink():
 @pytest.mark.slow
 def test_predict_images_over_test_dataset(model, synth_root):
     from cellkit.data.dataset import TestImageDataset as Images  # (a Test* name pytest would collect)
-    from cellkit.evaluation.submission import check_submission
-
     index = read_test_index(synth_root)
     entries = predict_images(model, Images(index), PredictConfig(batch_size=2), progress=False)
     assert {e["image_id"] for e in entries} <= {t.image_id for t in index}
@@ -391,22 +390,6 @@ def run_dir(tmp_path_factory, synth_root) -> Path:
 
 
 @pytest.mark.slow
-def test_cli_predict_writes_a_valid_submission(run_dir, synth_root, tmp_path):
-    from cellkit.evaluation.submission import check_submission
-
-    out = tmp_path / "sub" / "test-results.json"
-    r = run_cli("predict", "--checkpoint", str(run_dir / "checkpoints" / "best.pth"), "--data", str(synth_root),
-                "--out", str(out), "--device", "cpu", "--no-thresholds", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    entries = json.loads(out.read_text())
-    index = read_test_index(synth_root)
-    assert entries and [p for p in check_submission(entries, index) if p.severity == "error"] == []
-    with zipfile.ZipFile(out.with_suffix(".zip")) as z:
-        assert json.loads(z.read(z.namelist()[0])) == entries
-    assert "check-submission: 0 error(s)" in r.stdout
-
-
-@pytest.mark.slow
 def test_cli_predict_missing_checkpoint(synth_root, tmp_path):
     """One line, told before torch loads (the 4 s of CPU time a mistyped path cost)."""
     argv = ["predict", "--checkpoint", "nope/best.pth", "--data", str(synth_root)]
@@ -420,17 +403,26 @@ def test_cli_predict_missing_checkpoint(synth_root, tmp_path):
 
 @pytest.mark.slow
 def test_cli_tune_thresholds_then_predict_uses_them(run_dir, synth_root, tmp_path):
+    """tune-thresholds writes RUN_DIR/thresholds.json; predict takes them, --set on top, and writes
+    a valid submission (json and zip). tests/test_reliability.py predicts with --no-thresholds."""
     r = run_cli("tune-thresholds", "--run", str(run_dir), "--device", "cpu", "--score-grid", "0,0.5",
                 "--mask-grid", "0.5", "--nms-grid", "none,0.5", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     saved = json.loads((run_dir / "thresholds.json").read_text())
     assert len(saved["table"]) == 4 and {"score_thresh", "mask_thresh", "nms_thresh", "value"} <= set(saved)
     assert "best ap50" in r.stdout
+    out = tmp_path / "sub" / "test-results.json"
     r = run_cli("predict", "--checkpoint", str(run_dir / "checkpoints" / "best.pth"), "--data", str(synth_root),
-                "--out", str(tmp_path / "t.json"), "--device", "cpu", "--set", "predict.mask_thresh=0.6", cwd=tmp_path)
+                "--out", str(out), "--device", "cpu", "--set", "predict.mask_thresh=0.6", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert f"thresholds from {run_dir / 'thresholds.json'}" in r.stdout
     assert f"score_thresh={saved['score_thresh']}" in r.stdout and "mask_thresh=0.6" in r.stdout
+    # a valid submission, and the zip holds the same json
+    entries = json.loads(out.read_text())
+    assert entries and [p for p in check_submission(entries, read_test_index(synth_root)) if p.severity == "error"] == []
+    with zipfile.ZipFile(out.with_suffix(".zip")) as z:
+        assert json.loads(z.read(z.namelist()[0])) == entries
+    assert "check-submission: 0 error(s)" in r.stdout
 
 
 @pytest.mark.slow
