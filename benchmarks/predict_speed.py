@@ -25,7 +25,7 @@ machine ~ seconds here x GFLOP/s here / GFLOP/s there.
 
     python benchmarks/predict_speed.py --checkpoint runs/demo/run/checkpoints/best.pth
     python benchmarks/predict_speed.py --checkpoint runs/demo/run/checkpoints/best.pth --choices   # CPU choices, 2048 px
-    python benchmarks/predict_speed.py --sizes 300 --set model.max_size=128 --set model.max_cell_diameter=40 \
+    python benchmarks/predict_speed.py --sizes 200 --set model.max_size=128 --set model.max_cell_diameter=40 \
         --repeats 1   # smoke (random weights)
 
 ``--choices`` measures CPU inference choices side by side on one size (the first of ``--sizes``),
