@@ -296,6 +296,8 @@ class TrainConfig:
     iters_per_epoch: AtLeast1 | None = None
     """Cap on optimiser steps per epoch (None: one pass over the training split)."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
+    """AdamW or SGD with momentum, with torch's fused step where the parameters are on the CPU or a
+    CUDA device (:func:`cellkit.engine.schedule.build_optimizer`)."""
     lr: Positive = 1e-4
     momentum: Annotated[float, Range(0.0, 1.0, hi_open=True)] = 0.9
     weight_decay: NonNegative = 1e-4
