@@ -306,8 +306,8 @@ def main() -> None:
     gflops_after = matmul_gflops(args.threads, n=args.matmul_size)
     result.update(matmul_gflops=[gflops_before, gflops_after], threads=args.threads,
                   checkpoint=args.checkpoint or f"random weights of {args.config}", settings=sets)
-    print(f"\ncheckpoint: {result['checkpoint']}; {args.threads} threads; {' '.join(sets)}; {args.matmul_size} x {args.matmul_size} fp32 matmul "
-          f"{gflops_before:.0f} GFLOP/s before, {gflops_after:.0f} after")
+    print(f"\ncheckpoint: {result['checkpoint']}; {args.threads} threads; {' '.join(sets)}; "
+          f"{args.matmul_size} x {args.matmul_size} fp32 matmul {gflops_before:.0f} GFLOP/s before, {gflops_after:.0f} after")
     print(json.dumps(result))
 
 

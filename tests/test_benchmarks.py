@@ -109,7 +109,8 @@ def test_data_memory_smoke() -> None:
 
 @pytest.mark.slow
 def test_segment_speed_smoke() -> None:
-    out = run_benchmark("segment_speed.py", "--sizes", "200,400", "--threads", str(TORCH_THREADS), "--matmul-size", "512",
+    out = run_benchmark("segment_speed.py", "--sizes", "200,400", "--threads", str(TORCH_THREADS),
+                        "--matmul-size", "512",
                         "--set", "predict.tile_size=256", "--set", "predict.tile_above=300",
                         "--set", "model.box_detections_per_img=20",
                         "--set", "model.rpn_post_nms_top_n_test=50", "--set", "model.rpn_pre_nms_top_n_test=100")

@@ -419,7 +419,8 @@ def test_cli_tune_thresholds_then_predict_uses_them(run_dir, synth_root, tmp_pat
     assert f"score_thresh={saved['score_thresh']}" in r.stdout and "mask_thresh=0.6" in r.stdout
     # a valid submission, and the zip holds the same json
     entries = json.loads(out.read_text())
-    assert entries and [p for p in check_submission(entries, read_test_index(synth_root)) if p.severity == "error"] == []
+    problems = check_submission(entries, read_test_index(synth_root))
+    assert entries and [p for p in problems if p.severity == "error"] == []
     with zipfile.ZipFile(out.with_suffix(".zip")) as z:
         assert json.loads(z.read(z.namelist()[0])) == entries
     assert "check-submission: 0 error(s)" in r.stdout

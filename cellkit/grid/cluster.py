@@ -30,8 +30,8 @@ from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
 
 from ..errors import CellkitError, ConfigError
 
-__all__ = ["Cluster", "ClusterSpec", "cpu_count", "gpu_driver_loaded", "open_cluster", "parse_cluster", "threads_per_worker",
-           "visible_gpus"]
+__all__ = ["Cluster", "ClusterSpec", "cpu_count", "gpu_driver_loaded", "open_cluster", "parse_cluster",
+           "threads_per_worker", "visible_gpus"]
 
 FORMS = "local, local:N, tcp://HOST:PORT (a running dask scheduler) or slurm[:N]"
 
