@@ -307,7 +307,8 @@ def main() -> None:
     result.update(matmul_gflops=[gflops_before, gflops_after], threads=args.threads,
                   checkpoint=args.checkpoint or f"random weights of {args.config}", settings=sets)
     print(f"\ncheckpoint: {result['checkpoint']}; {args.threads} threads; {' '.join(sets)}; "
-          f"{args.matmul_size} x {args.matmul_size} fp32 matmul {gflops_before:.0f} GFLOP/s before, {gflops_after:.0f} after")
+          f"{args.matmul_size} x {args.matmul_size} fp32 matmul {gflops_before:.0f} GFLOP/s before, "
+          f"{gflops_after:.0f} after")
     print(json.dumps(result))
 
 
