@@ -254,11 +254,12 @@ def gpu_driver_loaded() -> bool:
 
 def visible_gpus() -> list[str]:
     """Ids of the CUDA devices this process may use (as ``CUDA_VISIBLE_DEVICES`` entries)."""
+    # torch is imported here only, and only where a driver could show it a GPU: the grid's own
+    # processes (the runner, its Dask workers, each run's papermill worker) hold no torch; the
+    # kernel each run starts does the training. Importing it cost each such process 1.7 s of CPU
+    # time and 750 MB of resident memory (docs/architecture.md)
     if not gpu_driver_loaded():
-        return []  # without a driver torch finds none: the runner need not load it (1.7 s of CPU, 750 MB)
-    # torch is imported here only: the grid's own processes (the runner's Dask workers, each run's
-    # papermill worker) hold no torch; the kernel each run starts does the training. Importing
-    # it cost every such process 1.7 s of CPU time and 750 MB of resident memory (docs/architecture.md)
+        return []
     import torch
 
     try:
